@@ -1,0 +1,21 @@
+"""Shared pytest configuration.
+
+In CI (``CI=true``) a skipped test is a failed test: a green CI must mean the
+real libvirt/QEMU/Ceph/guest tests ran. Locally a missing service skips.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI is a failure: {report.longrepr}"

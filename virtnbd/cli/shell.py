@@ -1,0 +1,119 @@
+"""The shell every command shares: parse → configure → run → exit code.
+
+``run_main`` is the only place that turns exceptions into exit codes:
+0 ok, 1 error, 2 warnings with ``--strict``, 128+N on signal N.
+SIGINT and SIGTERM become :class:`virtnbd.errors.Interrupted` so that
+``finally`` blocks (job abort, thaw, scratch cleanup) run.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any, NoReturn, Protocol
+
+from virtnbd import errors
+
+log = logging.getLogger(__name__)
+
+
+class HasCommonOptions(Protocol):
+    verbose: bool
+    strict: bool
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports bad input as one line and exit code 1."""
+
+    def error(self, message: str) -> NoReturn:
+        raise errors.UsageError(reason=message)
+
+
+class WarningCounter(logging.Handler):
+    """Counts WARNING records so ``--strict`` can turn them into exit 2."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno == logging.WARNING:
+            self.count += 1
+
+
+def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
+    raise errors.Interrupted(signum=signum, signame=signal.Signals(signum).name)
+
+
+def install_signal_handlers() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _raise_interrupted)
+
+
+def block_signals() -> None:
+    """Ignore further SIGINT/SIGTERM while cleanup runs after the first one."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def configure_logging(prog: str, verbose: bool) -> WarningCounter:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.DEBUG)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.DEBUG if verbose else logging.INFO)
+    console.setFormatter(logging.Formatter(f"{prog}: %(levelname)s: %(message)s" if verbose else f"{prog}: %(message)s"))
+    root.addHandler(console)
+    counter = WarningCounter()
+    root.addHandler(counter)
+    return counter
+
+
+def _error_line(prog: str, err: BaseException) -> str:
+    return f"{prog}: error: {err}"
+
+
+def run_main(
+    prog: str,
+    argv: Sequence[str] | None,
+    parse: Callable[[Sequence[str]], Any],
+    run: Callable[[Any], None],
+) -> int:
+    """Parse argv into an options record, run it, map the outcome to an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        options = parse(args)
+    except errors.VirtnbdError as err:
+        print(_error_line(prog, err), file=sys.stderr)
+        return err.exit_code
+    counter = configure_logging(prog, getattr(options, "verbose", False))
+    install_signal_handlers()
+    try:
+        run(options)
+    except errors.Interrupted as err:
+        block_signals()
+        log.error("%s", err)
+        return err.exit_code
+    except errors.VirtnbdError as err:
+        block_signals()
+        log.debug("details", exc_info=True)
+        log.error("error: %s", err)
+        return err.exit_code
+    except KeyboardInterrupt:
+        block_signals()
+        log.error("interrupted")
+        return errors.EXIT_SIGNAL_BASE + signal.SIGINT
+    except OSError as err:
+        block_signals()
+        log.debug("details", exc_info=True)
+        log.error("error: %s", err)
+        return errors.EXIT_ERROR
+    finally:
+        logging.shutdown()
+    if getattr(options, "strict", False) and counter.count:
+        return errors.EXIT_WARNINGS
+    return errors.EXIT_OK

@@ -1,0 +1,77 @@
+"""Durable file operations: temp file, fsync, rename, fsync of the folder."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from virtnbd import errors
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def fsync_dir(folder: str | os.PathLike[str]) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def storage_error(path: str | os.PathLike[str], err: OSError) -> errors.StorageError:
+    reason = "no space left on device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+    return errors.StorageError(path=str(path), reason=reason)
+
+
+def save_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never a mix."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise storage_error(target, err) from err
+
+
+@contextlib.contextmanager
+def partial_file(path: str | os.PathLike[str], mode: int = 0o600) -> Iterator[BinaryIO]:
+    """Yield a file open for writing under ``path + .partial``.
+
+    On normal exit the data is fsynced and renamed to ``path`` (and the folder
+    fsynced); on any exception the partial file is removed.
+    """
+    target = Path(path)
+    tmp = target.with_name(target.name + PARTIAL_SUFFIX)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    except OSError as err:
+        raise storage_error(tmp, err) from err
+    f = os.fdopen(fd, "wb")
+    try:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    except OSError as err:
+        f.close()
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise storage_error(target, err) from err
+    except BaseException:
+        f.close()
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
