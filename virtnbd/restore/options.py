@@ -1,0 +1,28 @@
+"""The restore command's options as one frozen record (built by cli/restore.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ACTIONS = ("restore", "dump", "verify")
+FORMATS = ("qcow2", "raw")
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    input: str                          # backup set folder
+    output: str | None = None           # output folder (or a target spec such as rbd:POOL)
+    action: str = "restore"             # restore | dump | verify
+    until: str | None = None            # point name (checkpoint) to restore; None = newest
+    disk: str | None = None             # restore only this disk (target dev)
+    sequence: tuple[str, ...] = ()      # explicit list of stream files, root first
+    format: str = "qcow2"               # output image format
+    preallocate: bool = False
+    adjust_config: bool = False
+    name: str | None = None             # name of the adjusted domain (default restore_<name>)
+    define: bool = False
+    uri: str = "qemu:///system"
+    json: bool = False                  # dump as JSON
+    noprogress: bool = False
+    verbose: bool = False
+    strict: bool = False
+    worker: int = 4                     # parallel requests in flight / verify files at once
