@@ -19,3 +19,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped in CI is a failure: {report.longrepr}"
+
+
+# Lab fixtures (tests/lab/*): imported here so every test module can use them.
+# The modules import libvirt/nbd lazily, so unit tests run without them.
+from tests.lab.ceph_lab import ceph_cluster  # noqa: E402, F401
+from tests.lab.libvirt_lab import libvirt_conn, libvirt_daemons, make_domain  # noqa: E402, F401

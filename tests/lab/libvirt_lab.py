@@ -1,0 +1,752 @@
+"""Real libvirt/QEMU test lab: daemons, throw-away domains, shadow-disk writer.
+
+Fixtures (imported into tests/conftest.py):
+
+* ``libvirt_daemons`` (session): virtlogd + libvirtd answer on qemu:///system;
+  daemons started here are stopped at session end (only those, and only when
+  no other lab session still holds the shared lock).
+* ``libvirt_conn`` (session): ``libvirt.virConnect`` to qemu:///system.
+* ``make_domain`` (function): factory ``make_domain(disks=[DiskSpec(...)],
+  start=True) -> LabDomain``; every domain made is destroyed, undefined with
+  its checkpoint metadata and its images deleted at test end.
+
+Every domain is ``<domain type='qemu'>`` (never kvm: the host's /dev/kvm hangs
+guests), q35, 64 MiB, no graphics, no OS. Disks are changed through the QEMU
+monitor's ``qemu-io`` (which marks dirty bitmaps like guest writes) and the
+same operation is applied to a raw *shadow* image, so a test always knows the
+exact expected bytes of every disk (:class:`ShadowDisk`).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+log = logging.getLogger(__name__)
+
+KiB = 1024
+MiB = 1024 * KiB
+URI = "qemu:///system"
+NAME_PREFIX = "vnbdtest-"
+QEMU_USER = "libvirt-qemu"
+# QEMU runs as libvirt-qemu (Debian default, /etc/libvirt/qemu.conf): images,
+# data files and socket folders must be reachable by that user. The pytest
+# tmp_path (0700, root) is not, so the lab lives here.
+LAB_ROOT = Path(os.environ.get("VNBD_LAB_ROOT", "/var/lib/libvirt/images/vnbdtest"))
+LOCK_FILE = Path("/run/vnbdtest-lab.lock")
+EMULATOR = "/usr/bin/qemu-system-x86_64"
+QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
+ALIGN = 64 * KiB
+JOB_SAFE_KINDS = ("data", "data", "data", "pattern", "zero")
+
+
+class LabError(RuntimeError):
+    """The lab could not do what a test asked (not a product error)."""
+
+
+class ImageMismatch(AssertionError):
+    """An image's bytes differ from the expected (shadow) image."""
+
+
+# --------------------------------------------------------------------------
+# processes
+
+
+def run(cmd: Sequence[str], *, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run a command (no shell), capture text output, raise LabError with stderr on failure."""
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        raise LabError(f"{' '.join(cmd)} -> exit {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+def have_binaries(*names: str) -> bool:
+    return all(shutil.which(n) for n in names)
+
+
+def _pids_of(name: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        if comm == name:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _pidfile_pid(path: str) -> int | None:
+    try:
+        return int(Path(path).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------
+# daemons
+
+
+def _answers(timeout: float = 10.0) -> bool:
+    proc = subprocess.run(
+        ["virsh", "-c", URI, "version"], capture_output=True, text=True, timeout=timeout + 5, check=False
+    )
+    return proc.returncode == 0
+
+
+@dataclass
+class LabDaemons:
+    """virtlogd/libvirtd for one pytest session; stops only what it started."""
+
+    started: dict[str, int] = field(default_factory=dict)  # name -> pid
+    _lock_fd: int | None = None
+
+    def ensure(self, wait: float = 30.0) -> None:
+        LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            for name, pidfile in (("virtlogd", "/run/virtlogd.pid"), ("libvirtd", "/run/libvirtd.pid")):
+                if _pids_of(name):
+                    continue
+                log.info("lab: starting %s", name)
+                run([name, "-d"])
+                pid = _wait_pid(name, pidfile)
+                self.started[name] = pid
+            deadline = time.monotonic() + wait
+            while not _answers():
+                if time.monotonic() > deadline:
+                    raise LabError(f"libvirtd does not answer on {URI} after {wait:.0f}s")
+                time.sleep(0.2)
+        finally:
+            # keep a shared lock while this session uses the daemons
+            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+
+    def release(self) -> None:
+        if self._lock_fd is None:
+            return
+        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        try:
+            if not self.started:
+                return
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.warning("lab: another session still uses libvirtd; leaving %s running", sorted(self.started))
+                return
+            for name in ("libvirtd", "virtlogd"):
+                pid = self.started.pop(name, None)
+                if pid is not None:
+                    _stop_pid(pid)
+        finally:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _wait_pid(name: str, pidfile: str, wait: float = 15.0) -> int:
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        pid = _pidfile_pid(pidfile)
+        if pid and pid in _pids_of(name):
+            return pid
+        pids = _pids_of(name)
+        if pids:
+            return pids[0]
+        time.sleep(0.1)
+    raise LabError(f"{name} did not start")
+
+
+def _stop_pid(pid: int, wait: float = 10.0) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists():
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------
+# lab folders
+
+
+def make_lab_dir(prefix: str = "") -> Path:
+    """A fresh folder QEMU (libvirt-qemu) can read, with a world-writable ``sock/`` inside."""
+    LAB_ROOT.mkdir(parents=True, exist_ok=True)
+    LAB_ROOT.chmod(0o755)
+    path = LAB_ROOT / f"{prefix}{uuid.uuid4().hex[:10]}"
+    path.mkdir(mode=0o755)
+    path.chmod(0o755)
+    sock = path / "sock"
+    sock.mkdir()
+    sock.chmod(0o1777)
+    return path
+
+
+# --------------------------------------------------------------------------
+# operations
+
+
+@dataclass(frozen=True)
+class Op:
+    """One qemu-io operation. kind: data | pattern | zero | discard."""
+
+    kind: str
+    offset: int
+    length: int
+    pattern: int = 0  # for kind="pattern"
+    seed: int = 0  # for kind="data": bytes = random.Random(seed).randbytes(length)
+
+    def data(self) -> bytes:
+        if self.kind == "data":
+            return random.Random(self.seed).randbytes(self.length)
+        if self.kind == "pattern":
+            return bytes([self.pattern]) * self.length
+        return bytes(self.length)  # zero and discard read back as zeros
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+def data_op(offset: int, length: int, seed: int) -> Op:
+    return Op("data", offset, length, seed=seed)
+
+
+def pattern_op(offset: int, length: int, pattern: int) -> Op:
+    return Op("pattern", offset, length, pattern=pattern)
+
+
+def zero_op(offset: int, length: int) -> Op:
+    return Op("zero", offset, length)
+
+
+def discard_op(offset: int, length: int) -> Op:
+    return Op("discard", offset, length)
+
+
+def random_writes(
+    seed: int,
+    n: int,
+    size: int,
+    *,
+    align: int = ALIGN,
+    max_blocks: int = 8,
+    kinds: Sequence[str] = ("data", "data", "data", "pattern", "zero", "discard"),
+) -> list[Op]:
+    """``n`` deterministic ops (same seed -> same list) at ``align``-ed offsets inside ``size``.
+
+    While a backup job runs use ``kinds=JOB_SAFE_KINDS`` (QEMU drops discards then).
+    """
+    rng = random.Random(seed)
+    blocks = size // align
+    ops = []
+    for _ in range(n):
+        nblocks = rng.randint(1, min(max_blocks, blocks))
+        start = rng.randrange(0, blocks - nblocks + 1)
+        kind = rng.choice(list(kinds))
+        off, length = start * align, nblocks * align
+        if kind == "data":
+            ops.append(data_op(off, length, rng.getrandbits(32)))
+        elif kind == "pattern":
+            ops.append(pattern_op(off, length, rng.randrange(1, 256)))
+        else:
+            ops.append(Op(kind, off, length))
+    return ops
+
+
+def ranges_of(ops: Sequence[Op]) -> list[tuple[int, int]]:
+    """Union of the byte ranges ops touch, as sorted non-overlapping (offset, length)."""
+    spans = sorted((op.offset, op.end) for op in ops)
+    merged: list[list[int]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(s, e - s) for s, e in merged]
+
+
+def ranges_cover(outer: Sequence[tuple[int, int]], inner: Sequence[tuple[int, int]]) -> bool:
+    """True when every byte of the ``inner`` (offset, length) ranges lies in ``outer``."""
+    merged = ranges_of([Op("zero", off, length) for off, length in outer])
+    for off, length in inner:
+        if length and not any(s <= off and off + length <= s + n for s, n in merged):
+            return False
+    return True
+
+
+def _qemu_io_command(op: Op, data_file: Path | None) -> str:
+    if op.kind == "data":
+        assert data_file is not None
+        return f"write -s {data_file} {op.offset} {op.length}"
+    if op.kind == "pattern":
+        return f"write -P {op.pattern:#x} {op.offset} {op.length}"
+    if op.kind == "zero":
+        return f"write -z {op.offset} {op.length}"
+    if op.kind == "discard":
+        return f"discard {op.offset} {op.length}"
+    raise ValueError(f"unknown op kind {op.kind!r}")
+
+
+def _done_line(op: Op) -> str:
+    verb = "discard" if op.kind == "discard" else "wrote"
+    return f"{verb} {op.length}/{op.length} bytes at offset {op.offset}"
+
+
+def _check_qemu_io_output(op: Op, cmd: str, out: str) -> None:
+    if _done_line(op) not in out or "failed" in out:
+        raise LabError(f"qemu-io {cmd!r} failed: {out.strip()!r}")
+
+
+# --------------------------------------------------------------------------
+# disks and domains
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """One disk of a lab domain. bus: sata | virtio | scsi; fmt: qcow2 | raw."""
+
+    target: str = "sda"
+    bus: str = "sata"
+    fmt: str = "qcow2"
+    size: int = 32 * MiB
+
+
+class ShadowDisk:
+    """A domain disk plus a raw shadow image that always holds its expected bytes."""
+
+    def __init__(self, domain: LabDomain, spec: DiskSpec, image: Path, shadow: Path) -> None:
+        self.domain = domain
+        self.spec = spec
+        self.image = image
+        self.shadow = shadow
+        self._counter = 0
+
+    @property
+    def target(self) -> str:
+        return self.spec.target
+
+    @property
+    def size(self) -> int:
+        return self.spec.size
+
+    def qdev(self) -> str:
+        """The qdev id qemu-io -d needs, from the running domain's alias."""
+        alias = self.domain.alias(self.target)
+        if self.spec.bus == "virtio":
+            return f"/machine/peripheral/{alias}/virtio-backend"
+        return alias
+
+    # ---- operations
+    def apply(self, op: Op) -> None:
+        if op.offset < 0 or op.end > self.size:
+            raise ValueError(f"{op} outside disk {self.target} of {self.size} bytes")
+        if op.kind == "discard" and self.domain.job_active():
+            # Observed with QEMU 7.2: while a backup job runs, a discard through
+            # the monitor is silently dropped (the image keeps its data), so
+            # the expected bytes would be unknowable. Refuse instead of guessing.
+            raise LabError(f"{self.domain.name}: discard while a backup job runs is not applied by QEMU; use write -z")
+        data_file = None
+        if op.kind == "data":
+            self._counter += 1
+            data_file = self.domain.dir / f"data-{self.target}-{self._counter}.bin"
+            data_file.write_bytes(op.data())
+            data_file.chmod(0o644)
+        try:
+            cmd = _qemu_io_command(op, data_file)
+            if self.domain.is_active():
+                self.domain.monitor_qemu_io(self.qdev(), op, cmd)
+            else:
+                out = run(["qemu-io", "-f", self.spec.fmt, "-c", cmd, str(self.image)]).stdout
+                _check_qemu_io_output(op, cmd, out)
+            shadow_out = run(["qemu-io", "-f", "raw", "-c", cmd, str(self.shadow)]).stdout
+            _check_qemu_io_output(op, cmd, shadow_out)
+        finally:
+            if data_file is not None:
+                data_file.unlink(missing_ok=True)
+
+    def apply_all(self, ops: Sequence[Op]) -> None:
+        for op in ops:
+            self.apply(op)
+
+    def write_data(self, offset: int, length: int, seed: int = 0) -> Op:
+        op = data_op(offset, length, seed)
+        self.apply(op)
+        return op
+
+    def write_pattern(self, offset: int, length: int, pattern: int) -> Op:
+        op = pattern_op(offset, length, pattern)
+        self.apply(op)
+        return op
+
+    def write_zero(self, offset: int, length: int) -> Op:
+        op = zero_op(offset, length)
+        self.apply(op)
+        return op
+
+    def discard(self, offset: int, length: int) -> Op:
+        op = discard_op(offset, length)
+        self.apply(op)
+        return op
+
+    # ---- expected bytes
+    def expected(self, offset: int = 0, length: int | None = None) -> bytes:
+        length = self.size - offset if length is None else length
+        with self.shadow.open("rb") as f:
+            f.seek(offset)
+            data = f.read(length)
+        return data + bytes(length - len(data))
+
+    def snapshot(self, name: str) -> Path:
+        """Copy the shadow (sparse) as the expected image at a backup point."""
+        dest = self.domain.dir / f"expect-{self.target}-{name}.raw"
+        run(["cp", "--sparse=always", str(self.shadow), str(dest)])
+        return dest
+
+    def compare_shadow(self, image: Path | str, fmt: str | None = None) -> None:
+        """Raise ImageMismatch unless ``image`` holds exactly the shadow's bytes."""
+        compare_images(image, self.shadow, fmt=fmt)
+
+    def flush(self) -> None:
+        """Make QEMU write its caches (qcow2 metadata) to the image file."""
+        if self.domain.is_active():
+            out = self.domain.hmp(f'qemu-io -d {self.qdev()} "flush"')
+            if out.strip():
+                raise LabError(f"{self.domain.name}: flush {self.target}: {out.strip()}")
+
+    def check_image(self) -> None:
+        """The disk image itself (live or not) holds exactly the shadow's bytes."""
+        self.flush()
+        compare_images(self.image, self.shadow, fmt=self.spec.fmt)
+
+
+class LabDomain:
+    """A throw-away domain; see :func:`make_domain`."""
+
+    def __init__(self, conn: Any, name: str, lab_dir: Path, specs: Sequence[DiskSpec]) -> None:
+        self.conn = conn
+        self.name = name
+        self.dir = lab_dir
+        self.sock_dir = lab_dir / "sock"
+        self.disks: dict[str, ShadowDisk] = {}
+        for spec in specs:
+            image = lab_dir / f"{spec.target}.{spec.fmt}"
+            shadow = lab_dir / f"shadow-{spec.target}.raw"
+            run(["qemu-img", "create", "-q", "-f", spec.fmt, str(image), str(spec.size)])
+            image.chmod(0o644)
+            with shadow.open("wb") as f:
+                f.truncate(spec.size)
+            shadow.chmod(0o644)
+            self.disks[spec.target] = ShadowDisk(self, spec, image, shadow)
+        self.dom = conn.defineXML(domain_xml(name, [(d.spec, d.image) for d in self.disks.values()]))
+
+    def disk(self, target: str = "sda") -> ShadowDisk:
+        return self.disks[target]
+
+    def start(self) -> None:
+        if not self.dom.isActive():
+            self.dom.create()
+
+    def is_active(self) -> bool:
+        return bool(self.dom.isActive())
+
+    def xml(self, flags: int = 0) -> str:
+        return str(self.dom.XMLDesc(flags))
+
+    def alias(self, target: str) -> str:
+        from lxml import etree
+
+        root = etree.fromstring(self.xml().encode())
+        alias = root.xpath(f"devices/disk[target/@dev='{target}']/alias/@name")
+        if not alias:
+            raise LabError(f"{self.name}: disk {target} has no alias (domain not running?)")
+        return str(alias[0])
+
+    def hmp(self, command: str) -> str:
+        import libvirt_qemu
+
+        return str(
+            libvirt_qemu.qemuMonitorCommand(self.dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+        )
+
+    @property
+    def log_path(self) -> Path:
+        return QEMU_LOG_DIR / f"{self.name}.log"
+
+    def monitor_qemu_io(self, qdev: str, op: Op, cmd: str, wait: float = 10.0) -> None:
+        """Run qemu-io on the running domain's device and confirm it worked.
+
+        HMP qemu-io prints its result (also "write failed: ...") on QEMU's
+        stdout, i.e. the domain log, not the monitor: so look for the
+        completion line there. Anything on the monitor itself is an error.
+        """
+        log_path = self.log_path
+        start = log_path.stat().st_size if log_path.exists() else 0
+        out = self.hmp(f'qemu-io -d {qdev} "{cmd}"')
+        if out.strip():
+            raise LabError(f"{self.name}: qemu-io -d {qdev} {cmd!r}: {out.strip()}")
+        want = _done_line(op)
+        deadline = time.monotonic() + wait
+        while True:
+            with contextlib.suppress(FileNotFoundError), log_path.open("rb") as f:
+                f.seek(start)
+                new = f.read().decode(errors="replace")
+                if "failed" in new:
+                    raise LabError(f"{self.name}: qemu-io {cmd!r}: {new.strip()}")
+                if want in new:
+                    return
+            if time.monotonic() > deadline:
+                raise LabError(f"{self.name}: qemu-io {cmd!r}: no {want!r} in {log_path}")
+            time.sleep(0.01)
+
+    def socket_path(self, name: str = "backup") -> Path:
+        return self.sock_dir / f"{name}.sock"
+
+    def job_active(self) -> bool:
+        import libvirt
+
+        return bool(self.dom.isActive()) and self.dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE
+
+    def abort_job(self) -> None:
+        import libvirt
+
+        try:
+            if self.dom.isActive() and self.dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+                self.dom.abortJob()
+        except libvirt.libvirtError as err:
+            log.debug("abortJob on %s: %s", self.name, err)
+
+    def remove(self) -> None:
+        """Abort any job, destroy, undefine with checkpoint metadata, delete images."""
+        import libvirt
+
+        self.abort_job()
+        with contextlib.suppress(libvirt.libvirtError):
+            if self.dom.isActive():
+                self.dom.destroy()
+        flags = (
+            libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+            | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+            | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+        )
+        with contextlib.suppress(libvirt.libvirtError):
+            self.dom.undefineFlags(flags)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_BUS_DEV = {"sata": "sata", "virtio": "virtio", "scsi": "scsi"}
+
+
+def domain_xml(name: str, disks: Sequence[tuple[DiskSpec, Path]]) -> str:
+    """Minimal q35 TCG domain: no OS, no graphics, no network, no balloon."""
+    disk_xml = []
+    for spec, image in disks:
+        if spec.bus not in _BUS_DEV:
+            raise ValueError(f"unsupported bus {spec.bus!r}")
+        disk_xml.append(
+            f"""    <disk type='file' device='disk'>
+      <driver name='qemu' type='{spec.fmt}' discard='unmap'/>
+      <source file='{image}'/>
+      <target dev='{spec.target}' bus='{spec.bus}'/>
+    </disk>"""
+        )
+    scsi = "    <controller type='scsi' model='virtio-scsi'/>\n" if any(s.bus == "scsi" for s, _ in disks) else ""
+    return f"""<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type></os>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>{EMULATOR}</emulator>
+{chr(10).join(disk_xml)}
+{scsi}    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>"""
+
+
+# --------------------------------------------------------------------------
+# comparisons
+
+
+def image_format(path: Path | str) -> str:
+    import json
+
+    info = json.loads(run(["qemu-img", "info", "-U", "--output=json", str(path)]).stdout)
+    return str(info["format"])
+
+
+def virtual_size(path: Path | str, fmt: str | None = None) -> int:
+    import json
+
+    cmd = ["qemu-img", "info", "-U", "--output=json"] + (["-f", fmt] if fmt else []) + [str(path)]
+    return int(json.loads(run(cmd).stdout)["virtual-size"])
+
+
+def compare_images(image: Path | str, expected: Path | str, fmt: str | None = None, expected_fmt: str = "raw") -> None:
+    """Raise :class:`ImageMismatch` (with the differing 64 KiB blocks) unless the bytes are identical."""
+    fmt = fmt or image_format(image)
+    size_a, size_b = virtual_size(image, fmt), virtual_size(expected, expected_fmt)
+    if size_a != size_b:
+        raise ImageMismatch(f"{image}: virtual size {size_a} != expected {size_b} ({expected})")
+    cmd = ["qemu-img", "compare", "-U", "-q", "-f", fmt, "-F", expected_fmt, str(image), str(expected)]
+    proc = run(cmd, check=False)
+    if proc.returncode == 0:
+        return
+    if proc.returncode != 1:
+        raise LabError(f"qemu-img compare {image} {expected}: {proc.stderr.strip()}")
+    raise ImageMismatch(f"{image} differs from {expected}: {describe_mismatch(image, fmt, expected, expected_fmt)}")
+
+
+def _read_raw(path: Path | str, fmt: str) -> bytes:
+    if fmt == "raw":
+        return Path(path).read_bytes()
+    tmp = Path(str(path) + f".{uuid.uuid4().hex[:6]}.cmp.raw")
+    try:
+        run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", str(path), str(tmp)])
+        return tmp.read_bytes()
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def describe_mismatch(image: Path | str, fmt: str, expected: Path | str, expected_fmt: str = "raw") -> str:
+    a, b = _read_raw(image, fmt), _read_raw(expected, expected_fmt)
+    return describe_bytes_mismatch(a, b)
+
+
+def describe_bytes_mismatch(got: bytes, want: bytes, block: int = ALIGN, limit: int = 8) -> str:
+    if len(got) != len(want):
+        return f"length {len(got)} != expected {len(want)}"
+    bad = [off for off in range(0, len(got), block) if got[off : off + block] != want[off : off + block]]
+    if not bad:
+        return "identical"
+    first = bad[0]
+    i = next(i for i in range(first, min(first + block, len(got))) if got[i] != want[i])
+    shown = ", ".join(f"{o:#x}" for o in bad[:limit]) + (" ..." if len(bad) > limit else "")
+    return (
+        f"{len(bad)} of {len(got) // block} blocks of {block} differ ({shown}); "
+        f"first byte at {i:#x}: got {got[i]:#04x}, expected {want[i]:#04x}"
+    )
+
+
+def assert_bytes_equal(got: bytes, want: bytes, what: str = "data") -> None:
+    if got != want:
+        raise ImageMismatch(f"{what}: {describe_bytes_mismatch(got, want)}")
+
+
+# --------------------------------------------------------------------------
+# pytest fixtures
+
+
+def _require_lab() -> None:
+    tools = ("libvirtd", "virtlogd", "virsh", "qemu-system-x86_64", "qemu-img", "qemu-io")
+    missing = [b for b in tools if not shutil.which(b)]
+    if missing:
+        pytest.skip(f"libvirt/QEMU lab not installed: missing {', '.join(missing)}")
+    try:
+        import libvirt  # noqa: F401
+        import libvirt_qemu  # noqa: F401
+    except ImportError as err:
+        pytest.skip(f"python3-libvirt not importable: {err}")
+    if os.geteuid() != 0:
+        pytest.skip("the libvirt lab needs root (qemu:///system)")
+
+
+@pytest.fixture(scope="session")
+def libvirt_daemons() -> Iterator[LabDaemons]:
+    _require_lab()
+    daemons = LabDaemons()
+    daemons.ensure()
+    try:
+        yield daemons
+    finally:
+        daemons.release()
+
+
+@pytest.fixture(scope="session")
+def libvirt_conn(libvirt_daemons: LabDaemons) -> Iterator[Any]:
+    import libvirt
+
+    conn = libvirt.open(URI)
+    try:
+        yield conn
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+
+MakeDomain = Callable[..., LabDomain]
+
+
+@pytest.fixture
+def make_domain(libvirt_conn: Any) -> Iterator[MakeDomain]:
+    """Factory: ``make_domain(disks=[DiskSpec(...)], start=True) -> LabDomain``."""
+    made: list[LabDomain] = []
+
+    def factory(disks: Sequence[DiskSpec] = (DiskSpec(),), start: bool = True) -> LabDomain:
+        if not 1 <= len(disks) <= 8:
+            raise ValueError("a lab domain has 1-8 disks")
+        name = f"{NAME_PREFIX}{uuid.uuid4().hex[:8]}"
+        lab_dir = make_lab_dir(prefix=f"{name}-")
+        try:
+            domain = LabDomain(libvirt_conn, name, lab_dir, disks)
+        except Exception:
+            shutil.rmtree(lab_dir, ignore_errors=True)
+            raise
+        made.append(domain)
+        if start:
+            domain.start()
+        return domain
+
+    try:
+        yield factory
+    finally:
+        for domain in reversed(made):
+            domain.remove()
+
+
+__all__ = [
+    "ALIGN",
+    "JOB_SAFE_KINDS",
+    "KiB",
+    "MiB",
+    "DiskSpec",
+    "ImageMismatch",
+    "LabDaemons",
+    "LabDomain",
+    "LabError",
+    "Op",
+    "ShadowDisk",
+    "assert_bytes_equal",
+    "compare_images",
+    "data_op",
+    "discard_op",
+    "libvirt_conn",
+    "libvirt_daemons",
+    "make_domain",
+    "make_lab_dir",
+    "pattern_op",
+    "random_writes",
+    "ranges_cover",
+    "ranges_of",
+    "zero_op",
+]
