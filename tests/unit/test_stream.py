@@ -1,0 +1,137 @@
+"""Round trips through StreamWriter / open_stream (virtnbd.stream)."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from virtnbd import errors, fsutil
+from virtnbd.stream import FrameRef, StreamMeta, StreamWriter, encode_data, open_stream
+
+MiB = 1 << 20
+
+
+def meta(compression: str | None = None, size: int = 8 * MiB, **kw: object) -> StreamMeta:
+    base = dict(virtual_size=size, disk="sda", disk_format="qcow2", level="full", checkpoint="virtnbdbackup.0",
+                parent=None, time="2026-11-22T04:00:00+00:00", compression=compression, tool_version="test",
+                extra={"note": "x"})
+    base.update(kw)
+    return StreamMeta(**base)  # type: ignore[arg-type]
+
+
+def sample_layout() -> list[tuple[str, int, bytes | int]]:
+    rnd = os.urandom(70000)
+    return [("data", 0, rnd), ("zero", 70000, 1 * MiB), ("data", 2 * MiB, b"ab" * 40000),
+            ("zero", 3 * MiB, 5 * MiB)]
+
+
+def write(f, m: StreamMeta, layout, path: str = "<mem>"):
+    with StreamWriter(f, m, path=path) as w:
+        for kind, off, val in layout:
+            if kind == "data":
+                w.write_data(off, val)
+            else:
+                w.write_zero(off, val)
+        return w.finish()
+
+
+@pytest.mark.parametrize("method", [None, "lz4", "zstd"])
+def test_round_trip_random_access_and_sequential(tmp_path: Path, method: str | None) -> None:
+    layout = sample_layout()
+    path = tmp_path / "sda.full.data"
+    with fsutil.partial_file(path) as f:
+        totals = write(f, meta(method), layout, str(path))
+    assert totals.stored_bytes == path.stat().st_size
+    assert totals.data_bytes == 150000 and totals.zero_bytes == 6 * MiB and totals.frames == 4
+    with open_stream(path) as r:
+        assert r.meta == meta(method)
+        refs = r.frames()
+        assert [(x.kind, x.offset) for x in refs] == [(k, o) for k, o, _ in layout]
+        assert r.read(refs[0]) == layout[0][2]
+        assert r.read(refs[2]) == layout[2][2]
+        assert r.read(refs[1]) == bytes(MiB)
+        seq = [(ref, data) for ref, data in r.iter_frames()]
+        assert seq[0][1] == layout[0][2] and seq[1][1] is None and seq[2][1] == layout[2][2]
+        assert r.verify() == totals
+        assert r.read_range(69990, 20) == layout[0][2][69990:] + bytes(10)
+        assert r.read_range(2 * MiB + 1, 3) == b"bab"
+
+
+def test_compression_shrinks_compressible_data_and_skips_incompressible() -> None:
+    plain = encode_data(0, b"a" * 65536, "zstd")
+    assert len(plain.payload) < 1000
+    rnd = encode_data(0, os.urandom(65536), "lz4")
+    assert len(rnd.payload) == 65536   # stored uncompressed when compression does not help
+
+
+def test_iter_frames_from_a_pipe() -> None:
+    layout = sample_layout()
+    buf = io.BytesIO()
+    totals = write(buf, meta("lz4"), layout)
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: feed the pipe
+        os.close(rfd)
+        with os.fdopen(wfd, "wb") as w:
+            w.write(buf.getvalue())
+        os._exit(0)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as pipe:
+        reader = open_stream(pipe, path="<pipe>")
+        got = [(ref.kind, ref.offset, data) for ref, data in reader.iter_frames()]
+        assert reader.totals == totals
+        with pytest.raises(errors.UsageError):
+            reader.frames()
+    os.waitpid(pid, 0)
+    assert got == [(k, o, v if k == "data" else None) for k, o, v in layout]
+
+
+def test_writer_rejects_overlap_and_out_of_order() -> None:
+    w = StreamWriter(io.BytesIO(), meta())
+    w.write_data(4096, b"x" * 4096)
+    with pytest.raises(errors.FormatError, match="overlaps"):
+        w.write_zero(4096 + 100, 10)
+    with pytest.raises(errors.FormatError, match="overlaps"):
+        w.write_data(0, b"y")
+    with pytest.raises(errors.FormatError, match="beyond virtual size"):
+        w.write_zero(8192, 8 * MiB)
+
+
+def test_unfinished_stream_is_rejected() -> None:
+    buf = io.BytesIO()
+    w = StreamWriter(buf, meta())
+    w.write_data(0, b"x" * 100)
+    buf.seek(0)
+    r = open_stream(buf, path="<mem>")
+    with pytest.raises(errors.FormatError) as exc:
+        r.verify()
+    assert exc.value.path == "<mem>"
+    with pytest.raises(errors.FormatError):
+        r.frames()
+
+
+def test_not_a_stream(tmp_path: Path) -> None:
+    p = tmp_path / "junk"
+    p.write_bytes(b"hello world" * 10)
+    with pytest.raises(errors.FormatError, match="not a virtnbd"):
+        open_stream(p)
+
+
+def test_empty_stream_round_trips() -> None:
+    buf = io.BytesIO()
+    totals = write(buf, meta(size=0), [])
+    buf.seek(0)
+    r = open_stream(buf)
+    assert r.frames() == [] and r.verify() == totals
+
+
+def test_frame_ref_mismatch_is_a_format_error() -> None:
+    buf = io.BytesIO()
+    write(buf, meta(), sample_layout())
+    buf.seek(0)
+    r = open_stream(buf, path="<mem>")
+    ref = r.frames()[0]
+    with pytest.raises(errors.FormatError, match="does not match the index"):
+        r.read(FrameRef("data", ref.offset + 1, ref.length, ref.pos))

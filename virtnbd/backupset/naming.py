@@ -1,0 +1,57 @@
+"""File names inside a backup folder (one folder per chain; spec: docs/FORMAT.md).
+
+Names are the ones virtnbdbackup uses, so people and scripts find their way::
+
+    sda.copy.data   sda.full.data   sda.inc.virtnbdbackup.3.data   sda.diff.1700000000.data
+"""
+from __future__ import annotations
+
+import re
+
+from virtnbd import errors
+
+MANIFEST = "virtnbd.manifest.json"
+CHECKPOINT_PREFIX = "virtnbdbackup"
+DATA_SUFFIX = ".data"
+LEVELS = ("copy", "full", "inc", "diff")
+
+_SAFE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+-]*$")
+
+
+def _check(what: str, value: str) -> None:
+    if not _SAFE.match(value) or ".." in value:
+        raise errors.UsageError(reason=f"{what} {value!r} is not usable in a file name")
+
+
+def checkpoint_name(number: int) -> str:
+    """``virtnbdbackup.N``: the checkpoint (and point) name of the N-th full/inc backup."""
+    return f"{CHECKPOINT_PREFIX}.{number}"
+
+
+def checkpoint_number(name: str) -> int | None:
+    """N of ``virtnbdbackup.N`` (None for any other name)."""
+    m = re.fullmatch(rf"{CHECKPOINT_PREFIX}\.(\d+)", name)
+    return int(m.group(1)) if m else None
+
+
+def diff_point_name(epoch: int) -> str:
+    return f"diff.{epoch}"
+
+
+def data_file(disk: str, level: str, point_name: str) -> str:
+    """File name of ``disk``'s stream for a point.
+
+    ``copy``/``full`` -> ``sda.copy.data``/``sda.full.data``; ``inc`` ->
+    ``sda.inc.<point>.data``; ``diff`` -> ``sda.<point>.data`` where the point
+    is ``diff.<epoch>`` (a bare epoch is accepted too).
+    """
+    _check("disk name", disk)
+    _check("point name", point_name)
+    if level in ("copy", "full"):
+        return f"{disk}.{level}{DATA_SUFFIX}"
+    if level == "inc":
+        return f"{disk}.inc.{point_name}{DATA_SUFFIX}"
+    if level == "diff":
+        name = point_name if point_name.startswith("diff.") else f"diff.{point_name}"
+        return f"{disk}.{name}{DATA_SUFFIX}"
+    raise errors.UsageError(reason=f"unknown backup level {level!r} (use {', '.join(LEVELS)})")

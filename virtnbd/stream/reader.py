@@ -1,0 +1,355 @@
+"""Read one stream: random access through the index trailer, or sequentially from a pipe.
+
+Every path that returns disk bytes has verified them against the frame's
+checksum first; any damage raises :class:`virtnbd.errors.FormatError` naming
+the file and the file offset where it was found.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+from collections.abc import Iterator
+from types import TracebackType
+from typing import BinaryIO
+
+import xxhash
+
+from virtnbd import errors
+from virtnbd.stream import compression
+from virtnbd.stream import format as fmt
+from virtnbd.stream.format import FrameRef, StreamMeta, StreamTotals
+
+LEGACY_PROBE = 64
+
+
+def open_stream(source: str | os.PathLike[str] | BinaryIO, path: str | None = None) -> StreamReader:
+    """Open a stream file (or an already open binary file / pipe).
+
+    Detects virtnbdbackup sparse streams and returns a
+    :class:`virtnbd.stream.legacy.LegacyStreamReader` for them (same interface).
+    """
+    if isinstance(source, str | os.PathLike):
+        name = os.fspath(source)
+        try:
+            f: BinaryIO = open(name, "rb")  # noqa: SIM115 - the reader owns and closes it
+        except OSError as err:
+            raise errors.FormatError(path=name, offset=0, reason=err.strerror or str(err)) from err
+        owns = True
+    else:
+        f, name, owns = source, str(path or getattr(source, "name", "<stream>")), False
+    try:
+        probe = _peek(f, name)
+        if probe.startswith(fmt.MAGIC):
+            return StreamReader(f, name, owns=owns)
+        from virtnbd.stream import legacy
+        if legacy.detect(probe):
+            return legacy.LegacyStreamReader(f, name, owns=owns)
+        raise errors.FormatError(path=name, offset=0, reason="not a virtnbd or virtnbdbackup stream")
+    except BaseException:
+        if owns:
+            f.close()
+        raise
+
+
+def _peek(f: BinaryIO, path: str) -> bytes:
+    peek = getattr(f, "peek", None)
+    try:
+        if peek is not None:
+            return bytes(peek(LEGACY_PROBE)[:LEGACY_PROBE])
+        if f.seekable():
+            pos = f.tell()
+            data = f.read(LEGACY_PROBE)
+            f.seek(pos)
+            return data
+    except OSError as err:
+        raise errors.FormatError(path=path, offset=0, reason=err.strerror or str(err)) from err
+    raise errors.UsageError(reason=f"{path}: cannot detect the stream type of an unbuffered pipe")
+
+
+class _Source:
+    """Exact reads with offsets tracked (works on pipes) and optional whole-file hashing."""
+
+    def __init__(self, f: BinaryIO, path: str, pos: int = 0) -> None:
+        self.f = f
+        self.path = path
+        self.pos = pos
+        self.hash: xxhash.xxh3_128 | None = None
+
+    def read(self, n: int, what: str) -> bytes:
+        try:
+            data = self.f.read(n)
+        except OSError as err:
+            raise errors.FormatError(path=self.path, offset=self.pos, reason=err.strerror or str(err)) from err
+        if len(data) != n:
+            raise errors.FormatError(path=self.path, offset=self.pos + len(data), reason=f"truncated {what}")
+        if self.hash is not None:
+            self.hash.update(data)
+        self.pos += n
+        return data
+
+    def seek(self, pos: int) -> None:
+        try:
+            self.f.seek(pos)
+        except OSError as err:
+            raise errors.FormatError(path=self.path, offset=pos, reason=err.strerror or str(err)) from err
+        self.pos = pos
+
+
+class StreamReader:
+    """Reader of one virtnbd stream; a context manager.
+
+    ``frames``/``read``/``read_range`` need a seekable file; ``iter_frames``
+    and ``verify`` also work on a pipe (once, from the start).
+    """
+
+    def __init__(self, f: BinaryIO, path: str = "<stream>", owns: bool = False) -> None:
+        self.path = path
+        self._f = f
+        self._owns = owns
+        try:
+            self._seekable = f.seekable()
+        except (OSError, ValueError):
+            self._seekable = False
+        self._src = _Source(f, path)
+        if self._seekable:
+            self._src.seek(0)
+        self._consumed = False
+        self._src.hash = xxhash.xxh3_128()
+        prefix = self._src.read(fmt.HEADER.size, "header")
+        meta_len = fmt.parse_header_prefix(prefix, path)
+        head = prefix + self._src.read(meta_len, "header metadata")
+        self._header_check = self._src.read(fmt.HEADER_CHECK_SIZE, "header checksum")
+        self.meta: StreamMeta = fmt.decode_meta(head, self._header_check, path)
+        self._data_start = self._src.pos
+        self._frames: list[FrameRef] | None = None
+        self._starts: list[int] = []
+        self._totals: StreamTotals | None = None
+        try:
+            self._fd: int | None = f.fileno()
+        except (OSError, ValueError, AttributeError):
+            self._fd = None
+
+    def __enter__(self) -> StreamReader:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._owns:
+            self._f.close()
+
+    # -- random access -------------------------------------------------------------
+
+    def _need_seek(self) -> None:
+        if not self._seekable:
+            raise errors.UsageError(reason=f"{self.path}: random access needs a seekable file, not a pipe")
+
+    def _file_size(self) -> int:
+        try:
+            if self._fd is not None:
+                return os.fstat(self._fd).st_size
+            pos = self._f.tell()
+            size = self._f.seek(0, os.SEEK_END)
+            self._f.seek(pos)
+            return size
+        except OSError as err:
+            raise errors.FormatError(path=self.path, offset=0, reason=err.strerror or str(err)) from err
+
+    def _pread(self, pos: int, n: int, what: str) -> bytes:
+        """Read exactly ``n`` bytes at ``pos`` without moving the sequential position."""
+        try:
+            if self._fd is not None:
+                data = os.pread(self._fd, n, pos)
+                while len(data) < n:
+                    more = os.pread(self._fd, n - len(data), pos + len(data))
+                    if not more:
+                        break
+                    data += more
+            else:
+                keep = self._f.tell()
+                self._f.seek(pos)
+                data = self._f.read(n)
+                self._f.seek(keep)
+        except OSError as err:
+            raise errors.FormatError(path=self.path, offset=pos, reason=err.strerror or str(err)) from err
+        if len(data) != n:
+            raise errors.FormatError(path=self.path, offset=pos + len(data), reason=f"truncated {what}")
+        return data
+
+    def frames(self) -> list[FrameRef]:
+        """All data and zero frames in offset order, from the index trailer."""
+        if self._frames is None:
+            self._frames = self._load_index()
+            self._starts = [ref.offset for ref in self._frames]
+        return list(self._frames)
+
+    def _load_index(self) -> list[FrameRef]:
+        self._need_seek()
+        size = self._file_size()
+        min_size = self._data_start + fmt.FRAME.size + fmt.END_PAYLOAD.size + fmt.FOOTER.size
+        if size < min_size:
+            raise errors.FormatError(path=self.path, offset=size, reason="truncated stream (no index trailer)")
+        footer_pos = size - fmt.FOOTER.size
+        footer = self._pread(footer_pos, fmt.FOOTER.size, "index footer")
+        end_pos, index_pos, count, index_check, magic = fmt.FOOTER.unpack(footer)
+        if magic != fmt.INDEX_MAGIC:
+            raise errors.FormatError(path=self.path, offset=footer_pos + 40, reason="truncated stream (no index magic)")
+        if (index_pos + count * fmt.INDEX_ENTRY.size != footer_pos
+                or end_pos + fmt.FRAME.size + fmt.END_PAYLOAD.size != index_pos or end_pos < self._data_start):
+            raise errors.FormatError(path=self.path, offset=footer_pos, reason="index footer positions inconsistent")
+        end = fmt.unpack_frame(self._pread(end_pos, fmt.FRAME.size, "end frame"), self.path, end_pos)
+        if end.kind != fmt.KIND_END:
+            raise errors.FormatError(path=self.path, offset=end_pos, reason="index footer does not point at end frame")
+        entries = self._pread(index_pos, count * fmt.INDEX_ENTRY.size, "index")
+        if fmt.checksum(end.checksum + entries + footer[:24]) != index_check:
+            raise errors.FormatError(path=self.path, offset=index_pos, reason="index checksum mismatch")
+        return self._parse_index(entries, index_pos, end_pos)
+
+    def _parse_index(self, entries: bytes, index_pos: int, end_pos: int) -> list[FrameRef]:
+        refs: list[FrameRef] = []
+        next_offset, next_pos = 0, self._data_start
+        for i, (kind, offset, length, pos) in enumerate(fmt.INDEX_ENTRY.iter_unpack(entries)):
+            where = index_pos + i * fmt.INDEX_ENTRY.size
+            name = fmt.KIND_NAMES.get(kind)
+            if (name is None or length <= 0 or offset < next_offset or pos < next_pos
+                    or offset + length > self.meta.virtual_size or pos + fmt.FRAME.size > end_pos):
+                raise errors.FormatError(path=self.path, offset=where, reason="invalid index entry")
+            refs.append(FrameRef(name, offset, length, pos))
+            next_offset, next_pos = offset + length, pos + fmt.FRAME.size
+        return refs
+
+    def read(self, ref: FrameRef) -> bytes:
+        """The disk bytes of one frame, checksum-verified (zeros for a zero frame)."""
+        self._need_seek()
+        head = fmt.unpack_frame(self._pread(ref.pos, fmt.FRAME.size, "frame header"), self.path, ref.pos)
+        if fmt.KIND_NAMES.get(head.kind) != ref.kind or head.offset != ref.offset or head.length != ref.length:
+            raise errors.FormatError(path=self.path, offset=ref.pos, reason="frame header does not match the index")
+        if head.kind == fmt.KIND_ZERO:
+            return bytes(ref.length)
+        stored = self._pread(ref.pos + fmt.FRAME.size, head.stored, "frame payload")
+        return self._decode(stored, head, ref.pos)
+
+    def _decode(self, stored: bytes, head: fmt.FrameHeader, pos: int) -> bytes:
+        data = compression.decompress(stored, head.method, head.length, self.path, pos)
+        if fmt.checksum(data) != head.checksum:
+            raise errors.FormatError(path=self.path, offset=pos, reason="data checksum mismatch")
+        return data
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        """Bytes ``offset .. offset+length`` of the disk as this stream holds them.
+
+        Uses the index (no scan). Ranges no frame covers read as zeros: for an
+        inc/diff stream use :meth:`frames_in` to see what the stream covers.
+        """
+        out = bytearray(length)
+        for ref in self.frames_in(offset, length):
+            if ref.kind != "data":
+                continue
+            data = self.read(ref)
+            lo, hi = max(offset, ref.offset), min(offset + length, ref.offset + ref.length)
+            out[lo - offset:hi - offset] = memoryview(data)[lo - ref.offset:hi - ref.offset]
+        return bytes(out)
+
+    def frames_in(self, offset: int, length: int) -> list[FrameRef]:
+        """Frames overlapping ``offset .. offset+length`` (binary search on the index)."""
+        frames = self.frames() if self._frames is None else self._frames
+        i = max(bisect.bisect_right(self._starts, offset) - 1, 0)
+        out = []
+        while i < len(frames) and frames[i].offset < offset + length:
+            if frames[i].offset + frames[i].length > offset:
+                out.append(frames[i])
+            i += 1
+        return out
+
+    # -- sequential ---------------------------------------------------------------
+
+    def iter_frames(self) -> Iterator[tuple[FrameRef, bytes | None]]:
+        """Every frame in file order with its verified bytes (None for zero frames).
+
+        Works on a pipe. Data is yielded frame by frame, each one checksum
+        verified; the chained digest, totals and index are checked when the
+        end is reached, so a consumer must treat the stream as good only once
+        the iteration finished without error.
+        """
+        if self._seekable:
+            self._src.seek(0)
+            self._src.hash = xxhash.xxh3_128()
+            self._src.read(self._data_start, "header")
+        elif self._consumed:
+            raise errors.UsageError(reason=f"{self.path}: a pipe can be read only once")
+        self._consumed = True
+        yield from self._scan()
+
+    def _scan(self) -> Iterator[tuple[FrameRef, bytes | None]]:
+        src = self._src
+        chain = self._header_check
+        refs: list[FrameRef] = []
+        data_bytes = zero_bytes = payload_bytes = 0
+        next_offset = 0
+        while True:
+            pos = src.pos
+            head = fmt.unpack_frame(src.read(fmt.FRAME.size, "frame header"), self.path, pos)
+            if head.kind == fmt.KIND_END:
+                break
+            chain = fmt.chain_step(chain, head.raw)
+            if head.offset < next_offset or head.offset + head.length > self.meta.virtual_size:
+                raise errors.FormatError(path=self.path, offset=pos, reason="frame out of order or beyond disk size")
+            next_offset = head.offset + head.length
+            ref = FrameRef(fmt.KIND_NAMES[head.kind], head.offset, head.length, pos)
+            refs.append(ref)
+            if head.kind == fmt.KIND_DATA:
+                data_bytes += head.length
+                payload_bytes += head.stored
+                yield ref, self._decode(src.read(head.stored, "frame payload"), head, pos)
+            else:
+                zero_bytes += head.length
+                yield ref, None
+        end_pos = pos
+        payload = src.read(fmt.END_PAYLOAD.size, "end frame")
+        digest = fmt.chain_step(chain, payload)
+        if digest != head.checksum:
+            raise errors.FormatError(path=self.path, offset=end_pos, reason="chained digest mismatch")
+        if fmt.END_PAYLOAD.unpack(payload) != (len(refs), data_bytes, zero_bytes, payload_bytes):
+            raise errors.FormatError(path=self.path, offset=end_pos, reason="end frame totals do not match frames")
+        self._check_trailer(src, refs, end_pos, digest)
+        hash_ = src.hash
+        self._totals = StreamTotals(len(refs), data_bytes, zero_bytes, src.pos, digest.hex(),
+                                    hash_.hexdigest() if hash_ is not None else "")
+
+    def _check_trailer(self, src: _Source, refs: list[FrameRef], end_pos: int, digest: bytes) -> None:
+        index_pos = src.pos
+        entries = src.read(len(refs) * fmt.INDEX_ENTRY.size, "index")
+        expected = b"".join(fmt.INDEX_ENTRY.pack(fmt.KIND_CODES[r.kind], r.offset, r.length, r.pos) for r in refs)
+        if entries != expected:
+            diff = next(i for i in range(len(expected)) if entries[i] != expected[i])
+            raise errors.FormatError(path=self.path, offset=index_pos + diff, reason="index does not match frames")
+        footer_pos = src.pos
+        footer = src.read(fmt.FOOTER.size, "index footer")
+        counts = fmt.FOOTER.pack(end_pos, index_pos, len(refs), fmt.NO_CHECKSUM, fmt.INDEX_MAGIC)
+        check = fmt.checksum(digest + entries + counts[:24])
+        if footer != counts[:24] + check + fmt.INDEX_MAGIC:
+            raise errors.FormatError(path=self.path, offset=footer_pos, reason="index footer mismatch")
+        try:
+            extra = src.f.read(1)
+        except OSError as err:
+            raise errors.FormatError(path=self.path, offset=src.pos, reason=err.strerror or str(err)) from err
+        if extra:
+            raise errors.FormatError(path=self.path, offset=src.pos, reason="trailing bytes after index footer")
+
+    @property
+    def totals(self) -> StreamTotals | None:
+        """Totals of the last complete sequential pass (iter_frames/verify), else None."""
+        return self._totals
+
+    def verify(self) -> StreamTotals:
+        """Read the whole stream and check everything; return its totals."""
+        for _ in self.iter_frames():
+            pass
+        if self._seekable:
+            self._frames = None
+            self.frames()
+        if self._totals is None:  # pragma: no cover - _scan always sets it or raises
+            raise errors.FormatError(path=self.path, offset=0, reason="stream not verified")
+        return self._totals

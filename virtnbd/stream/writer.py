@@ -1,0 +1,156 @@
+"""Write one stream: header, frames in ascending order, end frame, index trailer.
+
+The writer never seeks: it can write to a pipe. ``encode_data`` is pure and
+thread-safe so callers may checksum and compress frames in a worker pool and
+hand the results to :meth:`StreamWriter.add` in offset order.
+"""
+from __future__ import annotations
+
+import logging
+from types import TracebackType
+from typing import BinaryIO
+
+import xxhash
+
+from virtnbd import errors
+from virtnbd.stream import compression
+from virtnbd.stream import format as fmt
+from virtnbd.stream.format import EncodedFrame, StreamMeta, StreamTotals
+
+log = logging.getLogger(__name__)
+
+
+def encode_data(offset: int, data: bytes | memoryview, method: str | None,
+                level: int | None = None) -> EncodedFrame:
+    """Checksum and (optionally) compress one data frame. Pure and thread-safe.
+
+    When compression does not make the payload smaller the frame is stored
+    uncompressed (method 0), so incompressible data costs nothing extra.
+    """
+    length = len(data)
+    if offset < 0 or not 0 < length <= fmt.MAX_FRAME_LENGTH:
+        raise errors.UsageError(reason=f"data frame at {offset}: length {length} outside 1..{fmt.MAX_FRAME_LENGTH}")
+    csum = fmt.checksum(data)
+    payload: bytes | memoryview = data
+    code = fmt.METHOD_NONE
+    if method is not None:
+        packed = compression.compress(data, method, level)
+        if len(packed) < length:
+            payload, code = packed, fmt.METHOD_CODES[method]
+    header = fmt.pack_frame(fmt.KIND_DATA, code, offset, length, len(payload), csum)
+    return EncodedFrame("data", offset, length, header, payload)
+
+
+def encode_zero(offset: int, length: int) -> EncodedFrame:
+    if offset < 0 or length <= 0:
+        raise errors.UsageError(reason=f"zero frame at {offset}: length {length} must be positive")
+    header = fmt.pack_frame(fmt.KIND_ZERO, fmt.METHOD_NONE, offset, length, 0, fmt.NO_CHECKSUM)
+    return EncodedFrame("zero", offset, length, header, b"")
+
+
+class StreamWriter:
+    """Context manager writing one stream to ``f`` (file or pipe, never seeked).
+
+    ``level`` (an addition to the contract) is the compression level used by
+    :meth:`write_data`; ``None`` picks the method's default. On a clean exit
+    from the ``with`` block the stream is finished if :meth:`finish` was not
+    called; on an exception it is left unfinished (no end frame, no index), so
+    a reader rejects it.
+    """
+
+    def __init__(self, f: BinaryIO, meta: StreamMeta, path: str = "<stream>", level: int | None = None) -> None:
+        compression.check_method(meta.compression, level)
+        self.meta = meta
+        self.path = path
+        self._f = f
+        self._level = level
+        self._file_hash = xxhash.xxh3_128()
+        self._pos = 0
+        self._next_offset = 0
+        self._index = bytearray()
+        self._frames = 0
+        self._data_bytes = 0
+        self._zero_bytes = 0
+        self._payload_bytes = 0
+        self._totals: StreamTotals | None = None
+        header = fmt.encode_header(meta, path)
+        self._chain = header[-fmt.HEADER_CHECK_SIZE:]
+        self._write(header)
+
+    def __enter__(self) -> StreamWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None and self._totals is None:
+            self.finish()
+
+    @property
+    def position(self) -> int:
+        """Bytes written so far."""
+        return self._pos
+
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self._f.write(data)
+        except OSError as err:
+            raise errors.StorageError(path=self.path, reason=err.strerror or str(err)) from err
+        self._file_hash.update(data)
+        self._pos += len(data)
+
+    def add(self, frame: EncodedFrame) -> None:
+        """Append an encoded frame; frames must ascend and must not overlap."""
+        if self._totals is not None:
+            raise errors.UsageError(reason=f"{self.path}: stream already finished")
+        if frame.offset < self._next_offset:
+            raise errors.FormatError(path=self.path, offset=self._pos,
+                                     reason=f"frame at disk offset {frame.offset} overlaps or precedes "
+                                            f"the previous frame ending at {self._next_offset}")
+        end = frame.offset + frame.length
+        if end > self.meta.virtual_size:
+            raise errors.FormatError(path=self.path, offset=self._pos,
+                                     reason=f"frame {frame.offset}+{frame.length} ends beyond virtual size "
+                                            f"{self.meta.virtual_size}")
+        self._index += fmt.INDEX_ENTRY.pack(fmt.KIND_CODES[frame.kind], frame.offset, frame.length, self._pos)
+        self._chain = fmt.chain_step(self._chain, frame.header)
+        self._write(frame.header)
+        if frame.kind == "data":
+            self._write(frame.payload)
+            self._data_bytes += frame.length
+            self._payload_bytes += len(frame.payload)
+        else:
+            self._zero_bytes += frame.length
+        self._frames += 1
+        self._next_offset = end
+
+    def write_data(self, offset: int, data: bytes | memoryview) -> None:
+        self.add(encode_data(offset, data, self.meta.compression, self._level))
+
+    def write_zero(self, offset: int, length: int) -> None:
+        self.add(encode_zero(offset, length))
+
+    def finish(self) -> StreamTotals:
+        """Write the end frame and the index trailer, flush; return the totals.
+
+        The caller owns the file: fsync/rename it (``fsutil.partial_file``).
+        """
+        if self._totals is not None:
+            return self._totals
+        payload = fmt.END_PAYLOAD.pack(self._frames, self._data_bytes, self._zero_bytes, self._payload_bytes)
+        digest = fmt.chain_step(self._chain, payload)
+        end_pos = self._pos
+        self._write(fmt.pack_frame(fmt.KIND_END, fmt.METHOD_NONE, 0, 0, len(payload), digest) + payload)
+        index_pos = self._pos
+        self._write(bytes(self._index))
+        counts = fmt.FOOTER.pack(end_pos, index_pos, self._frames, fmt.NO_CHECKSUM, fmt.INDEX_MAGIC)[:24]
+        index_check = fmt.checksum(digest + bytes(self._index) + counts)
+        self._write(fmt.FOOTER.pack(end_pos, index_pos, self._frames, index_check, fmt.INDEX_MAGIC))
+        try:
+            self._f.flush()
+        except OSError as err:
+            raise errors.StorageError(path=self.path, reason=err.strerror or str(err)) from err
+        self._totals = StreamTotals(
+            frames=self._frames, data_bytes=self._data_bytes, zero_bytes=self._zero_bytes,
+            stored_bytes=self._pos, digest=digest.hex(), file_digest=self._file_hash.hexdigest())
+        log.debug("%s: finished, %d frames, %d bytes", self.path, self._frames, self._pos)
+        return self._totals
