@@ -293,7 +293,7 @@ def ranges_cover(outer: Sequence[tuple[int, int]], inner: Sequence[tuple[int, in
     return True
 
 
-def _qemu_io_command(op: Op, data_file: Path | None) -> str:
+def qemu_io_command(op: Op, data_file: Path | None) -> str:
     if op.kind == "data":
         assert data_file is not None
         return f"write -s {data_file} {op.offset} {op.length}"
@@ -311,7 +311,7 @@ def _done_line(op: Op) -> str:
     return f"{verb} {op.length}/{op.length} bytes at offset {op.offset}"
 
 
-def _check_qemu_io_output(op: Op, cmd: str, out: str) -> None:
+def check_qemu_io_output(op: Op, cmd: str, out: str) -> None:
     if _done_line(op) not in out or "failed" in out:
         raise LabError(f"qemu-io {cmd!r} failed: {out.strip()!r}")
 
@@ -371,14 +371,14 @@ class ShadowDisk:
             data_file.write_bytes(op.data())
             data_file.chmod(0o644)
         try:
-            cmd = _qemu_io_command(op, data_file)
+            cmd = qemu_io_command(op, data_file)
             if self.domain.is_active():
                 self.domain.monitor_qemu_io(self.qdev(), op, cmd)
             else:
                 out = run(["qemu-io", "-f", self.spec.fmt, "-c", cmd, str(self.image)]).stdout
-                _check_qemu_io_output(op, cmd, out)
+                check_qemu_io_output(op, cmd, out)
             shadow_out = run(["qemu-io", "-f", "raw", "-c", cmd, str(self.shadow)]).stdout
-            _check_qemu_io_output(op, cmd, shadow_out)
+            check_qemu_io_output(op, cmd, shadow_out)
         finally:
             if data_file is not None:
                 data_file.unlink(missing_ok=True)
