@@ -1,0 +1,59 @@
+"""The frozen record of what one backup run should do (built by cli/backup.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LEVELS = ("copy", "full", "inc", "diff", "auto")
+COMPRESS_METHODS = ("lz4", "zstd")
+
+
+@dataclass(frozen=True)
+class Quiesce:
+    """How to make the disks consistent around backupBegin (guest agent / pause)."""
+
+    freeze: bool = True
+    mountpoints: tuple[str, ...] = ()
+    pause: bool = False
+    timeout: int = 10
+
+
+@dataclass(frozen=True)
+class BackupOptions:
+    domain: str
+    level: str
+    output: str
+    uri: str | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    compress: bool = False
+    compress_level: int | None = None
+    compress_method: str = "lz4"
+    workers: int = 0                       # disks in parallel; 0 = one per disk, at most 4
+    scratchdir: str = "/var/tmp"
+    socketfile: str | None = None
+    printonly: bool = False
+    threshold: int | None = None           # bytes; inc/diff skipped when fewer changed
+    noprogress: bool = False
+    verbose: bool = False
+    strict: bool = False
+    json: bool = False
+    freeze: bool = True
+    freeze_mountpoints: tuple[str, ...] = ()
+    no_freeze: bool = False
+    pause: bool = False
+    agent_timeout: int = 10
+    # tuning (not on the command line by default)
+    read_size: int = 1 << 20               # bytes per NBD read request
+    connections: int = 4                   # NBD connections per disk (when the export allows multi-conn)
+    depth: int = 8                         # reads in flight per connection
+    memory: int = 32 << 20                 # bytes of disk data buffered per disk
+    encode_threads: int = 2
+
+    @property
+    def method(self) -> str | None:
+        return self.compress_method if self.compress else None
+
+    @property
+    def quiesce(self) -> Quiesce:
+        return Quiesce(freeze=self.freeze and not self.no_freeze and not self.pause,
+                       mountpoints=self.freeze_mountpoints, pause=self.pause, timeout=self.agent_timeout)

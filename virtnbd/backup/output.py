@@ -1,0 +1,184 @@
+"""The backup folder side of a run: lock, log file, scratch/socket dir, saved side files.
+
+Every side file written for a point (domain XML, checkpoint XML, qemu-img
+info, firmware/kernel/TPM copies) is registered with the run so a failed run
+removes it again; only the manifest commit makes a point real.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from virtnbd import errors, fsutil
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".virtnbdbackup.lock"
+CHECKPOINT_DIR = "checkpoints"
+QEMU_USER_MODE = 0o1733   # qemu (libvirt-qemu) creates its socket/scratch here; nobody can list it
+
+
+def prepare_folder(folder: str) -> Path:
+    path = Path(folder)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as err:
+        raise fsutil.storage_error(path, err) from err
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise errors.BackupSetError(path=str(path), reason="backup folder is not writable")
+    return path
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Exclusive lock of the backup folder (flock: a dead holder releases it by itself)."""
+    path = folder / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as err:
+        raise fsutil.storage_error(path, err) from err
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise errors.LockedError(path=str(folder), pid=holder,
+                                     reason="another virtnbdbackup run uses this folder") from err
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+        os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def run_log(folder: Path, level: str, stamp: str) -> Iterator[Path]:
+    """A DEBUG log file for this run inside the backup folder."""
+    path = folder / f"backup.{level}.{stamp}.log"
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield path
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+@contextlib.contextmanager
+def work_dir(scratchdir: str) -> Iterator[Path]:
+    """Private folder ``virtnbd.<pid>.<random>`` for the socket and scratch files; removed at exit.
+
+    The pid in the name lets a later run recognise a job left by a killed run.
+    """
+    base = Path(scratchdir)
+    path = base / f"virtnbd.{os.getpid()}.{secrets.token_hex(4)}"
+    try:
+        path.mkdir(mode=0o700)
+        os.chmod(path, QEMU_USER_MODE)
+    except OSError as err:
+        raise fsutil.storage_error(path, err) from err
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_work_dirs(scratchdir: str, alive: frozenset[int] = frozenset()) -> list[Path]:
+    """Remove ``virtnbd.<pid>.*`` folders whose process is gone."""
+    removed = []
+    for path in Path(scratchdir).glob("virtnbd.*.*"):
+        parts = path.name.split(".")
+        if len(parts) != 3 or not parts[1].isdigit() or not path.is_dir():
+            continue
+        pid = int(parts[1])
+        if pid in alive or pid == os.getpid() or _alive(pid):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class SideFiles:
+    """Side files of one point; :meth:`discard` removes what was written if the run fails."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.written: list[Path] = []
+
+    def save(self, name: str, data: bytes) -> str:
+        path = self.folder / name
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        fsutil.save_atomic(path, data)
+        self.written.append(path)
+        return name
+
+    def copy_file(self, name: str, source: str) -> str | None:
+        try:
+            data = Path(source).read_bytes()
+        except OSError as err:
+            log.warning("cannot copy %s: %s", source, err.strerror)
+            return None
+        return self.save(name, data)
+
+    def copy_tree(self, name: str, source: str) -> str | None:
+        target = self.folder / name
+        tmp = self.folder / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            shutil.copytree(source, tmp, symlinks=True)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.warning("cannot copy %s: %s", source, err)
+            return None
+        self.written.append(target)
+        return name
+
+    def discard(self) -> None:
+        for path in reversed(self.written):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        self.written.clear()
+
+
+def qemu_img_info(path: str) -> dict[str, object] | None:
+    """``qemu-img info --output=json`` (shared lock: the image is in use)."""
+    try:
+        out = subprocess.run(["qemu-img", "info", "--force-share", "--output=json", path],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        info = json.loads(out)
+    except (OSError, subprocess.SubprocessError, json.JSONDecodeError) as err:
+        log.warning("qemu-img info %s failed: %s", path, getattr(err, "stderr", None) or err)
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def stamp(now: float | None = None) -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(now))

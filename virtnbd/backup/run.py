@@ -1,0 +1,412 @@
+"""Orchestration of one backup run.
+
+connect -> lock folder -> plan -> clean stale state -> quiesce + begin job ->
+copy disks in parallel into partial files -> end job -> save side files ->
+commit the point to the manifest. Any failure before the commit aborts the
+job, removes partial/scratch/side files and the checkpoint this run created,
+so the manifest's newest point stays the parent of the next inc.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import libvirt
+
+from virtnbd import __version__, errors, fsutil
+from virtnbd.backup import copy, output
+from virtnbd.backup.options import BackupOptions
+from virtnbd.backup.plan import Plan, PlannedDisk, make_plan
+from virtnbd.backupset import manifest as bsmanifest
+from virtnbd.backupset import naming
+from virtnbd.extents import BASE_ALLOCATION, iter_extents
+from virtnbd.nbdsource import NbdSource
+from virtnbd.stream.format import StreamMeta
+from virtnbd.stream.writer import StreamWriter
+from virtnbd.virt import checkpoints, connection, domainxml, xmlbuild
+from virtnbd.virt.job import BackupJob, abort_stale
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DiskResult:
+    target: str
+    entry: bsmanifest.DiskEntry
+    bytes_read: int
+    seconds: float
+
+
+@dataclass
+class RunSummary:
+    domain: str
+    level: str
+    point: str | None
+    skipped: bool = False
+    reason: str = ""
+    consistency: str = "unknown"
+    disks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    points: list[str] = field(default_factory=list)
+    estimate: dict[str, int] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def _now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).astimezone().isoformat(timespec="seconds")
+
+
+def _bitmap_for(pd: PlannedDisk) -> str | None:
+    return xmlbuild.bitmap_context(pd.target) if pd.mode == "inc" else None
+
+
+class _Progress:
+    """tqdm bar per disk on a TTY, nothing otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.lock = threading.Lock()
+        self.position = 0
+
+    def bar(self, target: str, total: int) -> tuple[Callable[[int], None] | None, Callable[[], None]]:
+        if not self.enabled:
+            return None, lambda: None
+        from tqdm import tqdm
+        with self.lock:
+            position = self.position
+            self.position += 1
+        bar = tqdm(total=total, desc=target, unit="B", unit_scale=True, unit_divisor=1024,
+                   position=position, leave=False, file=sys.stderr)
+
+        def update(n: int) -> None:
+            bar.update(n)
+
+        return update, bar.close
+
+
+class BackupRun:
+    def __init__(self, options: BackupOptions, dom: libvirt.virDomain, folder: Path, plan: Plan, *,
+                 domain_xml: str, uuid: str) -> None:
+        self.options = options
+        self.dom = dom
+        self.folder = folder
+        self.plan = plan
+        self.domain_xml = domain_xml
+        self.uuid = uuid
+        self.cancel = threading.Event()
+        self.progress = _Progress(not options.noprogress)
+        self.time = _now_iso()
+
+    # -- one disk -----------------------------------------------------------------
+    def copy_one(self, pd: PlannedDisk, socket: str, pool: ThreadPoolExecutor) -> DiskResult:
+        opts, plan = self.options, self.plan
+        started = time.monotonic()
+        bitmap = _bitmap_for(pd)
+        contexts = (BASE_ALLOCATION, bitmap) if bitmap else (BASE_ALLOCATION,)
+        name = naming.data_file(pd.target, plan.level, plan.point)
+        with NbdSource(socket, xmlbuild.export_name(pd.target), contexts,
+                       connections=opts.connections, depth=opts.depth) as src:
+            extra = {"whole_disk": pd.mode == "full", "reason": pd.reason} if plan.level in ("inc", "diff") else {}
+            meta = StreamMeta(virtual_size=src.size, disk=pd.target, disk_format=pd.disk.format, level=plan.level,
+                              checkpoint=plan.checkpoint, parent=plan.parent if plan.level in ("inc", "diff") else None,
+                              time=self.time, compression=opts.method, tool_version=__version__,
+                              extra=MappingProxyType(extra))
+            update, close = self.progress.bar(pd.target, src.size)
+            try:
+                with fsutil.partial_file(self.folder / name) as f:
+                    writer = StreamWriter(f, meta, path=str(self.folder / name), level=opts.compress_level)
+                    extents = iter_extents(src.block_status, src.size, bitmap, export=pd.target)
+                    stats = copy.copy_disk(src, writer, extents, pool, read_size=opts.read_size,
+                                           memory=opts.memory, level=opts.compress_level,
+                                           progress=update, cancel=self.cancel)
+                    totals = writer.finish()
+            finally:
+                close()
+            bytes_read = src.counters.bytes_read
+        entry = bsmanifest.disk_entry(meta, name, totals, {
+            "bytes_read": bytes_read, "mode": pd.mode, "read_zero_bytes": stats.read_zero_bytes,
+            "bus": pd.disk.bus, "source": pd.disk.path or pd.disk.name or ""})
+        seconds = time.monotonic() - started
+        log.info("%s: %s data, %s zero, %s stored, %s read in %.1fs", pd.target, _size(totals.data_bytes),
+                 _size(totals.zero_bytes), _size(totals.stored_bytes), _size(bytes_read), seconds)
+        return DiskResult(pd.target, entry, bytes_read, seconds)
+
+    # -- all disks ----------------------------------------------------------------
+    def copy_all(self, socket: str) -> list[DiskResult]:
+        opts = self.options
+        disks = self.plan.disks
+        workers = opts.workers or min(len(disks), 4)
+        encode_threads = max(1, opts.encode_threads)
+        with ThreadPoolExecutor(encode_threads, thread_name_prefix="encode") as pool, \
+                ThreadPoolExecutor(workers, thread_name_prefix="disk") as disk_pool:
+            futures = [disk_pool.submit(self.copy_one, pd, socket, pool) for pd in disks]
+            try:
+                while True:
+                    done, pending = wait(futures, timeout=0.5, return_when=FIRST_EXCEPTION)
+                    failed = [f for f in done if f.exception() is not None]
+                    if failed:
+                        raise failed[0].exception()  # type: ignore[misc]
+                    if not pending:
+                        break
+            except BaseException:
+                self.cancel.set()
+                raise
+            finally:
+                if self.cancel.is_set():
+                    _drain(futures)
+            return [f.result() for f in futures]
+
+    # -- side files ---------------------------------------------------------------
+    def save_side_files(self, side: output.SideFiles, checkpoint_xml: str | None) -> dict[str, Any]:
+        point = self.plan.point
+        saved: dict[str, Any] = {}
+        saved["domain_xml"] = side.save(f"vmconfig.{point}.xml", self.domain_xml.encode())
+        if checkpoint_xml is not None and self.plan.checkpoint:
+            saved["checkpoint_xml"] = side.save(f"{output.CHECKPOINT_DIR}/{self.plan.checkpoint}.xml",
+                                                checkpoint_xml.encode())
+        images = {}
+        for pd in self.plan.disks:
+            if pd.disk.format == "qcow2" and pd.disk.path and pd.disk.source_type in ("file", "block"):
+                info = output.qemu_img_info(pd.disk.path)
+                if info is not None:
+                    images[pd.target] = side.save(f"{pd.target}.{point}.qemu-img.json",
+                                                  bsjson(info))
+        saved["qemu_img_info"] = images
+        boot = domainxml.parse_boot_files(self.domain_xml).present()
+        files = {}
+        for kind, path in boot.items():
+            base = Path(path).name
+            if kind == "tpm_state":
+                copied = side.copy_tree(f"tpm.{point}", path) if Path(path).is_dir() else None
+            elif kind == "loader":
+                copied = side.copy_file(f"loader.{point}.{base}", path)
+            else:
+                copied = side.copy_file(f"{kind}.{point}.{base}", path)
+            if copied:
+                files[kind] = copied
+        saved["boot_files"] = files
+        return saved
+
+
+def bsjson(obj: Any) -> bytes:
+    import json
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def _drain(futures: list[Future[DiskResult]]) -> None:
+    for fut in futures:
+        with contextlib.suppress(BaseException):
+            fut.result()
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
+        value /= 1024
+    return f"{n} B"
+
+
+# -- helpers used before the job ------------------------------------------------
+
+def _quiesced(dom: libvirt.virDomain, options: BackupOptions) -> contextlib.AbstractContextManager[Any]:
+    """The guest agent's freeze/thaw (virtnbd.virt.agent), when that module is there."""
+    try:
+        from virtnbd.virt import agent
+    except ImportError:
+        return contextlib.nullcontext(_CrashConsistent())
+    q = options.quiesce
+    return agent.quiesced(dom, agent.QuiesceOptions(freeze=q.freeze, mountpoints=q.mountpoints, pause=q.pause,
+                                                    timeout=q.timeout))
+
+
+@dataclass(frozen=True)
+class _CrashConsistent:
+    consistency: str = "crash"
+    guest_info: Any = field(default_factory=dict)
+
+
+def _estimate(dom: libvirt.virDomain, plan: Plan) -> dict[str, int]:
+    if plan.parent and plan.level in ("inc", "diff"):
+        sizes = checkpoints.dirty_sizes(dom, plan.parent)
+        estimate = {}
+        for pd in plan.disks:
+            if pd.mode == "inc":
+                estimate[pd.target] = sizes.get(pd.target, 0)
+            else:
+                estimate[pd.target] = _allocation(dom, pd)
+        return estimate
+    return {pd.target: _allocation(dom, pd) for pd in plan.disks}
+
+
+def _allocation(dom: libvirt.virDomain, pd: PlannedDisk) -> int:
+    try:
+        _capacity, allocation, _physical = dom.blockInfo(pd.target)
+    except libvirt.libvirtError:
+        return 0
+    return int(allocation)
+
+
+def _check_parent(dom: libvirt.virDomain, plan: Plan) -> None:
+    if plan.parent and not checkpoints.exists(dom, plan.parent):
+        raise errors.CheckpointError(
+            checkpoint=plan.parent,
+            reason=f"the parent of this {plan.level} is missing in libvirt for domain {dom.name()}; "
+                   f"start a new chain with -l full into a new folder")
+
+
+def _clean_stale(dom: libvirt.virDomain, plan: Plan, options: BackupOptions) -> None:
+    abort_stale(dom)
+    for path in output.remove_stale_work_dirs(options.scratchdir):
+        log.warning("removed scratch folder of a killed run: %s", path)
+    if plan.level == "full":
+        removed = checkpoints.delete_ours(dom)
+        if removed:
+            log.info("new chain: removed old checkpoints %s", ", ".join(removed))
+    elif plan.level in ("inc", "diff"):
+        removed = checkpoints.delete_newer_than(dom, plan.last_index)
+        if removed:
+            log.warning("removed checkpoint(s) %s of an earlier run that never completed (their changes "
+                        "stay covered by %s)", ", ".join(removed), plan.parent)
+
+
+@contextlib.contextmanager
+def _created_checkpoint(dom: libvirt.virDomain, plan: Plan) -> Iterator[list[bool]]:
+    """On failure, delete the checkpoint this run created (its bitmap merges into the parent)."""
+    committed = [False]
+    try:
+        yield committed
+    except BaseException:
+        if plan.checkpoint and not committed[0]:
+            try:
+                if checkpoints.exists(dom, plan.checkpoint):
+                    checkpoints.delete(dom, plan.checkpoint)
+                    log.info("removed checkpoint %s of the failed run", plan.checkpoint)
+            except errors.VirtnbdError as err:
+                log.warning("could not remove checkpoint %s: %s (the next run removes it)", plan.checkpoint, err)
+        raise
+
+
+def _backup_xml(plan: Plan, socket: str, workdir: Path, skipped: list[str]) -> str:
+    disks = [xmlbuild.BackupDisk(pd.target, str(workdir / f"{pd.target}.scratch.qcow2"), full=pd.mode == "full")
+             for pd in plan.disks]
+    return xmlbuild.backup_xml(socket, disks, skipped, incremental=plan.incremental)
+
+
+def _checkpoint_xml(plan: Plan, all_targets: list[str]) -> str | None:
+    if not plan.checkpoint:
+        return None
+    others = [t for t in all_targets if t not in plan.bitmap_disks]
+    return xmlbuild.checkpoint_xml(plan.checkpoint, plan.bitmap_disks, others)
+
+
+# -- entry point -------------------------------------------------------------------
+
+def run(options: BackupOptions) -> RunSummary:
+    started = time.monotonic()
+    with connection.connect(options.uri) as conn:
+        dom = connection.lookup_domain(conn, options.domain)
+        folder = output.prepare_folder(options.output)
+        with output.folder_lock(folder):
+            summary = _run_locked(options, dom, folder)
+    summary.seconds = round(time.monotonic() - started, 3)
+    return summary
+
+
+def _run_locked(options: BackupOptions, dom: libvirt.virDomain, folder: Path) -> RunSummary:
+    name = dom.name()
+    uuid = dom.UUIDString()
+    manifest = bsmanifest.load(folder)
+    domain_xml = connection.domain_xml(dom)
+    all_disks = domainxml.parse_disks(domain_xml)
+    plan = make_plan(options, manifest, all_disks, int(time.time()), folder=str(folder), domain=name, uuid=uuid)
+    if not connection.is_running(dom):
+        raise errors.LibvirtError(reason=f"domain {name} is not running: online backup needs a running domain")
+    summary = RunSummary(domain=name, level=plan.level, point=plan.point,
+                         points=[p.name for p in manifest.points] if manifest else [])
+    for target, why in plan.skipped:
+        log.info("%s: skipped (%s)", target, why)
+    for pd in plan.disks:
+        if pd.reason:
+            log.warning("%s: backed up whole in this %s: %s", pd.target, plan.level, pd.reason)
+    if plan.level in ("inc", "diff"):
+        _check_parent(dom, plan)
+    if options.printonly or options.threshold is not None:
+        summary.estimate = _estimate(dom, plan)
+        if options.printonly:
+            for target, size in summary.estimate.items():
+                log.info("%s: about %s to back up (%s)", target, _size(size), plan.level)
+            summary.skipped, summary.reason = True, "printonly"
+            return summary
+        changed = sum(summary.estimate.values())
+        if plan.level in ("inc", "diff") and options.threshold is not None and changed < options.threshold:
+            log.info("%s skipped: %s changed, below threshold %s", plan.level, _size(changed),
+                     _size(options.threshold))
+            summary.skipped, summary.reason = True, "below threshold"
+            return summary
+    with output.run_log(folder, plan.level, output.stamp()):
+        log.info("backup of %s: level %s, point %s, disks %s", name, plan.level, plan.point,
+                 ", ".join(pd.target for pd in plan.disks))
+        _clean_stale(dom, plan, options)
+        return _execute(options, dom, folder, plan, domain_xml=domain_xml, uuid=uuid, summary=summary,
+                        all_targets=[d.target for d in all_disks])
+
+
+def _execute(options: BackupOptions, dom: libvirt.virDomain, folder: Path, plan: Plan, *, domain_xml: str,
+             uuid: str, summary: RunSummary, all_targets: list[str]) -> RunSummary:
+    run_ = BackupRun(options, dom, folder, plan, domain_xml=domain_xml, uuid=uuid)
+    side = output.SideFiles(folder)
+    skipped = [t for t in all_targets if t not in {pd.target for pd in plan.disks}]
+    checkpoint_xml = _checkpoint_xml(plan, all_targets)
+    try:
+        with output.work_dir(options.scratchdir) as workdir, _created_checkpoint(dom, plan) as committed:
+            socket = options.socketfile or str(workdir / "backup.sock")
+            with BackupJob(dom) as job:
+                with _quiesced(dom, options) as quiesce:
+                    job.begin(_backup_xml(plan, socket, workdir, skipped), checkpoint_xml)
+                summary.consistency = getattr(quiesce, "consistency", "crash")
+                guest_info = dict(getattr(quiesce, "guest_info", {}) or {})
+                results = run_.copy_all(socket)
+                saved_cp = checkpoints.get_xml(dom, plan.checkpoint) if plan.checkpoint else None
+                job.abort()
+            saved = run_.save_side_files(side, saved_cp)
+            point = bsmanifest.Point(
+                name=plan.point, level=plan.level, parent=plan.parent if plan.level in ("inc", "diff") else None,
+                checkpoint=plan.checkpoint, time=run_.time,
+                disks=MappingProxyType({r.target: r.entry for r in results}),
+                domain_xml=saved["domain_xml"], checkpoint_xml=saved.get("checkpoint_xml"),
+                consistency=summary.consistency,
+                extra=MappingProxyType({"guest_info": guest_info, "qemu_img_info": saved["qemu_img_info"],
+                                        "boot_files": saved["boot_files"], "tool_version": __version__,
+                                        "skipped_disks": dict(plan.skipped),
+                                        "bytes_read": sum(r.bytes_read for r in results)}))
+            updated = bsmanifest.commit_point(folder, point, dom.name(), uuid)
+            committed[0] = True
+    except BaseException:
+        side.discard()
+        raise
+    summary.points = [p.name for p in updated.points]
+    for r in results:
+        summary.disks[r.target] = {"file": r.entry.file, "bytes_read": r.bytes_read,
+                                   "data_bytes": r.entry.data_bytes, "zero_bytes": r.entry.zero_bytes,
+                                   "stored_bytes": r.entry.stored_bytes, "seconds": round(r.seconds, 3)}
+    summary.bytes_read = sum(r.bytes_read for r in results)
+    summary.bytes_written = sum(r.entry.stored_bytes for r in results)
+    log.info("point %s committed (%s read, %s written, consistency %s)", plan.point, _size(summary.bytes_read),
+             _size(summary.bytes_written), summary.consistency)
+    return summary

@@ -1,0 +1,226 @@
+"""Thin libnbd client for reading a backup export fast and with bounded memory.
+
+One :class:`NbdSource` holds one or more connections to the same export (more
+than one only when the server advertises multi-conn). Every connection has a
+thread that keeps up to ``depth`` aio reads in flight; :meth:`NbdSource.read`
+returns a future. Counters tell how many bytes were read.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from types import TracebackType
+
+import nbd
+
+from virtnbd import errors
+from virtnbd.extents import BASE_ALLOCATION
+
+log = logging.getLogger(__name__)
+
+_STOP = None
+
+
+@dataclass
+class Counters:
+    bytes_read: int = 0
+    requests: int = 0
+    status_queries: int = 0
+
+
+def _nbd_reason(err: nbd.Error) -> str:
+    return str(err.string or err).replace("\n", " ")
+
+
+def _open(socket: str, export: str, contexts: Sequence[str]) -> nbd.NBD:
+    h = nbd.NBD()
+    try:
+        h.set_export_name(export)
+        for ctx in contexts:
+            h.add_meta_context(ctx)
+        h.connect_unix(socket)
+    except nbd.Error as err:
+        raise errors.NbdError(export=export, reason=f"cannot connect to {socket}: {_nbd_reason(err)}") from err
+    for ctx in contexts:
+        if not h.can_meta_context(ctx):
+            with contextlib.suppress(nbd.Error):
+                h.shutdown()
+            raise errors.NbdError(export=export, reason=f"server does not offer metadata context {ctx}")
+    return h
+
+
+class _Connection(threading.Thread):
+    """One NBD handle driven by its own thread; requests arrive through a queue."""
+
+    def __init__(self, handle: nbd.NBD, export: str, depth: int, counters: Counters, lock: threading.Lock) -> None:
+        super().__init__(name=f"nbd-{export}", daemon=True)
+        self.h = handle
+        self.export = export
+        self.depth = depth
+        self.requests: queue.SimpleQueue[tuple[int, int, Future[bytearray]] | None] = queue.SimpleQueue()
+        self.counters = counters
+        self.lock = lock
+        self.in_flight = 0
+        self.failure: BaseException | None = None
+
+    def _complete(self, offset: int, buf: bytearray, fut: Future[bytearray], err: object) -> int:
+        self.in_flight -= 1
+        errnum = getattr(err, "value", 0)
+        if errnum:
+            fut.set_exception(errors.NbdError(export=self.export,
+                                              reason=f"read of {len(buf)} bytes at offset {offset} failed: "
+                                                     f"errno {errnum}"))
+        else:
+            with self.lock:
+                self.counters.bytes_read += len(buf)
+                self.counters.requests += 1
+            fut.set_result(buf)
+        return 1
+
+    def _issue(self, offset: int, length: int, fut: Future[bytearray]) -> None:
+        buf = bytearray(length)
+        try:
+            self.h.aio_pread(nbd.Buffer.from_buffer(buf), offset,
+                             completion=lambda err: self._complete(offset, buf, fut, err))
+        except nbd.Error as err:
+            fut.set_exception(errors.NbdError(export=self.export,
+                                              reason=f"read at offset {offset} failed: {_nbd_reason(err)}"))
+            return
+        self.in_flight += 1
+
+    def run(self) -> None:
+        stopping = False
+        try:
+            while not (stopping and self.in_flight == 0):
+                while not stopping and self.in_flight < self.depth:
+                    try:
+                        item = self.requests.get(block=self.in_flight == 0)
+                    except queue.Empty:
+                        break
+                    if item is _STOP:
+                        stopping = True
+                        break
+                    self._issue(*item)
+                if self.in_flight:
+                    self.h.poll(-1)
+        except nbd.Error as err:
+            self.failure = errors.NbdError(export=self.export, reason=_nbd_reason(err))
+            self._fail_pending()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller through the futures
+            self.failure = err
+            self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        while True:
+            try:
+                item = self.requests.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP:
+                item[2].set_exception(self.failure or errors.NbdError(export=self.export, reason="connection lost"))
+
+    def submit(self, offset: int, length: int) -> Future[bytearray]:
+        fut: Future[bytearray] = Future()
+        if self.failure is not None:
+            fut.set_exception(self.failure)
+        else:
+            self.requests.put((offset, length, fut))
+        return fut
+
+    def stop(self) -> None:
+        self.requests.put(_STOP)
+
+
+class NbdSource:
+    """Reads from one export; use as a context manager (connections always closed)."""
+
+    def __init__(self, socket: str, export: str, contexts: Sequence[str] = (BASE_ALLOCATION,),
+                 connections: int = 4, depth: int = 8) -> None:
+        self.socket = socket
+        self.export = export
+        self.contexts = tuple(contexts)
+        self.counters = Counters()
+        self._lock = threading.Lock()
+        self._handles: list[nbd.NBD] = []
+        self._workers: list[_Connection] = []
+        self._next = 0
+        self._wanted = max(1, connections)
+        self._depth = max(1, depth)
+        self.size = 0
+        self.multi_conn = False
+        self.max_block = 0
+
+    def __enter__(self) -> NbdSource:
+        self.open()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def open(self) -> None:
+        main = _open(self.socket, self.export, self.contexts)
+        self._handles.append(main)
+        try:
+            self.size = main.get_size()
+            self.multi_conn = bool(main.can_multi_conn())
+            self.max_block = int(main.get_block_size(nbd.SIZE_MAXIMUM) or 0)
+            for _ in range(self._wanted if self.multi_conn else 1):
+                self._handles.append(_open(self.socket, self.export, ()))
+        except nbd.Error as err:
+            self.close()
+            raise errors.NbdError(export=self.export, reason=_nbd_reason(err)) from err
+        except errors.VirtnbdError:
+            self.close()
+            raise
+        # the first handle answers block status in the caller's thread; the others read
+        # (a libnbd handle serialises its commands, and reading a read-only export from
+        # a second connection is safe even without multi-conn)
+        for h in self._handles[1:]:
+            worker = _Connection(h, self.export, self._depth, self.counters, self._lock)
+            worker.start()
+            self._workers.append(worker)
+        log.debug("nbd %s: size %d, multi-conn %s, %d reader connection(s), depth %d",
+                  self.export, self.size, self.multi_conn, len(self._workers), self._depth)
+
+    def block_status(self, offset: int, count: int) -> Mapping[str, Sequence[tuple[int, int]]]:
+        """{context: [(length, flags), ...]} from ``offset``; see :mod:`virtnbd.extents`."""
+        answer: dict[str, list[tuple[int, int]]] = {}
+
+        def callback(ctx: str, _off: int, entries: list[int], _err: object) -> int:
+            answer.setdefault(ctx, []).extend(zip(entries[0::2], entries[1::2], strict=True))
+            return 0
+
+        try:
+            with self._lock:
+                self.counters.status_queries += 1
+            self._handles[0].block_status(count, offset, callback)
+        except nbd.Error as err:
+            raise errors.NbdError(export=self.export,
+                                  reason=f"block status at offset {offset} failed: {_nbd_reason(err)}") from err
+        return answer
+
+    def read(self, offset: int, length: int) -> Future[bytearray]:
+        """Start reading; the future yields the bytes (or raises NbdError)."""
+        worker = self._workers[self._next]
+        self._next = (self._next + 1) % len(self._workers)
+        return worker.submit(offset, length)
+
+    def pread(self, offset: int, length: int) -> bytearray:
+        return self.read(offset, length).result()
+
+    def close(self) -> None:
+        for worker in self._workers:
+            worker.stop()
+        for worker in self._workers:
+            worker.join()
+        self._workers.clear()
+        for h in self._handles:
+            with contextlib.suppress(nbd.Error):
+                h.shutdown()
+        self._handles.clear()     # the last reference going away closes each handle

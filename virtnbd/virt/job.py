@@ -1,0 +1,129 @@
+"""Control of a libvirt pull-mode backup job: begin, stats, abort (idempotent)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from types import TracebackType
+
+import libvirt
+
+from virtnbd import errors
+from virtnbd.virt import xmlbuild
+from virtnbd.virt.connection import reason
+
+log = logging.getLogger(__name__)
+
+SOCKET_DIR_PREFIX = "virtnbd."
+_OWNER = re.compile(r"/virtnbd\.(\d+)\.[^/]+/[^/]+$")
+
+
+@dataclass(frozen=True)
+class JobStats:
+    active: bool
+    operation: int | None
+    data_total: int | None
+    data_processed: int | None
+
+
+def running_job_xml(dom: libvirt.virDomain) -> str | None:
+    """XML of the domain's running backup job, None when there is none."""
+    try:
+        return str(dom.backupGetXMLDesc(0))
+    except libvirt.libvirtError as err:
+        if err.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN_BACKUP, libvirt.VIR_ERR_OPERATION_INVALID):
+            return None
+        raise errors.LibvirtError(reason=f"cannot query backup job: {reason(err)}") from err
+
+
+def owner_pid(socket: str | None) -> int | None:
+    """PID encoded in a socket path made by :func:`virtnbd.backup.output.socket_dir`."""
+    if not socket:
+        return None
+    match = _OWNER.search(socket)
+    return int(match.group(1)) if match else None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def abort_stale(dom: libvirt.virDomain) -> str | None:
+    """Abort a backup job left behind by a killed run of ours.
+
+    Returns the stale socket path when a job was aborted. A job of a live
+    process of ours, or a job somebody else started, raises LibvirtError.
+    """
+    xml = running_job_xml(dom)
+    if xml is None:
+        return None
+    socket = xmlbuild.backup_socket(xml)
+    pid = owner_pid(socket)
+    if pid is None:
+        raise errors.LibvirtError(reason=f"domain {dom.name()} has a running backup job not started by virtnbdbackup "
+                                         f"(socket {socket}); abort it with 'virsh domjobabort {dom.name()}'")
+    if pid_alive(pid) and pid != os.getpid():
+        raise errors.LibvirtError(reason=f"domain {dom.name()} is being backed up by running process {pid}")
+    log.warning("aborting stale backup job of killed process %d (socket %s)", pid, socket)
+    _abort(dom)
+    return socket
+
+
+def _abort(dom: libvirt.virDomain) -> bool:
+    try:
+        dom.abortJob()
+    except libvirt.libvirtError as err:
+        if err.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:   # no job running
+            return False
+        raise errors.LibvirtError(reason=f"cannot abort backup job: {reason(err)}") from err
+    return True
+
+
+class BackupJob:
+    """A pull-mode backup job; a context manager that always aborts it at exit."""
+
+    def __init__(self, dom: libvirt.virDomain) -> None:
+        self.dom = dom
+        self.started = False
+
+    def begin(self, backup_xml: str, checkpoint_xml: str | None = None) -> None:
+        try:
+            self.dom.backupBegin(backup_xml, checkpoint_xml, 0)
+        except libvirt.libvirtError as err:
+            raise errors.LibvirtError(reason=f"cannot start backup job: {reason(err)}") from err
+        self.started = True
+
+    def stats(self) -> JobStats:
+        try:
+            info = self.dom.jobStats(0)
+        except libvirt.libvirtError as err:
+            raise errors.LibvirtError(reason=f"cannot read job stats: {reason(err)}") from err
+        active = info.get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE
+        return JobStats(active=active, operation=info.get("operation"),
+                        data_total=info.get("data_total"), data_processed=info.get("data_processed"))
+
+    def abort(self) -> None:
+        """End the job. Safe to call twice and when begin() never succeeded."""
+        if not self.started:
+            return
+        self.started = False
+        if running_job_xml(self.dom) is None:
+            return
+        if _abort(self.dom):
+            log.debug("backup job of %s ended", self.dom.name())
+
+    def __enter__(self) -> BackupJob:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        with contextlib.suppress(errors.LibvirtError) if exc is not None else contextlib.nullcontext():
+            self.abort()

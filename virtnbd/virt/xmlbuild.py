@@ -1,0 +1,93 @@
+"""Pure builders of the XML documents a pull-mode backup job needs."""
+from __future__ import annotations
+
+import os
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+from lxml import etree
+
+
+@dataclass(frozen=True)
+class BackupDisk:
+    target: str
+    scratch: str                  # scratch file (qcow2) libvirt creates for the fleecing image
+    full: bool = False            # force a full export of this disk inside an incremental job
+
+
+def export_name(target: str) -> str:
+    return target
+
+
+def bitmap_context(target: str) -> str:
+    """The NBD metadata context holding the job's dirty bitmap for ``target``."""
+    return f"qemu:dirty-bitmap:backup-{target}"
+
+
+def _tostring(root: etree._Element) -> str:
+    return etree.tostring(root, pretty_print=True, encoding="unicode")
+
+
+def backup_xml(
+    socket: str,
+    disks: Sequence[BackupDisk],
+    skipped: Collection[str] = (),
+    incremental: str | None = None,
+) -> str:
+    """``<domainbackup mode='pull'>`` exporting ``disks`` on a unix socket.
+
+    ``incremental`` names the checkpoint the dirty bitmaps are relative to;
+    disks with ``full=True`` are exported whole even then (``backupmode='full'``).
+    """
+    root = etree.Element("domainbackup", mode="pull")
+    if incremental:
+        etree.SubElement(root, "incremental").text = incremental
+    etree.SubElement(root, "server", transport="unix", socket=os.fspath(socket))
+    el_disks = etree.SubElement(root, "disks")
+    for disk in disks:
+        attrs = {"name": disk.target, "backup": "yes", "type": "file", "exportname": export_name(disk.target),
+                 "exportbitmap": f"backup-{disk.target}"}
+        if incremental and disk.full:
+            attrs["backupmode"] = "full"
+        el = etree.SubElement(el_disks, "disk", attrs)
+        etree.SubElement(el, "driver", type="qcow2")
+        etree.SubElement(el, "scratch", file=os.fspath(disk.scratch))
+    for target in skipped:
+        etree.SubElement(el_disks, "disk", name=target, backup="no")
+    return _tostring(root)
+
+
+def checkpoint_xml(
+    name: str,
+    bitmap_disks: Collection[str],
+    other_disks: Collection[str] = (),
+    description: str = "virtnbdbackup checkpoint",
+) -> str:
+    """``<domaincheckpoint>`` tracking ``bitmap_disks``; every other disk explicitly ``checkpoint='no'``."""
+    root = etree.Element("domaincheckpoint")
+    etree.SubElement(root, "name").text = name
+    etree.SubElement(root, "description").text = description
+    el_disks = etree.SubElement(root, "disks")
+    for target in bitmap_disks:
+        etree.SubElement(el_disks, "disk", name=target, checkpoint="bitmap")
+    for target in other_disks:
+        etree.SubElement(el_disks, "disk", name=target, checkpoint="no")
+    return _tostring(root)
+
+
+def backup_socket(xml: str) -> str | None:
+    """The unix socket a running job's XML exports on (None when it has none)."""
+    root = etree.fromstring(xml.encode())
+    server = root.find("server")
+    return server.get("socket") if server is not None else None
+
+
+def checkpoint_sizes(xml: str) -> dict[str, int]:
+    """Per-disk dirty size from checkpoint XML fetched with the SIZE flag."""
+    root = etree.fromstring(xml.encode())
+    sizes: dict[str, int] = {}
+    for disk in root.findall("./disks/disk"):
+        size = disk.get("size")
+        if size is not None and disk.get("name"):
+            sizes[str(disk.get("name"))] = int(size)
+    return sizes
