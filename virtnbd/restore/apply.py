@@ -9,6 +9,7 @@ any time, whatever the image size (a single larger frame runs alone). Zero exten
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -100,7 +101,7 @@ def apply_plan(plan: Plan, sources: Sequence[FrameSource], target: Target, worke
                 slots.release()
                 break
             fut = pool.submit(_write_group, sources[layer], frame, extents, target)
-            fut.add_done_callback(lambda f, c=cost: done(f, c))
+            fut.add_done_callback(functools.partial(done, cost=cost))
     if failure:
         raise failure[0]
     return ApplyResult(data_bytes=plan.data_bytes, zero_bytes=plan.zero_bytes, frames_read=len(groups))

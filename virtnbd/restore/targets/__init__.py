@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from virtnbd import errors
 
@@ -29,7 +29,7 @@ class Target(Protocol):
     def zero(self, offset: int, length: int) -> None: ...
     def commit(self) -> None: ...
     def abort(self) -> None: ...
-    def __enter__(self) -> Target: ...
+    def __enter__(self) -> Self: ...
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None: ...
 
 
@@ -63,6 +63,9 @@ def scheme_of(spec: str) -> str | None:
 def open_target(request: TargetRequest) -> Target:
     scheme = scheme_of(request.spec)
     if scheme is not None:
+        if scheme == "rbd" and scheme not in _OPENERS:  # built in, imported only when used (needs python3-rbd)
+            from virtnbd.restore.targets.rbd import open_rbd
+            register("rbd", open_rbd)
         opener = _OPENERS.get(scheme)
         if opener is None:
             raise errors.UsageError(reason=f"{request.spec}: unknown target type '{scheme}:'")
@@ -88,7 +91,7 @@ class TargetBase:
     def abort(self) -> None:
         raise NotImplementedError
 
-    def __enter__(self) -> TargetBase:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:

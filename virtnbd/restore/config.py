@@ -1,0 +1,144 @@
+"""Adjust the backed-up domain XML so it boots the restored disks (``-c``), and define it (``-D``).
+
+Changes: new name (default ``restore_<name>``), no UUID (libvirt makes one),
+restored disks as file disks with the output path and a driver type matching
+the output format, disks that were not restored removed (so the copy never
+writes to the original's images), NVRAM copied from the backup set to a new
+path, new MAC addresses on every interface.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import random
+import shutil
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lxml import etree
+
+from virtnbd import errors
+from virtnbd.fsutil import save_atomic
+
+log = logging.getLogger(__name__)
+
+
+def new_mac(rng: random.Random | None = None) -> str:
+    """A random address in QEMU's locally administered 52:54:00 range."""
+    r = rng or random.SystemRandom()
+    return "52:54:00:" + ":".join(f"{r.randrange(256):02x}" for _ in range(3))
+
+
+def adjust(xml: str, name: str, disks: Mapping[str, tuple[str, str]], nvram: str | None = None,
+           rng: random.Random | None = None) -> str:
+    """The adjusted XML. ``disks`` maps target dev -> (restored path, format)."""
+    try:
+        root = etree.fromstring(xml.encode(), parser=etree.XMLParser(resolve_entities=False, no_network=True))
+    except etree.XMLSyntaxError as err:
+        raise errors.RestoreError(reason=f"domain XML in the backup set is not valid XML: {err}") from err
+    name_el = root.find("name")
+    if name_el is None:
+        name_el = etree.SubElement(root, "name")
+    name_el.text = name
+    for uuid in root.findall("uuid"):
+        root.remove(uuid)
+    if "id" in root.attrib:
+        del root.attrib["id"]
+    devices = root.find("devices")
+    if devices is not None:
+        _adjust_disks(devices, disks)
+        for mac in devices.findall("interface/mac"):
+            mac.set("address", new_mac(rng))
+    nvram_el = root.find("os/nvram")
+    if nvram_el is not None:
+        if nvram:
+            nvram_el.text = nvram
+            if "template" in nvram_el.attrib:
+                del nvram_el.attrib["template"]
+        else:
+            parent = nvram_el.getparent()
+            if parent is not None:
+                parent.remove(nvram_el)  # libvirt makes a fresh one from the template
+    return etree.tostring(root, encoding="unicode")
+
+
+def _adjust_disks(devices: Any, disks: Mapping[str, tuple[str, str]]) -> None:
+    for disk in devices.findall("disk"):
+        if disk.get("device", "disk") not in ("disk", "lun"):
+            continue
+        target = disk.find("target")
+        dev = target.get("dev") if target is not None else None
+        if dev is None or dev not in disks:
+            log.warning("disk %s was not restored: left out of the adjusted domain XML", dev)
+            devices.remove(disk)
+            continue
+        path, fmt = disks[dev]
+        disk.set("type", "file")
+        if disk.get("device") == "lun":
+            disk.set("device", "disk")
+        for old in disk.findall("source") + disk.findall("backingStore"):
+            disk.remove(old)
+        driver = disk.find("driver")
+        if driver is None:
+            driver = etree.Element("driver", name="qemu")
+            disk.insert(0, driver)
+        driver.set("type", fmt)
+        source = etree.Element("source", file=os.path.abspath(path))
+        driver.addnext(source)
+
+
+def _saved_nvram(folder: str, point: Any, nvram: str) -> str | None:
+    extra = getattr(point, "extra", {}) or {}
+    names: list[str] = [str(extra[k]) for k in ("nvram", "nvram_file") if isinstance(extra.get(k), str)]
+    base = os.path.basename(nvram)
+    names += [base, f"{base}.{point.name}"]
+    for n in names:
+        path = os.path.join(folder, n)
+        if os.path.isfile(path):
+            return path
+    matches = sorted(glob.glob(os.path.join(glob.escape(folder), f"{glob.escape(base)}*")))
+    return matches[-1] if matches else None
+
+
+def write_for_restore(selection: Any, restored: Sequence[Any], options: Any) -> str:
+    """Write ``<output>/<name>.xml`` (and the copied NVRAM); define it with ``--define``."""
+    point = selection.points[-1] if selection.points else None
+    xml = getattr(point, "domain_xml", None) if point is not None else None
+    if not xml:
+        raise errors.RestoreError(reason="the backup set holds no domain XML for this point: cannot adjust the config")
+    old_name = etree.fromstring(xml.encode()).findtext("name") or "domain"
+    name = options.name or f"restore_{old_name}"
+    nvram_copy = None
+    old_nvram = etree.fromstring(xml.encode()).findtext("os/nvram")
+    if old_nvram:
+        saved = _saved_nvram(selection.folder, point, old_nvram.strip())
+        if saved is None:
+            log.warning("NVRAM %s is not in the backup set: the adjusted XML lets libvirt create a fresh one",
+                        old_nvram)
+        else:
+            nvram_copy = os.path.abspath(os.path.join(options.output, f"{name}_VARS.fd"))
+            try:
+                shutil.copyfile(saved, nvram_copy)
+            except OSError as err:
+                raise errors.StorageError(path=nvram_copy, reason=err.strerror or str(err)) from err
+    disks = {r.disk: (r.target, r.format) for r in restored}
+    adjusted = adjust(xml, name, disks, nvram_copy)
+    path = os.path.join(options.output, f"{name}.xml")
+    save_atomic(path, adjusted.encode(), mode=0o644)
+    log.info("adjusted domain XML: %s", path)
+    if options.define:
+        define(adjusted, options.uri)
+        log.info("defined domain %s", name)
+    return path
+
+
+def define(xml: str, uri: str) -> None:
+    import libvirt
+
+    from virtnbd.virt.connection import connect, reason
+    with connect(uri) as conn:
+        try:
+            conn.defineXML(xml)
+        except libvirt.libvirtError as err:
+            raise errors.LibvirtError(reason=f"define: {reason(err)}") from err

@@ -1,0 +1,207 @@
+"""From a backup folder (or an explicit file list) to the stream files of each disk, root first.
+
+The chain comes from the manifest's parent links (``backupset.chain.resolve``),
+never from file times. Every file of the chain is opened and checked against
+what the manifest recorded (disk, level, checkpoint, parent, size) before a
+single byte is written, so a missing, truncated or foreign file in the middle
+is an error naming the file and its point.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from virtnbd import errors
+from virtnbd.stream.reader import StreamReader, open_stream
+
+log = logging.getLogger(__name__)
+
+
+class ChainFileError(errors.ChainError):
+    """One file of the chain is missing, damaged or does not belong there."""
+
+    template = "{path} (point {point}): {reason}"
+
+
+@dataclass(frozen=True)
+class ChainFile:
+    path: str
+    point: str
+    level: str
+    entry: Any = None                      # backupset DiskEntry when known (None for --sequence)
+
+
+@dataclass(frozen=True)
+class DiskChain:
+    disk: str
+    files: tuple[ChainFile, ...]           # root first; the last is the point being restored
+    image_info: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a restore/verify/dump works on."""
+
+    folder: str
+    manifest: Any                          # backupset Manifest (None for --sequence)
+    points: tuple[Any, ...]                # resolved chain of Points, root first (empty for --sequence)
+    disks: tuple[DiskChain, ...]
+
+
+def load_manifest(folder: str) -> Any:
+    """The folder's manifest: virtnbd's own, or one derived from a virtnbdbackup folder."""
+    if not os.path.isdir(folder):
+        raise errors.BackupSetError(path=folder, reason="no such backup folder")
+    from virtnbd.backupset import manifest as manifest_mod
+    found = manifest_mod.load(folder)
+    if found is None:
+        found = _load_legacy(folder)
+    if found is None:
+        raise errors.BackupSetError(path=folder, reason="not a backup folder (no manifest, no virtnbdbackup files)")
+    return found
+
+
+def _load_legacy(folder: str) -> Any:
+    try:
+        from virtnbd.backupset import legacy  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    loader = getattr(legacy, "load", None)
+    return loader(folder) if loader is not None else None
+
+
+def image_info_of(entry: Any) -> Mapping[str, Any]:
+    extra = getattr(entry, "extra", None) or {}
+    for key in ("image_info", "qemu_img_info"):
+        info = extra.get(key)
+        if isinstance(info, Mapping):
+            return info
+    return {}
+
+
+def select(folder: str, until: str | None, disk: str | None) -> Selection:
+    from virtnbd.backupset import chain as chain_mod
+    manifest = load_manifest(folder)
+    points = chain_mod.resolve(manifest, until)
+    if not points:
+        raise errors.ChainError(reason=f"{folder}: the backup set holds no point")
+    last = points[-1]
+    names = [disk] if disk else sorted(last.disks)
+    if disk and disk not in last.disks:
+        raise errors.UsageError(reason=f"disk {disk!r} not in point {last.name} (has: {', '.join(sorted(last.disks))})")
+    disks = tuple(_disk_chain(folder, points, name) for name in names)
+    return Selection(folder=folder, manifest=manifest, points=tuple(points), disks=disks)
+
+
+def _disk_chain(folder: str, points: Sequence[Any], disk: str) -> DiskChain:
+    files: list[ChainFile] = []
+    for point in points:
+        entry = point.disks.get(disk)
+        if entry is None:
+            if files:
+                raise errors.ChainError(reason=f"point {point.name} has no stream for disk {disk} "
+                                               f"although an earlier point has")
+            continue
+        level = entry.level or point.level
+        if level in ("copy", "full"):
+            files = []  # a full point starts the disk's chain afresh
+        elif not files:
+            raise errors.ChainError(reason=f"disk {disk}: chain starts with {level} point {point.name}, "
+                                           "no full backup before it")
+        files.append(ChainFile(os.path.join(folder, entry.file), point.name, level, entry))
+    return DiskChain(disk=disk, files=tuple(files), image_info=image_info_of(files[-1].entry))
+
+
+def select_sequence(paths: Sequence[str], disk: str | None) -> Selection:
+    """An explicit list of files (root first): check that they form one chain of one disk."""
+    files: list[ChainFile] = []
+    names: set[str] = set()
+    seen_checkpoints: list[str | None] = []
+    for path in paths:
+        with opened(ChainFile(path, "?", "?")) as reader:
+            meta = reader.meta
+        point = meta.checkpoint or os.path.basename(path)
+        cf = ChainFile(path, point, meta.level)
+        names.add(meta.disk)
+        if len(names) > 1:
+            raise ChainFileError(path=path, point=point, reason=f"is disk {meta.disk}, the sequence mixes disks")
+        if not files:
+            if meta.level not in ("copy", "full"):
+                raise ChainFileError(path=path, point=point, reason=f"first file is a {meta.level}, not a full/copy")
+        elif meta.level == "inc" and meta.parent != seen_checkpoints[-1]:
+            raise ChainFileError(path=path, point=point,
+                                 reason=f"parent is {meta.parent}, expected {seen_checkpoints[-1]} (chain broken)")
+        elif meta.level == "diff" and meta.parent not in seen_checkpoints:
+            raise ChainFileError(path=path, point=point, reason=f"parent {meta.parent} is not earlier in the sequence")
+        elif meta.level in ("copy", "full"):
+            raise ChainFileError(path=path, point=point, reason=f"a {meta.level} can only be the first file")
+        if files and files[-1].level == "diff":
+            raise ChainFileError(path=path, point=point, reason="nothing can follow a diff in a sequence")
+        seen_checkpoints.append(meta.checkpoint)
+        files.append(cf)
+    if not files:
+        raise errors.UsageError(reason="--sequence needs at least one file")
+    name = names.pop()
+    if disk and disk != name:
+        raise errors.UsageError(reason=f"--disk {disk}: the sequence holds disk {name}")
+    folder = os.path.dirname(os.path.abspath(paths[0]))
+    return Selection(folder=folder, manifest=None, points=(), disks=(DiskChain(name, tuple(files)),))
+
+
+@contextlib.contextmanager
+def opened(cf: ChainFile) -> Iterator[StreamReader]:
+    """Open one chain file, every failure named by file and point."""
+    if not os.path.exists(cf.path):
+        raise ChainFileError(path=cf.path, point=cf.point, reason="file is missing")
+    try:
+        reader = open_stream(cf.path)
+    except errors.FormatError as err:
+        raise ChainFileError(path=cf.path, point=cf.point, reason=f"offset {err.offset}: {err.reason}") from err
+    with reader:
+        yield reader
+
+
+def check_against_entry(cf: ChainFile, reader: StreamReader) -> None:
+    """The file is the one the manifest recorded for this point (cheap checks, no full read)."""
+    entry, meta = cf.entry, reader.meta
+    if entry is None:
+        return
+
+    def fail(reason: str) -> None:
+        raise ChainFileError(path=cf.path, point=cf.point, reason=reason)
+
+    if meta.disk != entry.disk:
+        fail(f"holds disk {meta.disk}, manifest says {entry.disk}")
+    if meta.virtual_size != entry.virtual_size:
+        fail(f"virtual size {meta.virtual_size}, manifest says {entry.virtual_size}")
+    if entry.level and meta.level != entry.level:
+        fail(f"is a {meta.level} stream, manifest says {entry.level}")
+    stored = getattr(entry, "stored_bytes", None)
+    if stored:
+        size = os.path.getsize(cf.path)
+        if size != stored:
+            fail(f"size {size} bytes, manifest recorded {stored} (truncated or replaced)")
+
+
+def describe(err: errors.FormatError, files: Sequence[ChainFile]) -> ChainFileError:
+    """Name the point of a FormatError raised while reading one of ``files``."""
+    point = next((cf.point for cf in files if cf.path == err.path), "?")
+    return ChainFileError(path=err.path, point=point, reason=f"offset {err.offset}: {err.reason}")
+
+
+def check_links(files: Sequence[ChainFile], metas: Sequence[Any]) -> None:
+    """Each stream's parent is the checkpoint of the stream before it (diff: of an earlier one)."""
+    earlier: list[str | None] = []
+    for index, (cf, meta) in enumerate(zip(files, metas, strict=True)):
+        if index and meta.level == "inc" and meta.parent != earlier[-1]:
+            raise ChainFileError(path=cf.path, point=cf.point,
+                                 reason=f"parent checkpoint {meta.parent}, but the point before it created "
+                                        f"{earlier[-1]} (chain broken)")
+        if index and meta.level == "diff" and meta.parent not in earlier:
+            raise ChainFileError(path=cf.path, point=cf.point,
+                                 reason=f"parent checkpoint {meta.parent} is not in the chain (chain broken)")
+        earlier.append(meta.checkpoint)
