@@ -7,34 +7,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.stream_helpers import meta
+from tests.unit.stream_helpers import write_layout as write
 from virtnbd import errors, fsutil
-from virtnbd.stream import FrameRef, StreamMeta, StreamWriter, encode_data, open_stream
+from virtnbd.stream import FrameRef, StreamWriter, encode_data, open_stream
 
 MiB = 1 << 20
-
-
-def meta(compression: str | None = None, size: int = 8 * MiB, **kw: object) -> StreamMeta:
-    base = dict(virtual_size=size, disk="sda", disk_format="qcow2", level="full", checkpoint="virtnbdbackup.0",
-                parent=None, time="2026-11-22T04:00:00+00:00", compression=compression, tool_version="test",
-                extra={"note": "x"})
-    base.update(kw)
-    return StreamMeta(**base)  # type: ignore[arg-type]
 
 
 def sample_layout() -> list[tuple[str, int, bytes | int]]:
     rnd = os.urandom(70000)
     return [("data", 0, rnd), ("zero", 70000, 1 * MiB), ("data", 2 * MiB, b"ab" * 40000),
             ("zero", 3 * MiB, 5 * MiB)]
-
-
-def write(f, m: StreamMeta, layout, path: str = "<mem>"):
-    with StreamWriter(f, m, path=path) as w:
-        for kind, off, val in layout:
-            if kind == "data":
-                w.write_data(off, val)
-            else:
-                w.write_zero(off, val)
-        return w.finish()
 
 
 @pytest.mark.parametrize("method", [None, "lz4", "zstd"])

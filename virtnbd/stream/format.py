@@ -97,6 +97,11 @@ class EncodedFrame:
     length: int
     header: bytes                   # the 48 packed header bytes
     payload: bytes | memoryview     # stored bytes (empty for zero frames)
+    stored_checksum: bytes = b""    # xxh3-128 of a compressed payload (chained), empty otherwise
+
+    @property
+    def chain_record(self) -> bytes:
+        return self.header + self.stored_checksum
 
 
 def checksum(data: bytes | bytearray | memoryview) -> bytes:

@@ -293,7 +293,6 @@ class StreamReader:
             head = fmt.unpack_frame(src.read(fmt.FRAME.size, "frame header"), self.path, pos)
             if head.kind == fmt.KIND_END:
                 break
-            chain = fmt.chain_step(chain, head.raw)
             if head.offset < next_offset or head.offset + head.length > self.meta.virtual_size:
                 raise errors.FormatError(path=self.path, offset=pos, reason="frame out of order or beyond disk size")
             next_offset = head.offset + head.length
@@ -302,8 +301,12 @@ class StreamReader:
             if head.kind == fmt.KIND_DATA:
                 data_bytes += head.length
                 payload_bytes += head.stored
-                yield ref, self._decode(src.read(head.stored, "frame payload"), head, pos)
+                stored = src.read(head.stored, "frame payload")
+                compressed = head.method != fmt.METHOD_NONE
+                chain = fmt.chain_step(chain, head.raw + (fmt.checksum(stored) if compressed else b""))
+                yield ref, self._decode(stored, head, pos)
             else:
+                chain = fmt.chain_step(chain, head.raw)
                 zero_bytes += head.length
                 yield ref, None
         end_pos = pos

@@ -38,7 +38,8 @@ def encode_data(offset: int, data: bytes | memoryview, method: str | None,
         if len(packed) < length:
             payload, code = packed, fmt.METHOD_CODES[method]
     header = fmt.pack_frame(fmt.KIND_DATA, code, offset, length, len(payload), csum)
-    return EncodedFrame("data", offset, length, header, payload)
+    stored_checksum = fmt.checksum(payload) if code != fmt.METHOD_NONE else b""
+    return EncodedFrame("data", offset, length, header, payload, stored_checksum)
 
 
 def encode_zero(offset: int, length: int) -> EncodedFrame:
@@ -112,7 +113,7 @@ class StreamWriter:
                                      reason=f"frame {frame.offset}+{frame.length} ends beyond virtual size "
                                             f"{self.meta.virtual_size}")
         self._index += fmt.INDEX_ENTRY.pack(fmt.KIND_CODES[frame.kind], frame.offset, frame.length, self._pos)
-        self._chain = fmt.chain_step(self._chain, frame.header)
+        self._chain = fmt.chain_step(self._chain, frame.chain_record)
         self._write(frame.header)
         if frame.kind == "data":
             self._write(frame.payload)
