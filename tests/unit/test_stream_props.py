@@ -54,7 +54,8 @@ def test_layout_round_trips(case: tuple[int, list[tuple[str, int, object]]], met
     with open_stream(io.BytesIO(data), path="<mem>") as r:       # random access through the index
         assert r.meta == m
         refs = r.frames()
-        assert [(x.kind, x.offset, x.length) for x in refs] == [(k, o, n) for (k, o, _), n in zip(layout, lengths, strict=True)]
+        want_refs = [(k, o, n) for (k, o, _), n in zip(layout, lengths, strict=True)]
+        assert [(x.kind, x.offset, x.length) for x in refs] == want_refs
         for ref, (kind, _, val) in zip(refs, layout, strict=True):
             assert r.read(ref) == (val if kind == "data" else bytes(ref.length))
         assert r.read_range(0, size) == expected_image(size, layout)
