@@ -48,7 +48,8 @@ QEMU_USER = "libvirt-qemu"
 LAB_ROOT = Path(os.environ.get("VNBD_LAB_ROOT", "/var/lib/libvirt/images/vnbdtest"))
 LOCK_FILE = Path("/run/vnbdtest-lab.lock")
 EMULATOR = "/usr/bin/qemu-system-x86_64"
-QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
+DAEMON_LOG_DIR = Path("/var/log/libvirt")
+QEMU_LOG_DIR = DAEMON_LOG_DIR / "qemu"
 ALIGN = 64 * KiB
 JOB_SAFE_KINDS = ("data", "data", "data", "pattern", "zero")
 
@@ -124,8 +125,10 @@ class LabDaemons:
             for name, pidfile in (("virtlogd", "/run/virtlogd.pid"), ("libvirtd", "/run/libvirtd.pid")):
                 if _pids_of(name):
                     continue
-                log.info("lab: starting %s", name)
-                run([name, "-d"])
+                log.info("lab: starting %s (log %s/%s.log)", name, DAEMON_LOG_DIR, name)
+                DAEMON_LOG_DIR.mkdir(parents=True, exist_ok=True)
+                env = {**os.environ, "LIBVIRT_LOG_OUTPUTS": f"3:file:{DAEMON_LOG_DIR}/{name}.log"}
+                subprocess.run([name, "-d"], env=env, check=True, timeout=30, capture_output=True)
                 pid = _wait_pid(name, pidfile)
                 self.started[name] = pid
             deadline = time.monotonic() + wait
@@ -550,6 +553,7 @@ class LabDomain:
         with contextlib.suppress(libvirt.libvirtError):
             self.dom.undefineFlags(flags)
         shutil.rmtree(self.dir, ignore_errors=True)
+        self.log_path.unlink(missing_ok=True)
 
 
 _BUS_DEV = {"sata": "sata", "virtio": "virtio", "scsi": "scsi"}
