@@ -66,7 +66,8 @@ def configure_logging(prog: str, verbose: bool) -> WarningCounter:
     root.setLevel(logging.DEBUG)
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.DEBUG if verbose else logging.INFO)
-    console.setFormatter(logging.Formatter(f"{prog}: %(levelname)s: %(message)s" if verbose else f"{prog}: %(message)s"))
+    fmt = f"{prog}: %(levelname)s: %(message)s" if verbose else f"{prog}: %(message)s"
+    console.setFormatter(logging.Formatter(fmt))
     root.addHandler(console)
     counter = WarningCounter()
     root.addHandler(counter)
