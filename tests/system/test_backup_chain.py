@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.lab.libvirt_lab import MiB, DiskSpec, compare_images, random_writes
+from tests.lab.libvirt_lab import DiskSpec, MiB, compare_images, random_writes
 from tests.system.backup_helpers import REPO, check_point, must_read_blocks, ok
 
 pytestmark = pytest.mark.system
