@@ -39,7 +39,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -289,19 +289,32 @@ def build_guest(cache_root: Path = CACHE_ROOT) -> GuestBuild:
 # data disk
 
 
-def make_data_disk(path: Path, size: int = 32 * MiB, fmt: str = "qcow2") -> Path:
-    """An ext4 filesystem image (fully initialised, so nothing is written lazily later)."""
+def make_data_disk(path: Path, size: int = 32 * MiB, fmt: str = "qcow2",
+                   files: Mapping[str, bytes] | None = None) -> Path:
+    """An ext4 filesystem image (fully initialised, so nothing is written lazily later).
+
+    ``files`` (name -> contents) are put into its root directory (``mkfs.ext4 -d``).
+    """
     raw = path.with_suffix(".mkfs.raw")
     with raw.open("wb") as f:
         f.truncate(size)
+    populate = path.with_suffix(".mkfs.d")
     try:
-        run(["mkfs.ext4", "-q", "-F", "-L", "vnbddata", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(raw)])
+        extra: list[str] = []
+        if files:
+            populate.mkdir()
+            for name, data in files.items():
+                (populate / name).write_bytes(data)
+            extra = ["-d", str(populate)]
+        run(["mkfs.ext4", "-q", "-F", "-L", "vnbddata", "-E", "lazy_itable_init=0,lazy_journal_init=0", *extra,
+             str(raw)])
         if fmt == "raw":
             raw.rename(path)
         else:
             run(["qemu-img", "convert", "-q", "-f", "raw", "-O", fmt, str(raw), str(path)])
     finally:
         raw.unlink(missing_ok=True)
+        shutil.rmtree(populate, ignore_errors=True)
     path.chmod(0o644)
     return path
 
@@ -373,11 +386,12 @@ class ExecResult:
 class Guest:
     """A booted test guest; commands go through its agent (``guest-exec``)."""
 
-    def __init__(self, conn: Any, build: GuestBuild, agent_channel: bool = True, disk_size: int = 32 * MiB) -> None:
+    def __init__(self, conn: Any, build: GuestBuild, agent_channel: bool = True, disk_size: int = 32 * MiB,
+                 files: Mapping[str, bytes] | None = None) -> None:
         self.conn = conn
         self.name = f"{NAME_PREFIX}g{uuid.uuid4().hex[:8]}"
         self.dir = make_lab_dir(prefix=f"{self.name}-")
-        self.disk = make_data_disk(self.dir / "vda.qcow2", disk_size)
+        self.disk = make_data_disk(self.dir / "vda.qcow2", disk_size, files=files)
         self.console = self.dir / "console.log"
         self.agent_channel = agent_channel
         self.dom = conn.defineXML(guest_xml(self.name, build, self.disk, self.console, agent_channel=agent_channel))
@@ -519,13 +533,17 @@ MakeGuest = Callable[..., Guest]
 
 @pytest.fixture
 def make_guest(libvirt_conn: Any, guest_build: GuestBuild) -> Iterator[MakeGuest]:
-    """Factory: ``make_guest(agent_channel=True, start=True, disk_size=32 MiB) -> Guest`` (at most two)."""
+    """Factory: ``make_guest(agent_channel=True, start=True, disk_size=32 MiB, files=None) -> Guest``.
+
+    At most two guests per test (two cores).
+    """
     made: list[Guest] = []
 
-    def factory(agent_channel: bool = True, start: bool = True, disk_size: int = 32 * MiB) -> Guest:
+    def factory(agent_channel: bool = True, start: bool = True, disk_size: int = 32 * MiB,
+                files: Mapping[str, bytes] | None = None) -> Guest:
         if len(made) >= MAX_GUESTS:
             raise LabError(f"at most {MAX_GUESTS} guests at a time on this lab")
-        guest = Guest(libvirt_conn, guest_build, agent_channel=agent_channel, disk_size=disk_size)
+        guest = Guest(libvirt_conn, guest_build, agent_channel=agent_channel, disk_size=disk_size, files=files)
         made.append(guest)
         if start:
             guest.start()
@@ -552,3 +570,62 @@ __all__ = [
     "make_data_disk",
     "make_guest",
 ]
+
+
+# --------------------------------------------------------------------------
+# for humans: scripts/lab/guest build | start [--no-agent] | exec NAME CMD | remove NAME
+
+
+def _cli(argv: Sequence[str]) -> int:
+    import argparse
+
+    import libvirt
+
+    from tests.lab.libvirt_lab import LAB_ROOT, URI
+
+    p = argparse.ArgumentParser(prog="scripts/lab/guest", description="the virtnbd test guest, by hand")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("build", help="build (or find cached) kernel + initramfs; print their paths")
+    start = sub.add_parser("start", help="boot a guest and leave it running; print its name")
+    start.add_argument("--no-agent", action="store_true", help="no guest agent channel")
+    ex = sub.add_parser("exec", help="run a shell command in the guest through the agent")
+    ex.add_argument("name")
+    ex.add_argument("script")
+    rm = sub.add_parser("remove", help="destroy and undefine a guest, delete its files")
+    rm.add_argument("name")
+    args = p.parse_args(argv)
+    build = build_guest()
+    if args.cmd == "build":
+        print(f"kernel {build.kernel}\ninitrd {build.initrd}\npackage {build.kernel_package}")
+        return 0
+    conn = libvirt.open(URI)
+    try:
+        if args.cmd == "start":
+            guest = Guest(conn, build, agent_channel=not args.no_agent)
+            t0 = time.monotonic()
+            guest.start()
+            print(f"{guest.name} running ({time.monotonic() - t0:.1f}s to agent), files in {guest.dir}")
+            print(f"remove with: scripts/lab/guest remove {guest.name}")
+            return 0
+        dom = conn.lookupByName(args.name)
+        if args.cmd == "exec":
+            guest = Guest.__new__(Guest)
+            guest.conn, guest.name, guest.dom = conn, args.name, dom
+            print(guest.sh(args.script), end="")
+            return 0
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.destroy()
+        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+                          | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+        for d in LAB_ROOT.glob(f"{args.name}-*"):
+            shutil.rmtree(d, ignore_errors=True)
+        print(f"{args.name} removed")
+        return 0
+    finally:
+        conn.close()
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_cli(sys.argv[1:]))

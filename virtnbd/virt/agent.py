@@ -96,6 +96,10 @@ class AgentUnavailable(errors.AgentError):
     template = "guest agent of {domain}: {reason}"
 
 
+class AgentTimeout(AgentUnavailable):
+    """The agent did not answer in time (hung, or the guest is too busy)."""
+
+
 # --------------------------------------------------------------------------
 # facts about the domain
 
@@ -179,8 +183,10 @@ def guest_info(dom: libvirt.virDomain, timeout: float) -> dict[str, Any]:
     try:
         flat = _bounded(lambda: dom.guestInfo(GUEST_INFO_TYPES, 0), timeout, "guest-info")
     except TimeoutError as err:
-        raise AgentUnavailable(domain=name, reason=str(err)) from err
+        raise AgentTimeout(domain=name, reason=str(err)) from err
     except libvirt.libvirtError as err:
+        if err.get_error_code() == libvirt.VIR_ERR_AGENT_UNRESPONSIVE:
+            raise AgentTimeout(domain=name, reason=_reason(err)) from err
         raise AgentUnavailable(domain=name, reason=_reason(err)) from err
     try:
         flat.update(_bounded(lambda: dom.guestInfo(libvirt.VIR_DOMAIN_GUEST_INFO_FILESYSTEM, 0), timeout, "fsinfo"))
@@ -267,7 +273,7 @@ def _agent_ready(dom: libvirt.virDomain, options: QuiesceOptions, result: Quiesc
     try:
         result.guest_info = guest_info(dom, options.timeout)
     except AgentUnavailable as err:
-        if not _recover_stale_freeze(dom, options.timeout):
+        if isinstance(err, AgentTimeout) or not _recover_stale_freeze(dom, options.timeout):
             report("%s: the backup is crash-consistent", err)
             return False
         try:
