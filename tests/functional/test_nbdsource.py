@@ -1,0 +1,57 @@
+"""NbdSource against real nbdkit / qemu-nbd servers."""
+from __future__ import annotations
+
+import pytest
+
+from tests.lab.libvirt_lab import MiB, data_op, pattern_op, zero_op
+from virtnbd import errors
+from virtnbd.extents import BASE_ALLOCATION, DATA, iter_extents, split
+from virtnbd.nbdsource import NbdSource
+
+pytest.importorskip("nbd")
+
+
+def test_reads_match_expected_over_several_connections(nbd_lab) -> None:  # type: ignore[no-untyped-def]
+    server = nbd_lab.sparse_random(64 * MiB, seed=5, percent=30, random_content=True)
+    expected = server.expected.read_bytes()
+    with NbdSource(str(server.sock), server.export, connections=3, depth=4) as src:
+        assert src.size == 64 * MiB
+        if src.multi_conn:
+            assert len(src._workers) == 3
+        extents = list(split(iter_extents(src.block_status, src.size), 1 * MiB))
+        futures = [(e, src.read(e.offset, e.length)) for e in extents if e.kind == DATA]
+        total = 0
+        for ext, fut in futures:
+            assert bytes(fut.result()) == expected[ext.offset:ext.end]
+            total += ext.length
+        assert src.counters.bytes_read == total > 0
+        assert src.counters.requests == len(futures)
+        # what is not listed as data reads as zeros
+        data = sum(e.length for e in extents if e.kind == DATA)
+        assert expected.count(0) >= len(expected) - data
+
+
+def test_read_errors_are_precise(nbd_lab) -> None:  # type: ignore[no-untyped-def]
+    server = nbd_lab.memory(4 * MiB)
+    with NbdSource(str(server.sock), server.export, connections=2) as src:
+        with pytest.raises(errors.NbdError, match=r"offset 8388608"):
+            src.pread(8 * MiB, 4096)
+        # the source is still usable after a failed request
+        assert bytes(src.pread(0, 4096)) == bytes(4096)
+
+
+def test_connect_errors(nbd_lab, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(errors.NbdError, match="cannot connect"):
+        NbdSource(str(tmp_path / "missing.sock"), "sda").open()
+    server = nbd_lab.memory(1 * MiB)
+    with pytest.raises(errors.NbdError, match="does not offer metadata context qemu:dirty-bitmap:nope"):
+        NbdSource(str(server.sock), server.export, contexts=(BASE_ALLOCATION, "qemu:dirty-bitmap:nope")).open()
+
+
+def test_dirty_bitmap_extents_cover_exactly_the_writes(nbd_lab) -> None:  # type: ignore[no-untyped-def]
+    base = [data_op(0, 2 * MiB, 1)]
+    dirty = [data_op(4 * MiB, 128 * 1024, 2), pattern_op(6 * MiB, 64 * 1024, 0x11), zero_op(0, 64 * 1024)]
+    server = nbd_lab.qemu_nbd_bitmap(8 * MiB, base, dirty)
+    with NbdSource(str(server.sock), server.export, contexts=(BASE_ALLOCATION, server.dirty_context)) as src:
+        got = [(e.offset, e.length, e.kind) for e in iter_extents(src.block_status, src.size, server.dirty_context)]
+    assert got == [(0, 64 * 1024, "zero"), (4 * MiB, 128 * 1024, "data"), (6 * MiB, 64 * 1024, "data")]
