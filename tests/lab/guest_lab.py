@@ -330,6 +330,15 @@ def debugfs_cat(image: Path | str, path: str) -> bytes | None:
     return proc.stdout
 
 
+def recovered_copy(image: Path, dest: Path) -> Path:
+    """A copy of the ext4 image with its journal replayed (``e2fsck -fy``): what a mount would see."""
+    shutil.copyfile(image, dest)
+    proc = subprocess.run(["e2fsck", "-fy", str(dest)], capture_output=True, text=True, timeout=120, check=False)
+    if proc.returncode > 1:   # 0: clean, 1: fixed (journal replayed)
+        raise LabError(f"e2fsck -fy {dest} -> {proc.returncode}: {proc.stdout}{proc.stderr}")
+    return dest
+
+
 def e2fsck_clean(image: Path | str) -> tuple[bool, str]:
     """(clean, output) of a read-only forced check ``e2fsck -fn``."""
     proc = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True, timeout=120, check=False)
@@ -569,6 +578,7 @@ __all__ = [
     "guest_build",
     "make_data_disk",
     "make_guest",
+    "recovered_copy",
 ]
 
 
