@@ -174,3 +174,16 @@ def test_pull_backup_full_then_incremental(make_domain) -> None:  # type: ignore
     names = sorted(c.getName() for c in dom.dom.listAllCheckpoints())
     assert names == ["cp1", "cp2"]
     assert dom.dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
+
+
+def test_remove_ends_a_running_backup_job(make_domain) -> None:  # type: ignore[no-untyped-def]
+    import libvirt
+
+    dom = make_domain(disks=[DiskSpec("sda", "sata", "qcow2", SIZE)])
+    dom.dom.backupBegin(backup_xml(dom, ["sda"]), checkpoint_xml("cp1", ["sda"]))
+    assert dom.job_active()
+    name, folder = dom.name, dom.dir
+    dom.remove()  # the fixture's second remove() at teardown must be harmless
+    with pytest.raises(libvirt.libvirtError):
+        dom.conn.lookupByName(name)
+    assert not folder.exists()
