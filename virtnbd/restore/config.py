@@ -20,6 +20,7 @@ from lxml import etree
 
 from virtnbd import errors
 from virtnbd.fsutil import save_atomic
+from virtnbd.restore.source import boot_file_of, domain_xml_of
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +31,19 @@ def new_mac(rng: random.Random | None = None) -> str:
     return "52:54:00:" + ":".join(f"{r.randrange(256):02x}" for _ in range(3))
 
 
-def adjust(xml: str, name: str, disks: Mapping[str, tuple[str, str]], nvram: str | None = None,
-           rng: random.Random | None = None) -> str:
-    """The adjusted XML. ``disks`` maps target dev -> (restored path, format)."""
+def _parse(xml: str) -> Any:
     try:
-        root = etree.fromstring(xml.encode(), parser=etree.XMLParser(resolve_entities=False, no_network=True))
+        return etree.fromstring(xml.encode(), parser=etree.XMLParser(resolve_entities=False, no_network=True))
     except etree.XMLSyntaxError as err:
         raise errors.RestoreError(reason=f"domain XML in the backup set is not valid XML: {err}") from err
+
+
+def adjust(xml: str, name: str, disks: Mapping[str, tuple[str, str]], nvram: str | None = None,
+           rng: random.Random | None = None, *, ceph: Any = None) -> str:
+    """The adjusted XML. ``disks`` maps target dev -> (restored path or rbd:POOL/IMAGE, format).
+
+    ``ceph`` (rbdconn.CephOptions) says which cluster rbd: targets live on."""
+    root = _parse(xml)
     name_el = root.find("name")
     if name_el is None:
         name_el = etree.SubElement(root, "name")
@@ -47,7 +54,7 @@ def adjust(xml: str, name: str, disks: Mapping[str, tuple[str, str]], nvram: str
         del root.attrib["id"]
     devices = root.find("devices")
     if devices is not None:
-        _adjust_disks(devices, disks)
+        _adjust_disks(devices, disks, ceph)
         for mac in devices.findall("interface/mac"):
             mac.set("address", new_mac(rng))
     nvram_el = root.find("os/nvram")
@@ -63,7 +70,7 @@ def adjust(xml: str, name: str, disks: Mapping[str, tuple[str, str]], nvram: str
     return etree.tostring(root, encoding="unicode")
 
 
-def _adjust_disks(devices: Any, disks: Mapping[str, tuple[str, str]]) -> None:
+def _adjust_disks(devices: Any, disks: Mapping[str, tuple[str, str]], ceph: Any = None) -> None:
     for disk in devices.findall("disk"):
         if disk.get("device", "disk") not in ("disk", "lun"):
             continue
@@ -74,9 +81,14 @@ def _adjust_disks(devices: Any, disks: Mapping[str, tuple[str, str]]) -> None:
             devices.remove(disk)
             continue
         path, fmt = disks[dev]
-        disk.set("type", "file")
         if disk.get("device") == "lun":
             disk.set("device", "disk")
+        if path.startswith("rbd:"):  # RBD target: network disk (virtnbd/restore/rbdxml.py)
+            from virtnbd import rbdconn
+            from virtnbd.restore.rbdxml import make_network_disk
+            make_network_disk(disk, path, ceph or rbdconn.CephOptions())
+            continue
+        disk.set("type", "file")
         for old in disk.findall("source") + disk.findall("backingStore"):
             disk.remove(old)
         driver = disk.find("driver")
@@ -89,42 +101,41 @@ def _adjust_disks(devices: Any, disks: Mapping[str, tuple[str, str]]) -> None:
 
 
 def _saved_nvram(folder: str, point: Any, nvram: str) -> str | None:
-    extra = getattr(point, "extra", {}) or {}
-    names: list[str] = [str(extra[k]) for k in ("nvram", "nvram_file") if isinstance(extra.get(k), str)]
+    saved = boot_file_of(folder, point, "nvram")
+    if saved is not None:
+        return saved
     base = os.path.basename(nvram)
-    names += [base, f"{base}.{point.name}"]
-    for n in names:
-        path = os.path.join(folder, n)
-        if os.path.isfile(path):
-            return path
-    matches = sorted(glob.glob(os.path.join(glob.escape(folder), f"{glob.escape(base)}*")))
+    matches = sorted(glob.glob(os.path.join(glob.escape(folder), f"*{glob.escape(base)}*")))
     return matches[-1] if matches else None
 
 
 def write_for_restore(selection: Any, restored: Sequence[Any], options: Any) -> str:
     """Write ``<output>/<name>.xml`` (and the copied NVRAM); define it with ``--define``."""
     point = selection.points[-1] if selection.points else None
-    xml = getattr(point, "domain_xml", None) if point is not None else None
+    xml = domain_xml_of(selection.folder, point) if point is not None else None
     if not xml:
         raise errors.RestoreError(reason="the backup set holds no domain XML for this point: cannot adjust the config")
-    old_name = etree.fromstring(xml.encode()).findtext("name") or "domain"
+    parsed = _parse(xml)
+    old_name = parsed.findtext("name") or "domain"
+    # RBD outputs (-o rbd:POOL / --target only) have no folder: the XML goes to the current one
+    folder = options.output if options.output and not options.output.startswith("rbd:") else "."
     name = options.name or f"restore_{old_name}"
     nvram_copy = None
-    old_nvram = etree.fromstring(xml.encode()).findtext("os/nvram")
+    old_nvram = parsed.findtext("os/nvram")
     if old_nvram:
         saved = _saved_nvram(selection.folder, point, old_nvram.strip())
         if saved is None:
             log.warning("NVRAM %s is not in the backup set: the adjusted XML lets libvirt create a fresh one",
                         old_nvram)
         else:
-            nvram_copy = os.path.abspath(os.path.join(options.output, f"{name}_VARS.fd"))
+            nvram_copy = os.path.abspath(os.path.join(folder, f"{name}_VARS.fd"))
             try:
                 shutil.copyfile(saved, nvram_copy)
             except OSError as err:
                 raise errors.StorageError(path=nvram_copy, reason=err.strerror or str(err)) from err
     disks = {r.disk: (r.target, r.format) for r in restored}
-    adjusted = adjust(xml, name, disks, nvram_copy)
-    path = os.path.join(options.output, f"{name}.xml")
+    adjusted = adjust(xml, name, disks, nvram_copy, ceph=getattr(getattr(options, "rbd", None), "ceph", None))
+    path = os.path.join(folder, f"{name}.xml")
     save_atomic(path, adjusted.encode(), mode=0o644)
     log.info("adjusted domain XML: %s", path)
     if options.define:

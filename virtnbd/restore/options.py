@@ -1,7 +1,9 @@
 """The restore command's options as one frozen record (built by cli/restore.py)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from virtnbd.restore.targets.rbd import RbdOptions
 
 ACTIONS = ("restore", "dump", "verify")
 FORMATS = ("qcow2", "raw")
@@ -26,3 +28,5 @@ class RestoreOptions:
     verbose: bool = False
     strict: bool = False
     worker: int = 4                     # parallel requests in flight / verify files at once
+    targets: tuple[tuple[str, str], ...] = ()    # --target: (disk or "" for the only disk, rbd:POOL/IMAGE)
+    rbd: RbdOptions = field(default_factory=RbdOptions)   # Ceph connection + RBD image options

@@ -25,6 +25,7 @@ from virtnbd.restore.source import (
     select_sequence,
 )
 from virtnbd.restore.targets import TargetRequest, open_target, scheme_of
+from virtnbd.restore.targets.rbd import explicit_targets
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +69,28 @@ def target_spec(output: str, disk: str, fmt: str) -> str:
 
 
 def restore(selection: Selection, options: RestoreOptions) -> list[RestoredDisk]:
-    if not options.output:
+    if not options.output and not options.targets:
         raise errors.UsageError(reason="restore needs an output folder (-o DIR)")
-    if scheme_of(options.output) is None:
+    specs = explicit_targets(options.targets, [c.disk for c in selection.disks])
+    if options.output and scheme_of(options.output) is None:
         try:
             os.makedirs(options.output, exist_ok=True)
         except OSError as err:
             raise errors.StorageError(path=options.output, reason=err.strerror or str(err)) from err
     done: list[RestoredDisk] = []
     for chain in selection.disks:
-        done.append(restore_disk(chain, options, target_spec(options.output, chain.disk, options.format)))
+        spec = specs.get(chain.disk) or target_spec(_need_output(options.output, chain.disk), chain.disk,
+                                                    options.format)
+        done.append(restore_disk(chain, options, spec))
     if options.adjust_config or options.define:
         config.write_for_restore(selection, done, options)
     return done
+
+
+def _need_output(output: str | None, disk: str) -> str:
+    if not output:
+        raise errors.UsageError(reason=f"disk {disk}: no --target {disk}=... and no -o OUT for it")
+    return output
 
 
 def build_plan(chain: DiskChain, stack: contextlib.ExitStack) -> tuple[Plan, list]:
@@ -108,7 +118,7 @@ def restore_disk(chain: DiskChain, options: RestoreOptions, spec: str) -> Restor
                  _size(plan.data_bytes), spec)
         request = TargetRequest(spec=spec, format=options.format, virtual_size=plan.virtual_size,
                                 preallocate=options.preallocate, workers=options.worker,
-                                image_info=chain.image_info)
+                                image_info=chain.image_info, extra={"rbd": options.rbd, "point": point})
         with open_target(request) as target, _progress(options, plan.virtual_size, chain.disk) as tick:
             try:
                 apply_plan(plan, readers, target, workers=options.worker, progress=tick)

@@ -9,6 +9,7 @@ is an error naming the file and its point.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -74,13 +75,57 @@ def _load_legacy(folder: str) -> Any:
     return loader(folder) if loader is not None else None
 
 
-def image_info_of(entry: Any) -> Mapping[str, Any]:
-    extra = getattr(entry, "extra", None) or {}
-    for key in ("image_info", "qemu_img_info"):
-        info = extra.get(key)
+def _side_file(folder: str, name: str) -> bytes | None:
+    """A side file the backup saved next to the streams (plain names only)."""
+    if os.path.isabs(name) or ".." in name.split("/"):
+        log.warning("%s: ignoring side file name %r outside the set", folder, name)
+        return None
+    try:
+        with open(os.path.join(folder, name), "rb") as f:
+            return f.read()
+    except OSError as err:
+        log.warning("%s: cannot read %s: %s", folder, name, err.strerror or err)
+        return None
+
+
+def image_info_of(folder: str, point: Any, disk: str) -> Mapping[str, Any]:
+    """The `qemu-img info` record saved at backup time for ``disk`` (empty when none)."""
+    entry = point.disks.get(disk)
+    candidates = [((getattr(entry, "extra", None) or {}).get(k)) for k in ("image_info", "qemu_img_info")]
+    candidates.append(((getattr(point, "extra", None) or {}).get("qemu_img_info") or {}).get(disk))
+    for info in candidates:
         if isinstance(info, Mapping):
             return info
+        if isinstance(info, str):
+            raw = _side_file(folder, info)
+            if raw is not None:
+                try:
+                    loaded = json.loads(raw)
+                except ValueError:
+                    log.warning("%s: %s is not JSON: qcow2 created with default options", folder, info)
+                    continue
+                if isinstance(loaded, Mapping):
+                    return loaded
     return {}
+
+
+def domain_xml_of(folder: str, point: Any) -> str | None:
+    """The domain XML saved with ``point``: inline text, or the name of a side file."""
+    value = getattr(point, "domain_xml", None)
+    if not value:
+        return None
+    if value.lstrip().startswith("<"):
+        return str(value)
+    raw = _side_file(folder, value)
+    return raw.decode("utf-8", errors="replace") if raw is not None else None
+
+
+def boot_file_of(folder: str, point: Any, kind: str) -> str | None:
+    """Path of a boot file (``nvram``, ``loader``...) the backup copied into the set."""
+    name = ((getattr(point, "extra", None) or {}).get("boot_files") or {}).get(kind)
+    if isinstance(name, str) and os.path.isfile(os.path.join(folder, name)):
+        return os.path.join(folder, name)
+    return None
 
 
 def select(folder: str, until: str | None, disk: str | None) -> Selection:
@@ -113,7 +158,7 @@ def _disk_chain(folder: str, points: Sequence[Any], disk: str) -> DiskChain:
             raise errors.ChainError(reason=f"disk {disk}: chain starts with {level} point {point.name}, "
                                            "no full backup before it")
         files.append(ChainFile(os.path.join(folder, entry.file), point.name, level, entry))
-    return DiskChain(disk=disk, files=tuple(files), image_info=image_info_of(files[-1].entry))
+    return DiskChain(disk=disk, files=tuple(files), image_info=image_info_of(folder, points[-1], disk))
 
 
 def select_sequence(paths: Sequence[str], disk: str | None) -> Selection:

@@ -301,3 +301,19 @@ class RbdTarget(TargetBase):
 
 def open_rbd(request: TargetRequest) -> RbdTarget:
     return RbdTarget(request)
+
+
+def explicit_targets(targets: tuple[tuple[str, str], ...], disks: list[str]) -> dict[str, str]:
+    """``--target`` items -> {disk: spec} for the disks being restored."""
+    found: dict[str, str] = {}
+    for named, spec in targets:
+        disk = named
+        if not disk:
+            if len(disks) != 1:
+                raise errors.UsageError(reason=f"--target {spec} without DISK= but {len(disks)} disks are restored "
+                                               f"({', '.join(disks)}): use -d DISK or --target DISK={spec}")
+            disk = disks[0]
+        elif disk not in disks:
+            raise errors.UsageError(reason=f"--target {disk}=...: no disk {disk} is restored ({', '.join(disks)})")
+        found[disk] = spec
+    return found
