@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 
 from virtnbd import __version__, errors
+from virtnbd.cli import rbdargs
 from virtnbd.cli.shell import OneLineParser, run_main
 from virtnbd.restore.options import ACTIONS, FORMATS, RestoreOptions
 
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-w", "--worker", type=int, default=4, metavar="N",
                    help="requests in flight / files verified at once (default 4)")
     p.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
+    rbdargs.add_arguments(p)
     return p
 
 
@@ -54,7 +56,8 @@ def parse(argv: Sequence[str]) -> RestoreOptions:
         sequence = tuple(n if os.path.isabs(n) or os.path.exists(n) else os.path.join(args.input, n) for n in names)
         if args.until:
             raise errors.UsageError(reason="--until and --sequence exclude each other (the sequence ends the chain)")
-    if args.action == "restore" and not args.output:
+    targets = rbdargs.parse_targets(args.target)
+    if args.action == "restore" and not args.output and not targets:
         raise errors.UsageError(reason="restore needs an output folder: -o OUT")
     if args.json and args.action != "dump":
         raise errors.UsageError(reason="--json goes with -a dump")
@@ -65,7 +68,7 @@ def parse(argv: Sequence[str]) -> RestoreOptions:
         sequence=sequence, format=args.format, preallocate=args.preallocate,
         adjust_config=args.adjust_config or args.define or bool(args.name), name=args.name, define=args.define,
         uri=args.uri, json=args.json, noprogress=args.noprogress, verbose=args.verbose, strict=args.strict,
-        worker=args.worker,
+        worker=args.worker, targets=targets, rbd=rbdargs.rbd_options(args),
     )
 
 

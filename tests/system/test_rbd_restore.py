@@ -1,0 +1,153 @@
+"""virtnbdrestore into RBD (synthetic backup sets, real test cluster): every point byte-exact, thin,
+-o rbd:POOL naming, --overwrite, --rbd-snapshot, -c network-disk XML, and each error as one line."""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from tests.functional.restore_sets import SetBuilder
+from tests.lab import ceph_lab
+from virtnbd.cli.restore import main
+
+pytestmark = [pytest.mark.system, pytest.mark.ceph]
+MiB = 1 << 20
+
+
+def ceph_args(c: ceph_lab.CephCluster) -> list[str]:
+    return ["--ceph-conf", str(c.conf), "--ceph-id", c.client_id, "--ceph-keyring", str(c.keyring)]
+
+
+def rbd_bytes(c: ceph_lab.CephCluster, pool: str, image: str, tmp: Path) -> bytes:
+    dest = tmp / f"export-{uuid.uuid4().hex[:6]}.raw"
+    c.rbd("export", "--no-progress", f"{pool}/{image}", str(dest))
+    try:
+        return dest.read_bytes()
+    finally:
+        dest.unlink()
+
+
+def used(c: ceph_lab.CephCluster, pool: str, image: str) -> int:
+    return int(json.loads(c.rbd("du", "--format", "json", f"{pool}/{image}"))["images"][0]["used_size"])
+
+
+@pytest.fixture(scope="module")
+def pool(ceph_cluster: ceph_lab.CephCluster) -> str:
+    name = f"vnbdtest{uuid.uuid4().hex[:8]}"
+    ceph_lab.create_pool(ceph_cluster, name)
+    yield name
+    ceph_cluster.ceph("osd", "pool", "rm", name, name, "--yes-i-really-really-mean-it")
+
+
+@pytest.fixture(scope="module")
+def chain_set(tmp_path_factory: pytest.TempPathFactory) -> SetBuilder:
+    b = SetBuilder(str(tmp_path_factory.mktemp("rbdset") / "backup"), size=24 * MiB, cluster=64 << 10,
+                   compression="zstd", seed=11)
+    b.scribble(40)
+    b.full()
+    for _ in range(3):
+        b.scribble(15, zero_share=0.3)
+        b.inc()
+    b.scribble(8)
+    b.diff()
+    return b
+
+
+def shadow(b: SetBuilder, point: str) -> bytes:
+    return Path(b.shadow_path(point)).read_bytes()
+
+
+def test_every_point_byte_identical_and_thin(ceph_cluster, pool, chain_set, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    for i, point in enumerate(chain_set.points):
+        image = f"p{i}"
+        # object size = backup cluster size, so `rbd du` (object granularity) can see every hole
+        rc = main(["-i", chain_set.folder, "--target", f"rbd:{pool}/{image}", "--until", point, "-n",
+                   "--rbd-object-size", "64K", *ceph_args(ceph_cluster)])
+        assert rc == 0
+        expected = shadow(chain_set, point)
+        assert rbd_bytes(ceph_cluster, pool, image, tmp_path) == expected
+        nonzero_clusters = sum(1 for pos in range(0, len(expected), 64 << 10) if any(expected[pos:pos + (64 << 10)]))
+        assert used(ceph_cluster, pool, image) <= nonzero_clusters * (64 << 10) < chain_set.size
+    names = json.loads(ceph_cluster.rbd("ls", "--format", "json", pool))
+    assert not [n for n in names if n.endswith(".partial")]
+
+
+def test_output_pool_names_images_after_disks_and_snapshot(ceph_cluster, chain_set, tmp_path,  # type: ignore[no-untyped-def]
+                                                           monkeypatch) -> None:
+    own = f"vnbdtest{uuid.uuid4().hex[:8]}"
+    ceph_lab.create_pool(ceph_cluster, own)
+    try:
+        monkeypatch.chdir(tmp_path)
+        point = chain_set.points[2]
+        rc = main(["-i", chain_set.folder, "-o", f"rbd:{own}", "--until", point, "-n", "-c", "--rbd-snapshot",
+                   "--rbd-object-size", "1M", "--rbd-features", "layering,exclusive-lock", *ceph_args(ceph_cluster)])
+        assert rc == 0
+        assert rbd_bytes(ceph_cluster, own, "sda", tmp_path) == shadow(chain_set, point)
+        info = json.loads(ceph_cluster.rbd("info", "--format", "json", f"{own}/sda"))
+        assert info["object_size"] == MiB and sorted(info["features"]) == ["exclusive-lock", "layering"]
+        snaps = json.loads(ceph_cluster.rbd("snap", "ls", "--format", "json", f"{own}/sda"))
+        assert [s["name"] for s in snaps] == [point]
+        root = etree.parse(str(tmp_path / "restore_vnbdtest-set.xml")).getroot()
+        disk = root.find("devices/disk")
+        assert disk.get("type") == "network" and disk.find("driver").get("type") == "raw"
+        source = disk.find("source")
+        assert source.get("protocol") == "rbd" and source.get("name") == f"{own}/sda"
+        assert [(h.get("name"), h.get("port")) for h in source.findall("host")] == [
+            ("127.0.0.1", str(ceph_cluster.mon_port_v1))]
+        assert source.find("auth").get("username") == "admin"
+        assert source.find("auth/secret").get("usage") == "client.admin secret"
+    finally:
+        ceph_cluster.rbd("snap", "purge", f"{own}/sda")
+        ceph_cluster.ceph("osd", "pool", "rm", own, own, "--yes-i-really-really-mean-it")
+
+
+def test_existing_image_needs_overwrite(ceph_cluster, pool, chain_set, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    spec = f"rbd:{pool}/ow"
+    args = ["-i", chain_set.folder, "--target", f"sda={spec}", "-n", *ceph_args(ceph_cluster)]
+    assert main([*args, "--until", chain_set.points[3]]) == 0
+    capsys.readouterr()
+    assert main([*args, "--until", chain_set.points[0]]) == 1
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if "error" in ln]
+    assert len(err) == 1 and "image exists already (use --overwrite" in err[0]
+    assert rbd_bytes(ceph_cluster, pool, "ow", tmp_path) == shadow(chain_set, chain_set.points[3])
+    # overwrite with an older point: newer data must be gone (zero ranges write_zeroes'd)
+    assert main([*args, "--until", chain_set.points[0], "--overwrite"]) == 0
+    assert rbd_bytes(ceph_cluster, pool, "ow", tmp_path) == shadow(chain_set, chain_set.points[0])
+
+
+@pytest.mark.parametrize("case", ["pool", "key", "unreachable"])
+def test_errors_are_one_line(ceph_cluster, chain_set, tmp_path, capsys, case) -> None:  # type: ignore[no-untyped-def]
+    args = ceph_args(ceph_cluster)
+    target = "rbd:nosuchpool/x" if case == "pool" else "rbd:rbd/vnbdtest-err"
+    if case == "key":
+        bad = tmp_path / "bad.keyring"
+        bad.write_text("[client.admin]\n\tkey = AQBnCDRpAAAAABAAb0Pgb6X5GFJkW0mXn0XnOw==\n")
+        args[-1] = str(bad)
+    if case == "unreachable":
+        conf = tmp_path / "dead.conf"
+        conf.write_text(f"[global]\nmon host = v1:127.0.0.1:{ceph_lab._free_port()}\n")
+        args[1] = str(conf)
+        args += ["--ceph-timeout", "3"]
+    rc = main(["-i", chain_set.folder, "--target", target, "-n", *args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors_ = [ln for ln in lines if "error" in ln]
+    assert rc == 1 and len(errors_) == 1, lines
+    expect = {"pool": "pool 'nosuchpool' does not exist", "key": "permission denied for client.admin",
+              "unreachable": "no answer from the cluster"}[case]
+    assert expect in errors_[0]
+    names = json.loads(ceph_cluster.rbd("ls", "--format", "json", "rbd"))
+    assert "vnbdtest-err" not in names and "vnbdtest-err.partial" not in names
+
+
+def test_target_usage_errors(chain_set, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["-i", chain_set.folder, "--target", "rbd:noimage"]) == 1
+    assert "expected rbd:POOL/IMAGE" in capsys.readouterr().err
+    assert main(["-i", chain_set.folder, "--target", "sdz=rbd:p/i", "-n"]) == 1
+    assert "no disk sdz is restored" in capsys.readouterr().err
+    assert main(["-i", chain_set.folder, "--target", "rbd:p/i", "--rbd-features", "bogus"]) == 1
+    assert "unknown RBD feature" in capsys.readouterr().err
+    assert os.path.isdir(chain_set.folder)
