@@ -478,7 +478,7 @@ class LabDomain:
         from lxml import etree
 
         root = etree.fromstring(self.xml().encode())
-        alias = root.xpath(f"devices/disk[target/@dev='{target}']/alias/@name")
+        alias = list(root.xpath(f"devices/disk[target/@dev='{target}']/alias/@name"))  # type: ignore[arg-type]
         if not alias:
             raise LabError(f"{self.name}: disk {target} has no alias (domain not running?)")
         return str(alias[0])
@@ -661,18 +661,29 @@ def assert_bytes_equal(got: bytes, want: bytes, what: str = "data") -> None:
 # pytest fixtures
 
 
-def _require_lab() -> None:
-    tools = ("libvirtd", "virtlogd", "virsh", "qemu-system-x86_64", "qemu-img", "qemu-io")
-    missing = [b for b in tools if not shutil.which(b)]
+def require(what: str, tools: Sequence[str], modules: Sequence[str] = (), root: bool = False) -> None:
+    """Skip (a failure in CI, see tests/conftest.py) unless tools, modules and root are there."""
+    import importlib
+
+    missing = [t for t in tools if not shutil.which(t)]
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(f"python module {name}")
     if missing:
-        pytest.skip(f"libvirt/QEMU lab not installed: missing {', '.join(missing)}")
-    try:
-        import libvirt  # noqa: F401
-        import libvirt_qemu  # noqa: F401
-    except ImportError as err:
-        pytest.skip(f"python3-libvirt not importable: {err}")
-    if os.geteuid() != 0:
-        pytest.skip("the libvirt lab needs root (qemu:///system)")
+        pytest.skip(f"{what}: missing {', '.join(missing)}")
+    if root and os.geteuid() != 0:
+        pytest.skip(f"{what}: needs root")
+
+
+def _require_lab() -> None:
+    require(
+        "libvirt/QEMU lab",
+        ("libvirtd", "virtlogd", "virsh", "qemu-system-x86_64", "qemu-img", "qemu-io"),
+        ("libvirt", "libvirt_qemu"),
+        root=True,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -750,6 +761,7 @@ __all__ = [
     "make_lab_dir",
     "pattern_op",
     "random_writes",
+    "require",
     "ranges_cover",
     "ranges_of",
     "zero_op",

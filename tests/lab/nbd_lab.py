@@ -41,6 +41,7 @@ from tests.lab.libvirt_lab import (
     check_qemu_io_output,
     qemu_io_command,
     ranges_of,
+    require,
     run,
 )
 
@@ -77,14 +78,7 @@ class NbdServer:
 
     def connect(self, contexts: Sequence[str] = ()) -> Any:
         """A connected ``nbd.NBD`` handle (call ``.shutdown()`` when done)."""
-        import nbd
-
-        h = nbd.NBD()
-        for ctx in contexts:
-            h.add_meta_context(ctx)
-        h.set_export_name(self.export)
-        h.connect_unix(str(self.sock))
-        return h
+        return nbd_connect(self.sock, self.export, contexts)
 
     def stop(self) -> None:
         if self.proc is None:
@@ -97,16 +91,6 @@ class NbdServer:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         self.proc = None
-
-
-def _require(*tools: str) -> None:
-    missing = [t for t in tools if not shutil.which(t)]
-    if missing:
-        pytest.skip(f"NBD lab tools missing: {', '.join(missing)}")
-    try:
-        import nbd  # noqa: F401
-    except ImportError as err:
-        pytest.skip(f"python3-libnbd not importable: {err}")
 
 
 def _wait_socket(proc: subprocess.Popen[bytes], sock: Path, argv: Sequence[str], wait: float = 15.0) -> None:
@@ -268,6 +252,18 @@ class NbdLab:
         self.servers.clear()
 
 
+def nbd_connect(sock: Path | str, export: str = "", contexts: Sequence[str] = ()) -> Any:
+    """A libnbd handle connected to ``export`` on a unix socket, with meta contexts requested."""
+    import nbd
+
+    h = nbd.NBD()
+    for ctx in contexts:
+        h.add_meta_context(ctx)
+    h.set_export_name(export)
+    h.connect_unix(str(sock))
+    return h
+
+
 def read_all(h: Any, size: int, chunk: int = 4 * MiB) -> bytes:
     """Every byte of an export through a libnbd handle."""
     return b"".join(h.pread(min(chunk, size - off), off) for off in range(0, size, chunk))
@@ -323,7 +319,7 @@ def _lab_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def nbd_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NbdLab]:
     """The :class:`NbdLab` behind the factories (one per test)."""
-    _require("nbdkit", "qemu-nbd", "qemu-img", "qemu-io", "nbdcopy")
+    require("NBD lab", ("nbdkit", "qemu-nbd", "qemu-img", "qemu-io", "nbdcopy"), ("nbd",))
     lab = NbdLab(_lab_folder(tmp_path_factory))
     try:
         yield lab

@@ -4,8 +4,6 @@ over NBD (full, then incremental via the dirty bitmap), checked by bytes
 against the shadow images."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from tests.lab.libvirt_lab import (
@@ -26,6 +24,7 @@ from tests.lab.libvirt_lab import (
     ranges_of,
     zero_op,
 )
+from tests.lab.nbd_lab import flagged_ranges, nbd_connect, read_all
 
 pytestmark = pytest.mark.system
 
@@ -48,54 +47,6 @@ def backup_xml(domain: LabDomain, disks: list[str], incremental: str | None = No
 def checkpoint_xml(name: str, disks: list[str]) -> str:
     items = "".join(f"<disk name='{d}' checkpoint='bitmap'/>" for d in disks)
     return f"<domaincheckpoint><name>{name}</name><disks>{items}</disks></domaincheckpoint>"
-
-
-def nbd_open(sock: Path, export: str, contexts: list[str]):  # type: ignore[no-untyped-def]
-    import nbd
-
-    h = nbd.NBD()
-    for ctx in contexts:
-        h.add_meta_context(ctx)
-    h.set_export_name(export)
-    h.connect_unix(str(sock))
-    return h
-
-
-def read_all(h, size: int, chunk: int = 4 * MiB) -> bytes:  # type: ignore[no-untyped-def]
-    return b"".join(h.pread(min(chunk, size - off), off) for off in range(0, size, chunk))
-
-
-def dirty_ranges(h, size: int, context: str) -> list[tuple[int, int]]:  # type: ignore[no-untyped-def]
-    """Dirty (offset, length) ranges from a qemu:dirty-bitmap context, merged."""
-    found: list[tuple[int, int]] = []
-
-    def cb(metacontext: str, offset: int, entries: list[int], err: object) -> int:
-        if metacontext != context:
-            return 0
-        pos = offset
-        for i in range(0, len(entries), 2):
-            length, flags = entries[i], entries[i + 1]
-            if flags & 1:
-                found.append((pos, length))
-            pos += length
-        nonlocal_end[0] = pos
-        return 0
-
-    nonlocal_end = [0]
-    off = 0
-    while off < size:
-        nonlocal_end[0] = off
-        h.block_status(min(size - off, 64 * MiB), off, cb)
-        if nonlocal_end[0] <= off:
-            raise AssertionError(f"block_status made no progress at {off}")
-        off = nonlocal_end[0]
-    merged: list[list[int]] = []
-    for start, length in found:
-        if merged and start == merged[-1][0] + merged[-1][1]:
-            merged[-1][1] += length
-        else:
-            merged.append([start, length])
-    return [(s, n) for s, n in merged]
 
 
 def test_shadow_tracks_live_disks(make_domain) -> None:  # type: ignore[no-untyped-def]
@@ -130,7 +81,7 @@ def test_pull_backup_full_then_incremental(make_domain) -> None:  # type: ignore
     sda.apply_all(random_writes(seed=2, n=6, size=SIZE, kinds=JOB_SAFE_KINDS))
     with pytest.raises(LabError, match="discard"):
         sda.discard(0, ALIGN)  # QEMU drops discards during a backup job
-    h = nbd_open(dom.socket_path(), "sda", ["base:allocation"])
+    h = nbd_connect(dom.socket_path(), "sda", ["base:allocation"])
     try:
         assert h.get_size() == SIZE
         full = read_all(h, SIZE)
@@ -147,10 +98,10 @@ def test_pull_backup_full_then_incremental(make_domain) -> None:  # type: ignore
     dom.dom.backupBegin(backup_xml(dom, ["sda"], incremental="cp1"), checkpoint_xml("cp2", ["sda"]))
     expect2 = sda.snapshot("cp2")
     ctx = "qemu:dirty-bitmap:backup-sda"
-    h = nbd_open(dom.socket_path(), "sda", ["base:allocation", ctx])
+    h = nbd_connect(dom.socket_path(), "sda", ["base:allocation", ctx])
     try:
         assert h.can_meta_context(ctx)
-        dirty = dirty_ranges(h, SIZE, ctx)
+        dirty = flagged_ranges(h, SIZE, ctx, 1)
         changes = {off: h.pread(length, off) for off, length in dirty}
     finally:
         h.shutdown()
