@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.fault_lab import fill_fs, kill_points
+from tests.lab.fault_lab import appears, fill_fs, kill_points
 from virtnbd import errors, fsutil
 
 MiB = 1024 * 1024
@@ -41,7 +41,7 @@ def test_run_to_the_end(crash_runner) -> None:  # type: ignore[no-untyped-def]
 def test_kill_after_kills_the_whole_group(crash_runner, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pidfile = tmp_path / "child.pid"
     script = f"sleep 60 & echo $! > {pidfile}.tmp && mv {pidfile}.tmp {pidfile}; wait"
-    out = crash_runner.kill_when(["bash", "-c", script], pidfile.exists, timeout=30)
+    out = crash_runner.kill_when(["bash", "-c", script], appears(tmp_path, "child.pid"), timeout=30)
     assert out.killed and out.returncode == -signal.SIGKILL
     child = int(pidfile.read_text())
     deadline = time.monotonic() + 5
@@ -58,6 +58,36 @@ def test_kill_after_a_delay(crash_runner) -> None:  # type: ignore[no-untyped-de
 def test_process_that_ends_first_is_not_reported_killed(crash_runner) -> None:  # type: ignore[no-untyped-def]
     out = crash_runner.kill_after(["true"], 5)
     assert out.finished and out.returncode == 0 and out.elapsed < 5
+
+
+def test_sigterm_goes_to_the_command_which_cleans_up(crash_runner, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    ready, done = tmp_path / "ready", tmp_path / "cleaned"
+    code = (
+        "import pathlib, signal, sys, time\n"
+        f"def bye(*_): pathlib.Path({str(done)!r}).touch(); sys.exit(143)\n"
+        "signal.signal(signal.SIGTERM, bye)\n"
+        f"pathlib.Path({str(ready)!r}).touch()\n"
+        "time.sleep(60)\n"
+    )
+    out = crash_runner.kill_when([sys.executable, "-c", code], ready.exists, sig=signal.SIGTERM, timeout=30)
+    assert out.killed and out.returncode == 143 and done.exists()
+
+
+def test_crash_at_points_resets_and_kills_each_time(crash_runner, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    resets: list[int] = []
+    marker = tmp_path / "steps"
+    code = (
+        "import pathlib, time\n"
+        f"p = pathlib.Path({str(marker)!r})\n"
+        "for i in range(10):\n"
+        "    p.write_text(str(i)); time.sleep(0.05)\n"
+    )
+    results = crash_runner.crash_at_points([sys.executable, "-c", code], seed=1, n=3,
+                                           reset=lambda: (resets.append(1), marker.unlink(missing_ok=True)))
+    assert len(resets) == 4  # the measured clean run + 3 crashes
+    moments = [m for m, _ in results]
+    assert moments == sorted(moments) and moments[-1] > moments[0]
+    assert all(out.killed and out.returncode == -signal.SIGKILL for _, out in results)
 
 
 @pytest.mark.parametrize("kind", ["tmpfs", "ext4"])

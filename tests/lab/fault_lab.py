@@ -6,7 +6,9 @@ Fixtures (imported into tests/conftest.py):
   runs a command to the end, ``crash_runner.kill_after(argv, seconds)`` SIGKILLs
   its whole process group after ``seconds`` (a crash of the tool and every
   child), ``crash_runner.kill_when(argv, predicate)`` kills as soon as
-  ``predicate()`` is true (e.g. a ``.partial`` file appeared).
+  ``predicate()`` is true (e.g. ``appears(folder, "*.partial")``);
+  ``crash_runner.crash_at_points(argv, seed, n, reset)`` kills at ``n``
+  deterministic moments of a measured clean run.
   :func:`kill_points` gives deterministic random moments inside a measured
   run time. Every process started is killed and reaped at test end.
 * ``small_fs`` (function): factory ``small_fs(size, kind="tmpfs"|"ext4") ->
@@ -52,6 +54,11 @@ class Outcome:
         return not self.killed
 
 
+def appears(folder: Path, pattern: str) -> Callable[[], bool]:
+    """Predicate for ``kill_when``: a file matching ``pattern`` exists in ``folder``."""
+    return lambda: any(folder.glob(pattern))
+
+
 def kill_points(seed: int, n: int, duration: float, lo: float = 0.05, hi: float = 0.95) -> list[float]:
     """``n`` deterministic moments (seconds) spread over ``[lo, hi]`` of ``duration``.
 
@@ -93,7 +100,7 @@ class CrashRunner:
             out, err = proc.communicate()
             raise LabError(f"{' '.join(argv)}: still running after {timeout:.0f}s; killed") from None
         finally:
-            self._kill_group(proc)  # stray children of a killed group leader
+            self._kill_group(proc)  # stray children left in the group
         return Outcome(tuple(argv), proc.returncode, killed, time.monotonic() - start, out, err)
 
     def run(self, argv: Sequence[str], timeout: float = 300) -> Outcome:
@@ -101,29 +108,61 @@ class CrashRunner:
         start = time.monotonic()
         return self._finish(self._start(argv), argv, start, False, timeout)
 
-    def kill_after(self, argv: Sequence[str], seconds: float, timeout: float = 300) -> Outcome:
-        """SIGKILL the process group ``seconds`` after start, unless it ended first."""
-        return self.kill_when(argv, lambda: False, deadline=seconds, timeout=timeout)
+    def kill_after(self, argv: Sequence[str], seconds: float, *, sig: int = signal.SIGKILL,
+                   timeout: float = 300) -> Outcome:
+        """Send ``sig`` ``seconds`` after start, unless the command ended first."""
+        return self.kill_when(argv, lambda: False, deadline=seconds, sig=sig, timeout=timeout)
 
-    def kill_when(self, argv: Sequence[str], predicate: Callable[[], bool], deadline: float | None = None,
-                  poll: float = 0.005, timeout: float = 300) -> Outcome:
-        """SIGKILL the group as soon as ``predicate()`` holds (or ``deadline`` seconds passed)."""
+    def kill_when(self, argv: Sequence[str], predicate: Callable[[], bool], *, deadline: float | None = None,
+                  sig: int = signal.SIGKILL, poll: float = 0.005, timeout: float = 300) -> Outcome:
+        """Send ``sig`` as soon as ``predicate()`` holds (or ``deadline`` seconds passed).
+
+        SIGKILL goes to the whole process group (a crash of the tool and its
+        children); any other signal (SIGTERM, SIGINT) only to the command
+        itself, whose own cleanup is then under test. ``Outcome.killed`` is
+        true when the signal was sent while the command still ran.
+        """
         start = time.monotonic()
         proc = self._start(argv)
         killed = False
         while proc.poll() is None:
             elapsed = time.monotonic() - start
             if (deadline is not None and elapsed >= deadline) or predicate():
-                self._kill_group(proc)
+                if sig == signal.SIGKILL:
+                    self._kill_group(proc)
+                else:
+                    proc.send_signal(sig)
                 killed = True
                 break
             if elapsed > timeout:
                 break
             time.sleep(poll)
-        if killed:
-            proc.wait()
-            killed = proc.returncode == -signal.SIGKILL
-        return self._finish(proc, argv, start, killed, timeout)
+        outcome = self._finish(proc, argv, start, killed, timeout)
+        if sig == signal.SIGKILL and killed and outcome.returncode != -signal.SIGKILL:
+            # it ended on its own in the instant between poll() and kill
+            return Outcome(outcome.argv, outcome.returncode, False, outcome.elapsed, outcome.stdout, outcome.stderr)
+        return outcome
+
+    def crash_at_points(self, argv: Sequence[str], seed: int, n: int, reset: Callable[[], None], *,
+                        duration: float | None = None, sig: int = signal.SIGKILL) -> list[tuple[float, Outcome]]:
+        """Kill ``argv`` at ``n`` deterministic moments of its clean run time.
+
+        ``reset()`` runs before every attempt (e.g. abort the orphaned backup
+        job, restore the starting state). ``duration`` defaults to one clean,
+        measured run. Returns (kill moment, outcome) pairs for the caller to
+        check what each crash left behind.
+        """
+        if duration is None:
+            reset()
+            clean = self.run(argv)
+            if clean.returncode != 0:
+                raise LabError(f"{' '.join(argv)}: clean run failed ({clean.returncode}): {clean.stderr.strip()}")
+            duration = clean.elapsed
+        results = []
+        for moment in kill_points(seed, n, duration):
+            reset()
+            results.append((moment, self.kill_after(argv, moment, sig=sig)))
+        return results
 
     def close(self) -> None:
         for proc in self._procs:
