@@ -23,6 +23,7 @@ import fcntl
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -41,6 +42,7 @@ KiB = 1024
 MiB = 1024 * KiB
 URI = "qemu:///system"
 NAME_PREFIX = "vnbdtest-"
+OWNER_PREFIX = "virtnbd test lab, owner "
 QEMU_USER = "libvirt-qemu"
 # QEMU runs as libvirt-qemu (Debian default, /etc/libvirt/qemu.conf): images,
 # data files and socket folders must be reachable by that user. The pytest
@@ -559,6 +561,49 @@ class LabDomain:
 _BUS_DEV = {"sata": "sata", "virtio": "virtio", "scsi": "scsi"}
 
 
+def owner_tag() -> str:
+    """Who made a domain: this process and its start time (pids get reused)."""
+    return f"{OWNER_PREFIX}{os.getpid()}:{_start_time(os.getpid())}"
+
+
+def _start_time(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "gone"
+
+
+def owner_alive(tag: str) -> bool:
+    pid, _, start = tag.removeprefix(OWNER_PREFIX).partition(":")
+    return pid.isdigit() and _start_time(int(pid)) == start
+
+
+def sweep_orphans(conn: Any) -> list[str]:
+    """Remove lab domains whose making process died (a killed pytest); others' are left alone."""
+    import libvirt
+
+    removed = []
+    for dom in conn.listAllDomains():
+        name = dom.name()
+        if not name.startswith(NAME_PREFIX):
+            continue
+        try:
+            desc = dom.metadata(libvirt.VIR_DOMAIN_METADATA_DESCRIPTION, None)
+        except libvirt.libvirtError:
+            continue  # not made by this lab (no description)
+        if not desc.startswith(OWNER_PREFIX) or owner_alive(desc):
+            continue
+        source = re.search(r"<source file='([^']+)'", dom.XMLDesc(0))
+        lab_dir = Path(source.group(1)).parent if source else None
+        orphan = LabDomain.__new__(LabDomain)
+        orphan.conn, orphan.dom, orphan.name = conn, dom, name
+        orphan.dir = lab_dir if lab_dir and lab_dir.parent == LAB_ROOT else Path("/nonexistent")
+        orphan.remove()
+        removed.append(name)
+        log.warning("lab: removed orphaned domain %s (%s)", name, desc)
+    return removed
+
+
 def domain_xml(name: str, disks: Sequence[tuple[DiskSpec, Path]]) -> str:
     """Minimal q35 TCG domain: no OS, no graphics, no network, no balloon."""
     disk_xml = []
@@ -575,6 +620,7 @@ def domain_xml(name: str, disks: Sequence[tuple[DiskSpec, Path]]) -> str:
     scsi = "    <controller type='scsi' model='virtio-scsi'/>\n" if any(s.bus == "scsi" for s, _ in disks) else ""
     return f"""<domain type='qemu'>
   <name>{name}</name>
+  <description>{owner_tag()}</description>
   <memory unit='MiB'>64</memory>
   <vcpu>1</vcpu>
   <os><type arch='x86_64' machine='q35'>hvm</type></os>
@@ -702,6 +748,7 @@ def libvirt_conn(libvirt_daemons: LabDaemons) -> Iterator[Any]:
     import libvirt
 
     conn = libvirt.open(URI)
+    sweep_orphans(conn)
     try:
         yield conn
     finally:
@@ -761,6 +808,7 @@ __all__ = [
     "make_lab_dir",
     "pattern_op",
     "random_writes",
+    "sweep_orphans",
     "require",
     "ranges_cover",
     "ranges_of",

@@ -9,6 +9,7 @@ import pytest
 from tests.lab.libvirt_lab import (
     ALIGN,
     JOB_SAFE_KINDS,
+    OWNER_PREFIX,
     DiskSpec,
     ImageMismatch,
     LabDomain,
@@ -22,6 +23,7 @@ from tests.lab.libvirt_lab import (
     random_writes,
     ranges_cover,
     ranges_of,
+    sweep_orphans,
     zero_op,
 )
 from tests.lab.nbd_lab import flagged_ranges, nbd_connect, read_all
@@ -138,3 +140,19 @@ def test_remove_ends_a_running_backup_job(make_domain) -> None:  # type: ignore[
     with pytest.raises(libvirt.libvirtError):
         dom.conn.lookupByName(name)
     assert not folder.exists()
+
+
+def test_sweep_removes_only_orphans(make_domain, libvirt_conn) -> None:  # type: ignore[no-untyped-def]
+    import libvirt
+
+    mine = make_domain(disks=[DiskSpec("sda", "sata", "raw", SIZE)])
+    orphan = make_domain(disks=[DiskSpec("sda", "sata", "qcow2", SIZE)])
+    flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | libvirt.VIR_DOMAIN_AFFECT_LIVE
+    dead_owner = f"{OWNER_PREFIX}999999999:1"  # no such process
+    orphan.dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_DESCRIPTION, dead_owner, None, None, flags)
+    removed = sweep_orphans(libvirt_conn)
+    assert orphan.name in removed and mine.name not in removed
+    assert not orphan.dir.exists()
+    assert mine.is_active() and mine.dir.exists()
+    with pytest.raises(libvirt.libvirtError):
+        libvirt_conn.lookupByName(orphan.name)
