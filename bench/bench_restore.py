@@ -115,7 +115,8 @@ def build(base: str, *, size: int, data: int, incs: int, change: int, seed: int 
             gen[o] = i
         changed.update(offs)
         point = naming.checkpoint_name(i)
-        e = write_stream(paths["long"], "inc", point, parent, size=size, blocks=[(o, content.block(o, i)) for o in offs])
+        e = write_stream(paths["long"], "inc", point, parent, size=size,
+                         blocks=[(o, content.block(o, i)) for o in offs])
         commit(paths["long"], "inc", point, parent, e)
         parent = point
     e = write_stream(paths["short"], "inc", "virtnbdbackup.1", "virtnbdbackup.0", size=size,
