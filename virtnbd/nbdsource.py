@@ -3,12 +3,18 @@
 One :class:`NbdSource` holds one or more connections to the same export (more
 than one only when the server advertises multi-conn). Every connection has a
 thread that keeps up to ``depth`` aio reads in flight; :meth:`NbdSource.read`
-returns a future. Counters tell how many bytes were read.
+returns a future of a :class:`Chunk`. Counters tell how many bytes were read.
+
+Reads land in a fixed pool of buffers: memory is bounded by the pool, pages are
+reused (no fresh allocation per request), and libnbd 1.14's Python binding,
+which leaks a reference to every buffer passed to ``aio_pread``, cannot grow
+the process. A caller must :meth:`Chunk.release` every chunk it got.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 from collections.abc import Mapping, Sequence
@@ -24,6 +30,80 @@ from virtnbd.extents import BASE_ALLOCATION
 log = logging.getLogger(__name__)
 
 _STOP = None
+
+
+class _Buf:
+    """One pooled read buffer and its libnbd wrapper (created once, reused)."""
+
+    __slots__ = ("data", "views")
+
+    def __init__(self, size: int) -> None:
+        self.data = bytearray(size)
+        self.views: dict[int, nbd.Buffer] = {size: nbd.Buffer.from_buffer(self.data)}
+
+    def target(self, length: int) -> nbd.Buffer:
+        """A libnbd buffer of exactly ``length`` bytes over ``data``, made once per length.
+
+        libnbd 1.14 reads ``len(buffer)`` bytes and keeps a reference to every
+        object it is given: reusing the wrapper keeps that leak from growing.
+        """
+        view = self.views.get(length)
+        if view is None:
+            view = self.views[length] = nbd.Buffer.from_buffer(memoryview(self.data)[:length])
+        return view
+
+
+class BufferPool:
+    """``count`` buffers of ``size`` bytes; :meth:`get` blocks while all are in use."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self.size = size
+        self.count = count
+        self._free: queue.SimpleQueue[_Buf] = queue.SimpleQueue()
+        self._made = 0
+        self._lock = threading.Lock()
+
+    def get(self) -> _Buf:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            if self._made < self.count:
+                self._made += 1
+                return _Buf(self.size)
+        return self._free.get()
+
+    def put(self, buf: _Buf) -> None:
+        self._free.put(buf)
+
+
+class Chunk:
+    """The bytes of one read; give the buffer back with :meth:`release`."""
+
+    __slots__ = ("_buf", "_pool", "length", "offset")
+
+    def __init__(self, offset: int, length: int, buf: _Buf, pool: BufferPool) -> None:
+        self.offset = offset
+        self.length = length
+        self._buf: _Buf | None = buf
+        self._pool = pool
+
+    @property
+    def buffer(self) -> bytearray:
+        """The whole pooled buffer (only the first ``length`` bytes are this chunk's)."""
+        if self._buf is None:
+            raise ValueError("chunk already released")
+        return self._buf.data
+
+    @property
+    def data(self) -> memoryview:
+        return memoryview(self.buffer)[: self.length]
+
+    def release(self) -> None:
+        if self._buf is not None:
+            self._pool.put(self._buf)
+            self._buf = None
 
 
 @dataclass
@@ -57,37 +137,41 @@ def _open(socket: str, export: str, contexts: Sequence[str]) -> nbd.NBD:
 class _Connection(threading.Thread):
     """One NBD handle driven by its own thread; requests arrive through a queue."""
 
-    def __init__(self, handle: nbd.NBD, export: str, depth: int, counters: Counters, lock: threading.Lock) -> None:
+    def __init__(self, handle: nbd.NBD, export: str, depth: int, *, counters: Counters, lock: threading.Lock,
+                 pool: BufferPool) -> None:
         super().__init__(name=f"nbd-{export}", daemon=True)
         self.h = handle
         self.export = export
         self.depth = depth
-        self.requests: queue.SimpleQueue[tuple[int, int, Future[bytearray]] | None] = queue.SimpleQueue()
+        self.pool = pool
+        self.requests: queue.SimpleQueue[tuple[int, int, Future[Chunk]] | None] = queue.SimpleQueue()
         self.counters = counters
         self.lock = lock
         self.in_flight = 0
         self.failure: BaseException | None = None
 
-    def _complete(self, offset: int, buf: bytearray, fut: Future[bytearray], err: object) -> int:
+    def _complete(self, chunk: Chunk, fut: Future[Chunk], err: object) -> int:
         self.in_flight -= 1
         errnum = getattr(err, "value", 0)
         if errnum:
+            chunk.release()
             fut.set_exception(errors.NbdError(export=self.export,
-                                              reason=f"read of {len(buf)} bytes at offset {offset} failed: "
-                                                     f"errno {errnum}"))
+                                              reason=f"read of {chunk.length} bytes at offset {chunk.offset} "
+                                                     f"failed: {os.strerror(errnum)}"))
         else:
             with self.lock:
-                self.counters.bytes_read += len(buf)
+                self.counters.bytes_read += chunk.length
                 self.counters.requests += 1
-            fut.set_result(buf)
+            fut.set_result(chunk)
         return 1
 
-    def _issue(self, offset: int, length: int, fut: Future[bytearray]) -> None:
-        buf = bytearray(length)
+    def _issue(self, offset: int, length: int, fut: Future[Chunk]) -> None:
+        buf = self.pool.get()
+        chunk = Chunk(offset, length, buf, self.pool)
         try:
-            self.h.aio_pread(nbd.Buffer.from_buffer(buf), offset,
-                             completion=lambda err: self._complete(offset, buf, fut, err))
+            self.h.aio_pread(buf.target(length), offset, completion=lambda err: self._complete(chunk, fut, err))
         except nbd.Error as err:
+            chunk.release()
             fut.set_exception(errors.NbdError(export=self.export,
                                               reason=f"read at offset {offset} failed: {_nbd_reason(err)}"))
             return
@@ -124,8 +208,8 @@ class _Connection(threading.Thread):
             if item is not _STOP:
                 item[2].set_exception(self.failure or errors.NbdError(export=self.export, reason="connection lost"))
 
-    def submit(self, offset: int, length: int) -> Future[bytearray]:
-        fut: Future[bytearray] = Future()
+    def submit(self, offset: int, length: int) -> Future[Chunk]:
+        fut: Future[Chunk] = Future()
         if self.failure is not None:
             fut.set_exception(self.failure)
         else:
@@ -140,7 +224,7 @@ class NbdSource:
     """Reads from one export; use as a context manager (connections always closed)."""
 
     def __init__(self, socket: str, export: str, contexts: Sequence[str] = (BASE_ALLOCATION,),
-                 connections: int = 4, depth: int = 8) -> None:
+                 connections: int = 4, depth: int = 8, *, buffers: int = 32, buffer_size: int = 1 << 20) -> None:
         self.socket = socket
         self.export = export
         self.contexts = tuple(contexts)
@@ -154,6 +238,7 @@ class NbdSource:
         self.size = 0
         self.multi_conn = False
         self.max_block = 0
+        self.pool = BufferPool(max(1, buffers), buffer_size)
 
     def __enter__(self) -> NbdSource:
         self.open()
@@ -182,7 +267,7 @@ class NbdSource:
         # (a libnbd handle serialises its commands, and reading a read-only export from
         # a second connection is safe even without multi-conn)
         for h in self._handles[1:]:
-            worker = _Connection(h, self.export, self._depth, self.counters, self._lock)
+            worker = _Connection(h, self.export, self._depth, counters=self.counters, lock=self._lock, pool=self.pool)
             worker.start()
             self._workers.append(worker)
         log.debug("nbd %s: size %d, multi-conn %s, %d reader connection(s), depth %d",
@@ -205,14 +290,20 @@ class NbdSource:
                                   reason=f"block status at offset {offset} failed: {_nbd_reason(err)}") from err
         return answer
 
-    def read(self, offset: int, length: int) -> Future[bytearray]:
-        """Start reading; the future yields the bytes (or raises NbdError)."""
+    def read(self, offset: int, length: int) -> Future[Chunk]:
+        """Start reading (at most ``buffer_size`` bytes); the future yields a Chunk (or raises NbdError)."""
+        if not 0 < length <= self.pool.size:
+            raise errors.NbdError(export=self.export, reason=f"read of {length} bytes: outside 1..{self.pool.size}")
         worker = self._workers[self._next]
         self._next = (self._next + 1) % len(self._workers)
         return worker.submit(offset, length)
 
-    def pread(self, offset: int, length: int) -> bytearray:
-        return self.read(offset, length).result()
+    def pread(self, offset: int, length: int) -> bytes:
+        chunk = self.read(offset, length).result()
+        try:
+            return bytes(chunk.data)
+        finally:
+            chunk.release()
 
     def close(self) -> None:
         for worker in self._workers:

@@ -23,11 +23,12 @@ def _meta(size: int, level: str, method: str | None) -> StreamMeta:
 
 def _copy(server, path: Path, bitmap: str | None, method: str | None, read_size: int = 256 * 1024):  # type: ignore[no-untyped-def]
     contexts = (BASE_ALLOCATION, bitmap) if bitmap else (BASE_ALLOCATION,)
-    with NbdSource(str(server.sock), server.export, contexts, connections=2, depth=4) as src, \
+    with NbdSource(str(server.sock), server.export, contexts, connections=2, depth=4, buffers=4,
+                   buffer_size=read_size) as src, \
             path.open("wb") as f, ThreadPoolExecutor(2) as pool:
         writer = StreamWriter(f, _meta(src.size, "inc" if bitmap else "full", method))
         stats = copy_disk(src, writer, iter_extents(src.block_status, src.size, bitmap), pool,
-                          read_size=read_size, memory=1 * MiB)
+                          read_size=read_size)
         writer.finish()
         return stats, src.counters.bytes_read
 

@@ -1,12 +1,15 @@
-"""The copy loop of one disk: extents -> NBD reads -> encode in a pool -> StreamWriter.
+"""The copy loop of one disk: extents -> NBD reads -> encode -> StreamWriter.
 
-Reads run ahead of the writer by at most ``memory`` bytes; frames reach the
-writer in ascending offset order. Data that reads back as all zeros becomes a
+Reads run ahead of the writer by at most the source's buffer pool (bounded
+memory); frames reach the writer in ascending offset order. Uncompressed
+frames are checksummed in the loop itself (xxh3 costs microseconds per MiB);
+compression runs in a worker pool. Data that reads back as all zeros becomes a
 zero frame.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 
 from virtnbd import errors
 from virtnbd.extents import DATA, Extent, split
-from virtnbd.nbdsource import NbdSource
+from virtnbd.nbdsource import Chunk, NbdSource
 from virtnbd.stream.format import EncodedFrame
 from virtnbd.stream.writer import StreamWriter, encode_data, encode_zero
 
@@ -25,9 +28,17 @@ def _zeros(length: int) -> bytes:
     buf = _ZEROS.get(length)
     if buf is None:
         buf = bytes(length)
-        if len(_ZEROS) < 4:
+        if len(_ZEROS) < 8:
             _ZEROS[length] = buf
     return buf
+
+
+def is_zero(chunk: Chunk) -> bool:
+    buf, n = chunk.buffer, chunk.length
+    if buf[0] or buf[n - 1]:
+        return False
+    # bytearray == bytes is a memcmp; a memoryview comparison would go byte by byte
+    return (buf if n == len(buf) else buf[:n]) == _zeros(n)
 
 
 @dataclass
@@ -38,66 +49,94 @@ class CopyStats:
     frames: int = 0
 
 
-def encode(offset: int, data: bytearray, method: str | None, level: int | None) -> EncodedFrame:
-    """Data frame, or a zero frame when the data is all zeros."""
-    if data == _zeros(len(data)):
-        return encode_zero(offset, len(data))
-    return encode_data(offset, memoryview(data), method, level)
+def encode(chunk: Chunk, method: str | None, level: int | None) -> EncodedFrame:
+    """Data frame of a chunk, or a zero frame when it is all zeros."""
+    if is_zero(chunk):
+        return encode_zero(chunk.offset, chunk.length)
+    return encode_data(chunk.offset, chunk.data, method, level)
 
 
-class _Chain:
-    """Future of the encoded frame of one read: read -> pool.submit(encode)."""
+class _Item:
+    """One extent on its way to the writer."""
 
-    def __init__(self, read: Future[bytearray], pool: Executor, ext: Extent, method: str | None,
-                 level: int | None) -> None:
-        self.frame: Future[EncodedFrame] = Future()
-        self.pool = pool
+    __slots__ = ("ext", "frame", "read")
+
+    def __init__(self, ext: Extent, read: Future[Chunk] | None) -> None:
         self.ext = ext
-        self.method = method
-        self.level = level
-        read.add_done_callback(self._read_done)
+        self.read = read
+        self.frame: Future[EncodedFrame] | None = None
 
-    def _read_done(self, read: Future[bytearray]) -> None:
-        err = read.exception()
-        if err is not None:
-            self.frame.set_exception(err)
-            return
-        try:
-            encoded = self.pool.submit(encode, self.ext.offset, read.result(), self.method, self.level)
-        except RuntimeError as exc:   # pool shut down: the run is ending
-            self.frame.set_exception(exc)
-            return
-        encoded.add_done_callback(self._encoded)
+    def ready(self) -> bool:
+        if self.read is None:
+            return True
+        return (self.frame or self.read).done()
+
+    def compress_in(self, pool: Executor, method: str, level: int | None) -> None:
+        """Chain: read done -> encode in the pool."""
+        self.frame = Future()
+        assert self.read is not None
+
+        def read_done(read: Future[Chunk]) -> None:
+            assert self.frame is not None
+            err = read.exception()
+            if err is not None:
+                self.frame.set_exception(err)
+                return
+            try:
+                encoded = pool.submit(encode, read.result(), method, level)
+            except RuntimeError as exc:   # pool shut down: the run is ending
+                self.frame.set_exception(exc)
+                return
+            encoded.add_done_callback(self._encoded)
+
+        self.read.add_done_callback(read_done)
 
     def _encoded(self, encoded: Future[EncodedFrame]) -> None:
+        assert self.frame is not None
         err = encoded.exception()
         if err is not None:
             self.frame.set_exception(err)
         else:
             self.frame.set_result(encoded.result())
 
+    def discard(self) -> None:
+        """Give the buffer back after a failure (waits for the read to end)."""
+        if self.read is None:
+            return
+        with contextlib.suppress(Exception):
+            if self.frame is not None:
+                self.frame.exception(timeout=60)
+            if self.read.exception(timeout=60) is None:
+                self.read.result().release()
+
 
 def copy_disk(source: NbdSource, writer: StreamWriter, extents: Iterable[Extent], pool: Executor, *,
-              read_size: int, memory: int, level: int | None = None,
+              read_size: int, level: int | None = None,
               progress: Callable[[int], None] | None = None,
               cancel: threading.Event | None = None) -> CopyStats:
     """Copy ``extents`` of ``source`` into ``writer``; returns what was written."""
     stats = CopyStats()
     method = writer.meta.compression
-    pending: collections.deque[tuple[Extent, _Chain | None]] = collections.deque()
-    buffered = 0
-    max_buffered = max(memory, read_size)
+    pending: collections.deque[_Item] = collections.deque()
+    max_reads = max(1, source.pool.count)
+    reads = 0
+    chunk_size = min(read_size, source.pool.size)
 
     def emit() -> None:
-        nonlocal buffered
-        ext, chain = pending.popleft()
-        if chain is None:
+        nonlocal reads
+        item = pending.popleft()
+        ext = item.ext
+        if item.read is None:
             writer.add(encode_zero(ext.offset, ext.length))
             stats.zero_bytes += ext.length
         else:
-            frame = chain.frame.result()
-            buffered -= ext.length
-            writer.add(frame)
+            reads -= 1
+            chunk = item.read.result()
+            try:
+                frame = item.frame.result() if item.frame is not None else encode(chunk, method, level)
+                writer.add(frame)
+            finally:
+                chunk.release()
             if frame.kind == DATA:
                 stats.data_bytes += ext.length
             else:
@@ -107,19 +146,26 @@ def copy_disk(source: NbdSource, writer: StreamWriter, extents: Iterable[Extent]
         if progress is not None:
             progress(ext.length)
 
-    for ext in split(extents, read_size):
-        if cancel is not None and cancel.is_set():
-            raise errors.NbdError(export=source.export, reason="copy cancelled")
-        if ext.kind == DATA:
-            while buffered + ext.length > max_buffered and pending:
+    try:
+        for ext in split(extents, chunk_size):
+            if cancel is not None and cancel.is_set():
+                raise errors.NbdError(export=source.export, reason="copy cancelled")
+            if ext.kind == DATA:
+                while reads >= max_reads:
+                    emit()
+                item = _Item(ext, source.read(ext.offset, ext.length))
+                if method is not None:
+                    item.compress_in(pool, method, level)
+                reads += 1
+            else:
+                item = _Item(ext, None)
+            pending.append(item)
+            while pending and pending[0].ready():
                 emit()
-            pending.append((ext, _Chain(source.read(ext.offset, ext.length), pool, ext, method, level)))
-            buffered += ext.length
-        else:
-            pending.append((ext, None))
-        while pending and (pending[0][1] is None or pending[0][1].frame.done()):
+        while pending:
             emit()
-    while pending:
-        emit()
+    except BaseException:
+        for item in pending:
+            item.discard()
+        raise
     return stats
-

@@ -1,7 +1,9 @@
 """The frozen record of what one backup run should do (built by cli/backup.py)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from virtnbd.rbdconn import CephOptions
 
 LEVELS = ("copy", "full", "inc", "diff", "auto")
 COMPRESS_METHODS = ("lz4", "zstd")
@@ -46,8 +48,9 @@ class BackupOptions:
     read_size: int = 1 << 20               # bytes per NBD read request
     connections: int = 4                   # NBD connections per disk (when the export allows multi-conn)
     depth: int = 8                         # reads in flight per connection
-    memory: int = 32 << 20                 # bytes of disk data buffered per disk
+    memory: int = 64 << 20                 # bytes of read buffers, shared by the disks copied in parallel
     encode_threads: int = 2
+    ceph: CephOptions = field(default_factory=CephOptions)   # raw RBD disks: snapshots + diff for incrementals
 
     @property
     def method(self) -> str | None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import libvirt
 
-from virtnbd import __version__, errors, fsutil
+from virtnbd import __version__, errors, fsutil, rbdextents
 from virtnbd.backup import copy, output
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backup.plan import Plan, PlannedDisk, make_plan
@@ -110,6 +110,7 @@ class BackupRun:
         self.cancel = threading.Event()
         self.progress = _Progress(not options.noprogress)
         self.time = _now_iso()
+        self.rbd: rbdextents.RbdTracker | None = None     # raw RBD disks (set by _execute)
 
     # -- one disk -----------------------------------------------------------------
     def copy_one(self, pd: PlannedDisk, socket: str, pool: ThreadPoolExecutor) -> DiskResult:
@@ -118,8 +119,9 @@ class BackupRun:
         bitmap = _bitmap_for(pd)
         contexts = (BASE_ALLOCATION, bitmap) if bitmap else (BASE_ALLOCATION,)
         name = naming.data_file(pd.target, plan.level, plan.point)
-        with NbdSource(socket, xmlbuild.export_name(pd.target), contexts,
-                       connections=opts.connections, depth=opts.depth) as src:
+        with NbdSource(socket, xmlbuild.export_name(pd.target), contexts, connections=opts.connections,
+                       depth=opts.depth, buffers=self.buffers_per_disk(),
+                       buffer_size=opts.read_size) as src:
             extra = {"whole_disk": pd.mode == "full", "reason": pd.reason} if plan.level in ("inc", "diff") else {}
             meta = StreamMeta(virtual_size=src.size, disk=pd.target, disk_format=pd.disk.format, level=plan.level,
                               checkpoint=plan.checkpoint, parent=plan.parent if plan.level in ("inc", "diff") else None,
@@ -129,9 +131,10 @@ class BackupRun:
             try:
                 with fsutil.partial_file(self.folder / name) as f:
                     writer = StreamWriter(f, meta, path=str(self.folder / name), level=opts.compress_level)
-                    extents = iter_extents(src.block_status, src.size, bitmap, export=pd.target)
+                    status, dirty = rbdextents.status_for(self.rbd, pd, plan.parent, src.block_status, bitmap)
+                    extents = iter_extents(status, src.size, dirty, export=pd.target)
                     stats = copy.copy_disk(src, writer, extents, pool, read_size=opts.read_size,
-                                           memory=opts.memory, level=opts.compress_level,
+                                           level=opts.compress_level,
                                            progress=update, cancel=self.cancel)
                     totals = writer.finish()
             finally:
@@ -145,11 +148,19 @@ class BackupRun:
                  _size(totals.zero_bytes), _size(totals.stored_bytes), _size(bytes_read), seconds)
         return DiskResult(pd.target, entry, bytes_read, seconds)
 
+    def workers(self) -> int:
+        return max(1, self.options.workers or min(len(self.plan.disks), 4))
+
+    def buffers_per_disk(self) -> int:
+        """Read buffers per disk: the memory budget split over the disks copied at once."""
+        per_disk = self.options.memory // min(self.workers(), len(self.plan.disks))
+        return max(4, per_disk // self.options.read_size)
+
     # -- all disks ----------------------------------------------------------------
     def copy_all(self, socket: str) -> list[DiskResult]:
         opts = self.options
         disks = self.plan.disks
-        workers = opts.workers or min(len(disks), 4)
+        workers = self.workers()
         encode_threads = max(1, opts.encode_threads)
         with ThreadPoolExecutor(encode_threads, thread_name_prefix="encode") as pool, \
                 ThreadPoolExecutor(workers, thread_name_prefix="disk") as disk_pool:
@@ -263,7 +274,7 @@ def _allocation(dom: libvirt.virDomain, pd: PlannedDisk) -> int:
 
 
 def _check_parent(dom: libvirt.virDomain, plan: Plan) -> None:
-    if plan.parent and not checkpoints.exists(dom, plan.parent):
+    if plan.parent and _uses_bitmaps(plan) and not checkpoints.exists(dom, plan.parent):
         raise errors.CheckpointError(
             checkpoint=plan.parent,
             reason=f"the parent of this {plan.level} is missing in libvirt for domain {dom.name()}; "
@@ -302,14 +313,20 @@ def _created_checkpoint(dom: libvirt.virDomain, plan: Plan) -> Iterator[list[boo
         raise
 
 
+def _uses_bitmaps(plan: Plan) -> bool:
+    """Some disk is read through a libvirt dirty bitmap (not whole, not by RBD diff)."""
+    return any(pd.mode == "inc" for pd in plan.disks)
+
+
 def _backup_xml(plan: Plan, socket: str, workdir: Path, skipped: list[str]) -> str:
-    disks = [xmlbuild.BackupDisk(pd.target, str(workdir / f"{pd.target}.scratch.qcow2"), full=pd.mode == "full")
+    disks = [xmlbuild.BackupDisk(pd.target, str(workdir / f"{pd.target}.scratch.qcow2"), full=pd.mode != "inc")
              for pd in plan.disks]
-    return xmlbuild.backup_xml(socket, disks, skipped, incremental=plan.incremental)
+    return xmlbuild.backup_xml(socket, disks, skipped,
+                               incremental=plan.incremental if _uses_bitmaps(plan) else None)
 
 
 def _checkpoint_xml(plan: Plan, all_targets: list[str]) -> str | None:
-    if not plan.checkpoint:
+    if not plan.checkpoint or not plan.bitmap_disks:
         return None
     others = [t for t in all_targets if t not in plan.bitmap_disks]
     return xmlbuild.checkpoint_xml(plan.checkpoint, plan.bitmap_disks, others)
@@ -376,13 +393,14 @@ def _execute(options: BackupOptions, dom: libvirt.virDomain, folder: Path, plan:
     try:
         with output.work_dir(options.scratchdir) as workdir, _created_checkpoint(dom, plan) as committed:
             socket = options.socketfile or str(workdir / "backup.sock")
-            with BackupJob(dom) as job:
+            with rbdextents.points(options.ceph, plan, committed) as run_.rbd, BackupJob(dom) as job:
                 with _quiesced(dom, options) as quiesce:
+                    rbdextents.snapshot(run_.rbd, plan)
                     job.begin(_backup_xml(plan, socket, workdir, skipped), checkpoint_xml)
                 summary.consistency = getattr(quiesce, "consistency", "crash")
                 guest_info = dict(getattr(quiesce, "guest_info", {}) or {})
                 results = run_.copy_all(socket)
-                saved_cp = checkpoints.get_xml(dom, plan.checkpoint) if plan.checkpoint else None
+                saved_cp = checkpoints.get_xml(dom, plan.checkpoint) if plan.checkpoint and plan.bitmap_disks else None
                 job.abort()
             saved = run_.save_side_files(side, saved_cp)
             point = bsmanifest.Point(
