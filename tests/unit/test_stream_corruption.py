@@ -109,3 +109,15 @@ def test_trailing_garbage_reordering_and_lost_frames(name: str, m: StreamMeta, l
     swapped = bytearray(blob)
     swapped[a.pos:a.pos + 48], swapped[b.pos:b.pos + 48] = blob[b.pos:b.pos + 48], blob[a.pos:a.pos + 48]
     assert_format_error(lambda: open_stream(io.BytesIO(bytes(swapped)), path=NAME).verify(), len(blob))
+
+
+def test_chained_digest_catches_frames_from_another_stream() -> None:
+    """Frames of stream B under the end frame and index of stream A (same layout, other data):
+    every frame, the totals and the index are self-consistent; only the chained digest differs."""
+    m = meta(None, size=2 << 20)
+    a = stream_bytes(m, [("data", 0, b"a" * 500), ("zero", 500, 500)])
+    b = stream_bytes(m, [("data", 0, b"b" * 500), ("zero", 500, 500)])
+    end_pos = open_stream(io.BytesIO(a), path=NAME).frames()[-1].pos + 48
+    spliced = b[:end_pos] + a[end_pos:]
+    err = assert_format_error(lambda: open_stream(io.BytesIO(spliced), path=NAME).verify(), len(spliced))
+    assert err.reason == "chained digest mismatch" and err.offset == end_pos

@@ -65,3 +65,7 @@ def test_layout_round_trips(case: tuple[int, list[tuple[str, int, object]]], met
     reader = open_stream(pipe(data), path="<pipe>")                 # sequential, non-seekable
     assert [(ref.kind, ref.offset, got) for ref, got in reader.iter_frames()] == want
     assert reader.totals == totals
+
+    reader = open_stream(pipe(data), path="<pipe>")                 # reused buffer: copy before the next step
+    got = [(ref.kind, ref.offset, None if v is None else bytes(v)) for ref, v in reader.iter_frames(reuse_buffer=True)]
+    assert got == want

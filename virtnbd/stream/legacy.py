@@ -284,7 +284,7 @@ class LegacyStreamReader(StreamReader):
                                      reason=f"frame decompresses to {len(data)} bytes, header says {entry.ref.length}")
         return data
 
-    def iter_frames(self) -> Iterator[tuple[FrameRef, bytes | None]]:
+    def iter_frames(self, reuse_buffer: bool = False) -> Iterator[tuple[FrameRef, bytes | None]]:
         self._check_recorded_adler()
         for ref in self.frames():
             yield ref, (self.read(ref) if ref.kind == "data" else None)

@@ -10,7 +10,7 @@ import bisect
 import os
 from collections.abc import Iterator
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import xxhash
 
@@ -86,6 +86,24 @@ class _Source:
             self.hash.update(data)
         self.pos += n
         return data
+
+    def readinto(self, view: memoryview, what: str) -> memoryview:
+        """Fill ``view`` exactly (loops over short reads from pipes)."""
+        done = 0
+        try:
+            while done < len(view):
+                got = self.f.readinto(view[done:])  # type: ignore[attr-defined]
+                if not got:
+                    break
+                done += got
+        except OSError as err:
+            raise errors.FormatError(path=self.path, offset=self.pos + done, reason=err.strerror or str(err)) from err
+        if done != len(view):
+            raise errors.FormatError(path=self.path, offset=self.pos + done, reason=f"truncated {what}")
+        if self.hash is not None:
+            self.hash.update(view)
+        self.pos += done
+        return view
 
     def seek(self, pos: int) -> None:
         try:
@@ -229,10 +247,10 @@ class StreamReader:
         if head.kind == fmt.KIND_ZERO:
             return bytes(ref.length)
         stored = self._pread(ref.pos + fmt.FRAME.size, head.stored, "frame payload")
-        return self._decode(stored, head, ref.pos)
+        return cast(bytes, self._decode(stored, head, ref.pos))
 
-    def _decode(self, stored: bytes, head: fmt.FrameHeader, pos: int) -> bytes:
-        data = compression.decompress(stored, head.method, head.length, self.path, pos)
+    def _decode(self, stored: bytes | memoryview, head: fmt.FrameHeader, pos: int) -> bytes | memoryview:
+        data = compression.decompress(stored, head.method, head.length, self.path, pos)  # type: ignore[arg-type]
         if fmt.checksum(data) != head.checksum:
             raise errors.FormatError(path=self.path, offset=pos, reason="data checksum mismatch")
         return data
@@ -265,25 +283,33 @@ class StreamReader:
 
     # -- sequential ---------------------------------------------------------------
 
-    def iter_frames(self) -> Iterator[tuple[FrameRef, bytes | None]]:
+    def iter_frames(self, reuse_buffer: bool = False) -> Iterator[tuple[FrameRef, bytes | None]]:
         """Every frame in file order with its verified bytes (None for zero frames).
 
-        Works on a pipe. Data is yielded frame by frame, each one checksum
+        ``reuse_buffer=True`` (an addition to the contract) yields uncompressed
+        frames as memoryviews into one reused buffer, valid only until the next
+        iteration step: no allocation per frame, for consumers that write the
+        data out at once. Works on a pipe. Data is yielded frame by frame, each one checksum
         verified; the chained digest, totals and index are checked when the
         end is reached, so a consumer must treat the stream as good only once
-        the iteration finished without error.
+        the iteration finished without error. ``totals.file_digest`` is set
+        by :meth:`verify` and by reads from a pipe (empty otherwise).
         """
+        return self._iter(reuse_buffer, hash_file=False)
+
+    def _iter(self, reuse_buffer: bool, hash_file: bool) -> Iterator[tuple[FrameRef, bytes | None]]:
         if self._seekable:
             self._src.seek(0)
-            self._src.hash = xxhash.xxh3_128()
+            self._src.hash = xxhash.xxh3_128() if hash_file else None
             self._src.read(self._data_start, "header")
         elif self._consumed:
             raise errors.UsageError(reason=f"{self.path}: a pipe can be read only once")
         self._consumed = True
-        yield from self._scan()
+        yield from self._scan(reuse_buffer)
 
-    def _scan(self) -> Iterator[tuple[FrameRef, bytes | None]]:
+    def _scan(self, reuse_buffer: bool = False) -> Iterator[tuple[FrameRef, bytes | None]]:  # noqa: PLR0914
         src = self._src
+        buf = bytearray()
         chain = self._header_check
         refs: list[FrameRef] = []
         data_bytes = zero_bytes = payload_bytes = 0
@@ -301,10 +327,15 @@ class StreamReader:
             if head.kind == fmt.KIND_DATA:
                 data_bytes += head.length
                 payload_bytes += head.stored
-                stored = src.read(head.stored, "frame payload")
+                if not reuse_buffer:
+                    stored: bytes | memoryview = src.read(head.stored, "frame payload")
+                else:
+                    if len(buf) < head.stored:
+                        buf = bytearray(head.stored)   # never resized in place: views may still exist
+                    stored = src.readinto(memoryview(buf)[:head.stored], "frame payload")
                 compressed = head.method != fmt.METHOD_NONE
                 chain = fmt.chain_step(chain, head.raw + (fmt.checksum(stored) if compressed else b""))
-                yield ref, self._decode(stored, head, pos)
+                yield ref, cast(bytes, self._decode(stored, head, pos))
             else:
                 chain = fmt.chain_step(chain, head.raw)
                 zero_bytes += head.length
@@ -348,7 +379,7 @@ class StreamReader:
 
     def verify(self) -> StreamTotals:
         """Read the whole stream and check everything; return its totals."""
-        for _ in self.iter_frames():
+        for _ in self._iter(reuse_buffer=True, hash_file=True):
             pass
         if self._seekable:
             self._frames = None

@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Benchmark the stream writer/reader against a plain sequential write/read of the same bytes.
+
+Layout: a virtual disk of --size bytes (default 1 GiB) cut into extents of
+1-4 MiB, alternately data (incompressible random bytes) and zero, so about
+half is data. The reference writes the same data bytes to a plain file with
+the same write sizes, then fsyncs; it reads them back with readinto() into a
+reused buffer. The stream side writes frames (xxh3-128 checksums, headers,
+chained digest, file digest, index) and fsyncs; it reads back with
+iter_frames(), which verifies every checksum and the whole-file digest.
+Both are measured in the same run, interleaved, best of --repeat.
+
+Target (issue 3): stream write >= 0.8x plain write, stream read >= 0.8x plain read.
+
+    .venv/bin/python bench/bench_stream.py [--size 1G] [--dir /var/tmp] [--repeat 2] [--cold]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from virtnbd.stream import StreamMeta, StreamWriter, open_stream
+
+MiB = 1 << 20
+POOL = 64 * MiB
+Layout = list[tuple[str, int, int, int]]   # kind, offset, length, pool offset
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].upper() in units else int(text)
+
+
+def make_layout(size: int, seed: int = 1) -> Layout:
+    rng = random.Random(seed)
+    layout: Layout = []
+    offset, kind = 0, "data"
+    while offset < size:
+        length = min(rng.randint(1, 4) * MiB, size - offset)
+        layout.append((kind, offset, length, rng.randrange(0, POOL - length + 1) if kind == "data" else 0))
+        offset += length
+        kind = "zero" if kind == "data" else "data"
+    return layout
+
+
+def fsync_close(f) -> None:  # type: ignore[no-untyped-def]
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+
+
+def drop_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def plain_write(path: Path, layout: Layout, pool: memoryview) -> None:
+    f = open(path, "wb")  # noqa: SIM115
+    for kind, _, length, at in layout:
+        if kind == "data":
+            f.write(pool[at:at + length])
+    fsync_close(f)
+
+
+def plain_read(path: Path, layout: Layout) -> int:
+    buf = bytearray(4 * MiB)
+    view = memoryview(buf)
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        for kind, _, length, _ in layout:
+            if kind == "data":
+                got = f.readinto(view[:length])
+                total += got or 0
+    return total
+
+
+def stream_write(path: Path, layout: Layout, pool: memoryview, method: str | None, size: int) -> None:
+    meta = StreamMeta(virtual_size=size, disk="sda", disk_format="qcow2", level="full", checkpoint="virtnbdbackup.0",
+                      parent=None, time="2026-11-22T00:00:00+00:00", compression=method, tool_version="bench",
+                      extra={})
+    f = open(path, "wb")  # noqa: SIM115
+    with StreamWriter(f, meta, str(path)) as w:
+        for kind, offset, length, at in layout:
+            if kind == "data":
+                w.write_data(offset, pool[at:at + length])
+            else:
+                w.write_zero(offset, length)
+        w.finish()
+    fsync_close(f)
+
+
+def plain_read_bytes(path: Path, layout: Layout) -> int:
+    total = 0
+    with open(path, "rb") as f:
+        for kind, _, length, _ in layout:
+            if kind == "data":
+                total += len(f.read(length))
+    return total
+
+
+def stream_read(path: Path, reuse: bool = False) -> int:
+    total = 0
+    with open_stream(path) as r:
+        for _ref, data in r.iter_frames(reuse_buffer=reuse):
+            if data is not None:
+                total += len(data)
+    return total
+
+
+def best(fn: Callable[[], object], repeat: int, before: Callable[[], None] | None = None) -> float:
+    times = []
+    for _ in range(repeat):
+        if before is not None:
+            before()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def rate(nbytes: int, seconds: float) -> str:
+    return f"{nbytes / seconds / MiB:8.0f} MiB/s"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=parse_size, default=1 << 30, help="virtual disk size (default 1G)")
+    ap.add_argument("--dir", default="/var/tmp", help="where to write the test files")
+    ap.add_argument("--repeat", type=int, default=2, help="runs per measurement, best is kept")
+    ap.add_argument("--cold", action="store_true", help="drop the page cache of the file before each read")
+    ap.add_argument("--methods", default="none,lz4,zstd", help="compression methods to measure")
+    args = ap.parse_args(argv)
+
+    pool = memoryview(random.Random(7).randbytes(POOL))
+    layout = make_layout(args.size)
+    data_bytes = sum(length for kind, _, length, _ in layout if kind == "data")
+    work = Path(tempfile.mkdtemp(prefix="bench-stream-", dir=args.dir))
+    plain, stream = work / "plain.raw", work / "stream.data"
+    try:
+        print(f"disk {args.size / MiB:.0f} MiB, {len(layout)} extents, data {data_bytes / MiB:.0f} MiB, "
+              f"{'cold' if args.cold else 'warm'} cache, best of {args.repeat}, dir {args.dir}")
+        t_pw = best(lambda: plain_write(plain, layout, pool), args.repeat, lambda: plain.unlink(missing_ok=True))
+        cold = (lambda: drop_cache(plain)) if args.cold else None
+        t_pr = best(lambda: plain_read(plain, layout), args.repeat, cold)
+        t_prb = best(lambda: plain_read_bytes(plain, layout), args.repeat, cold)
+        print(f"{'plain':6s} write {rate(data_bytes, t_pw)}   read {rate(data_bytes, t_pr)} (readinto, reused "
+              f"buffer)   {rate(data_bytes, t_prb)} (read(), new bytes per extent)")
+        for name in args.methods.split(","):
+            method = None if name == "none" else name
+            t_sw = best(lambda m=method: stream_write(stream, layout, pool, m, args.size),  # type: ignore[misc]
+                        args.repeat, lambda: stream.unlink(missing_ok=True))
+            if stream_read(stream) != data_bytes:
+                raise SystemExit("stream read returned the wrong amount of data")
+            cold = (lambda: drop_cache(stream)) if args.cold else None
+            t_sr = best(lambda: stream_read(stream), args.repeat, cold)
+            t_srr = best(lambda: stream_read(stream, reuse=True), args.repeat, cold)
+            stored = stream.stat().st_size
+            print(f"{name:6s} write {rate(data_bytes, t_sw)} ({t_pw / t_sw:4.2f}x plain)   "
+                  f"read {rate(data_bytes, t_srr)} ({t_pr / t_srr:4.2f}x plain readinto; reuse_buffer)   "
+                  f"{rate(data_bytes, t_sr)} ({t_prb / t_sr:4.2f}x plain read(); bytes)   file {stored / MiB:.0f} MiB")
+            stream.unlink()
+    finally:
+        shutil.rmtree(work)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
