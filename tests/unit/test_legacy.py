@@ -20,7 +20,7 @@ from virtnbd import errors
 from virtnbd.backupset import chain
 from virtnbd.backupset import legacy as legacy_set
 from virtnbd.stream import open_stream
-from virtnbd.stream.legacy import LegacyStreamReader
+from virtnbd.stream.legacy import LegacyStreamReader, open_raw_image
 
 KiB = 1024
 SIZE = 256 * KiB
@@ -178,3 +178,20 @@ def test_legacy_set_missing_inc_breaks_chain(tmp_path: Path) -> None:
 def test_legacy_set_none_for_foreign_folder(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("x")
     assert legacy_set.load(tmp_path) is None
+
+
+def test_raw_image_of_a_raw_disk(tmp_path: Path) -> None:
+    """virtnbdbackup saves raw-format disks as plain images named <dev>.copy.data."""
+    image = random.Random(5).randbytes(9 * KiB)
+    (tmp_path / "sdc.copy.data").write_bytes(image)
+    (tmp_path / "vmconfig.copy.xml").write_text(f"<domain><name>vm1</name><uuid>{UUID}</uuid></domain>")
+    m = legacy_set.load(tmp_path)
+    assert m is not None and [p.name for p in m.points] == ["copy"]
+    entry = m.points[0].disks["sdc"]
+    assert entry.extra["raw_image"] and entry.virtual_size == len(image) and entry.disk_format == "raw"
+    with pytest.raises(errors.FormatError):
+        open_stream(tmp_path / "sdc.copy.data")            # never mistaken for a stream
+    with open_raw_image(tmp_path / "sdc.copy.data") as r:
+        assert r.read_range(0, len(image)) == image
+        assert b"".join(d for _, d in r.iter_frames() if d is not None) == image
+        assert r.verify().data_bytes == len(image)
