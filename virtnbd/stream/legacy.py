@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ class LegacyStreamReader(StreamReader):
         self._totals: StreamTotals | None = None
         self._entries: dict[int, _Entry] = {}
         self._adler_checked = False
+        self._adler_lock = threading.Lock()
         try:
             self._seekable = f.seekable()
             self._fd: int | None = f.fileno()
@@ -240,12 +242,12 @@ class LegacyStreamReader(StreamReader):
 
     def _check_recorded_adler(self) -> None:
         """Before handing out data: the whole file against the adler32 of its ``.chksum`` (once)."""
-        if self._adler_checked:
-            return
-        recorded = adler32_of_chksum_file(self.path)
-        if recorded is not None:
-            self._whole_file_totals()
-        self._adler_checked = True
+        with self._adler_lock:               # restore reads frames from a worker pool
+            if self._adler_checked:
+                return
+            if adler32_of_chksum_file(self.path) is not None:
+                self._whole_file_totals()
+            self._adler_checked = True
 
     def read(self, ref: FrameRef) -> bytes:
         self.frames()
