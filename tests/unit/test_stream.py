@@ -119,3 +119,26 @@ def test_frame_ref_mismatch_is_a_format_error() -> None:
     ref = r.frames()[0]
     with pytest.raises(errors.FormatError, match="does not match the index"):
         r.read(FrameRef("data", ref.offset + 1, ref.length, ref.pos))
+
+
+class _ShortWrites(io.RawIOBase):
+    """A raw file that accepts at most 1000 bytes per write call."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:  # type: ignore[no-untyped-def,override]
+        chunk = bytes(memoryview(b)[:1000])
+        self.data += chunk
+        return len(chunk)
+
+
+def test_writer_completes_short_writes_of_raw_files() -> None:
+    raw = _ShortWrites()
+    layout = sample_layout()
+    totals = write(raw, meta(), layout)
+    r = open_stream(io.BytesIO(bytes(raw.data)), path="<mem>")
+    assert r.verify() == totals and r.read(r.frames()[0]) == layout[0][2]

@@ -41,7 +41,7 @@ def expected_image(size: int, layout: list[tuple[str, int, object]]) -> bytes:
     return bytes(img)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(layouts(), st.sampled_from([None, "lz4", "zstd"]), st.sampled_from([None, 1]))
 def test_layout_round_trips(case: tuple[int, list[tuple[str, int, object]]], method: str | None,
                             level: int | None) -> None:

@@ -93,7 +93,14 @@ class StreamWriter:
 
     def _write(self, data: bytes | bytearray | memoryview) -> None:
         try:
-            self._f.write(data)
+            done = self._f.write(data)
+            if done is not None and done < len(data):       # raw (unbuffered) files may write short
+                view = memoryview(data)
+                while done < len(view):
+                    more = self._f.write(view[done:])
+                    if not more:
+                        raise OSError(f"short write ({done} of {len(view)} bytes)")
+                    done += more
         except OSError as err:
             raise errors.StorageError(path=self.path, reason=err.strerror or str(err)) from err
         self._file_hash.update(data)
