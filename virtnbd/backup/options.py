@@ -44,6 +44,8 @@ class BackupOptions:
     no_freeze: bool = False
     pause: bool = False
     agent_timeout: int = 10
+    fallback_full: bool = False            # broken chain: move it to chain-<time>/ and start a new one
+    umask: int | None = None               # None: files 0600, folders 0700
     # tuning (not on the command line by default)
     read_size: int = 1 << 20               # bytes per NBD read request
     connections: int = 4                   # NBD connections per disk (when the export allows multi-conn)

@@ -24,7 +24,7 @@ from typing import Any
 import libvirt
 
 from virtnbd import __version__, errors, fsutil, rbdextents
-from virtnbd.backup import copy, output
+from virtnbd.backup import archive, consistency, copy, modes, output
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backup.plan import Plan, PlannedDisk, make_plan
 from virtnbd.backupset import manifest as bsmanifest
@@ -61,6 +61,7 @@ class RunSummary:
     seconds: float = 0.0
     points: list[str] = field(default_factory=list)
     estimate: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)     # chain repairs/restarts the user must know about
 
     def as_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -113,10 +114,14 @@ class BackupRun:
         self.rbd: rbdextents.RbdTracker | None = None     # raw RBD disks (set by _execute)
 
     # -- one disk -----------------------------------------------------------------
+    def bitmap_for(self, pd: PlannedDisk) -> str | None:
+        """NBD context of the disk's dirty bitmap (offline runs read a persistent one)."""
+        return _bitmap_for(pd)
+
     def copy_one(self, pd: PlannedDisk, socket: str, pool: ThreadPoolExecutor) -> DiskResult:
         opts, plan = self.options, self.plan
         started = time.monotonic()
-        bitmap = _bitmap_for(pd)
+        bitmap = self.bitmap_for(pd)
         contexts = (BASE_ALLOCATION, bitmap) if bitmap else (BASE_ALLOCATION,)
         name = naming.data_file(pd.target, plan.level, plan.point)
         with NbdSource(socket, xmlbuild.export_name(pd.target), contexts, connections=opts.connections,
@@ -336,11 +341,15 @@ def _checkpoint_xml(plan: Plan, all_targets: list[str]) -> str | None:
 
 def run(options: BackupOptions) -> RunSummary:
     started = time.monotonic()
-    with connection.connect(options.uri) as conn:
+    with modes.umask(options.umask), connection.connect(options.uri) as conn:
         dom = connection.lookup_domain(conn, options.domain)
         folder = output.prepare_folder(options.output)
         with output.folder_lock(folder):
-            summary = _run_locked(options, dom, folder)
+            archive.resume(folder)
+            try:
+                summary = _run_locked(options, dom, folder)
+            finally:
+                modes.apply(folder, options.umask)
     summary.seconds = round(time.monotonic() - started, 3)
     return summary
 
@@ -352,8 +361,13 @@ def _run_locked(options: BackupOptions, dom: libvirt.virDomain, folder: Path) ->
     domain_xml = connection.domain_xml(dom)
     all_disks = domainxml.parse_disks(domain_xml)
     plan = make_plan(options, manifest, all_disks, int(time.time()), folder=str(folder), domain=name, uuid=uuid)
-    if not connection.is_running(dom):
-        raise errors.LibvirtError(reason=f"domain {name} is not running: online backup needs a running domain")
+    running = connection.is_running(dom)
+
+    def replan(opts: BackupOptions, m: Any) -> Plan:
+        return make_plan(opts, m, all_disks, int(time.time()), folder=str(folder), domain=name, uuid=uuid)
+
+    verdict = consistency.preflight(options, dom, folder, manifest, plan, running=running, replan=replan)
+    plan, manifest = verdict.plan, verdict.manifest
     summary = RunSummary(domain=name, level=plan.level, point=plan.point,
                          points=[p.name for p in manifest.points] if manifest else [])
     for target, why in plan.skipped:
@@ -379,6 +393,14 @@ def _run_locked(options: BackupOptions, dom: libvirt.virDomain, folder: Path) ->
     with output.run_log(folder, plan.level, output.stamp()):
         log.info("backup of %s: level %s, point %s, disks %s", name, plan.level, plan.point,
                  ", ".join(pd.target for pd in plan.disks))
+        if verdict.note:
+            log.warning("%s", verdict.note)
+            summary.notes.append(verdict.note)
+        if not running:
+            from virtnbd.backup import offline
+            log.info("domain %s is shut off: backing up its images read-only with qemu-nbd", name)
+            return offline.execute(options, dom, folder, plan, domain_xml=domain_xml, uuid=uuid, summary=summary,
+                                   all_targets=[d.target for d in all_disks])
         _clean_stale(dom, plan, options)
         return _execute(options, dom, folder, plan, domain_xml=domain_xml, uuid=uuid, summary=summary,
                         all_targets=[d.target for d in all_disks])
@@ -418,6 +440,11 @@ def _execute(options: BackupOptions, dom: libvirt.virDomain, folder: Path, plan:
     except BaseException:
         side.discard()
         raise
+    return report(summary, plan, updated, results)
+
+
+def report(summary: RunSummary, plan: Plan, updated: bsmanifest.Manifest, results: list[DiskResult]) -> RunSummary:
+    """Fill the summary of a committed point (online and offline runs)."""
     summary.points = [p.name for p in updated.points]
     for r in results:
         summary.disks[r.target] = {"file": r.entry.file, "bytes_read": r.bytes_read,

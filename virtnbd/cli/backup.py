@@ -65,6 +65,11 @@ def build_parser() -> OneLineParser:
     p.add_argument("--agent-timeout", type=int, default=10, metavar="SECONDS",
                    help="seconds to wait for the guest agent (default: 10)")
     p.add_argument("--read-size", type=parse_size, default=1 << 20, metavar="SIZE",
+    p.add_argument("--fallback-full", action="store_true",
+                   help="inc/diff: when the chain cannot be continued (lost or broken bitmaps), move it to "
+                        "OUTPUT/chain-<time>/ and start a new chain with a full backup (-l auto does this too)")
+    p.add_argument("--umask", type=_umask, default=None, metavar="OCTAL",
+                   help="umask for backup files and folders (default 077: files 0600, folders 0700)")
                    help="bytes per NBD read request (default: 1M)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
@@ -72,6 +77,16 @@ def build_parser() -> OneLineParser:
 
 def _flat(lists: Sequence[Sequence[str]]) -> tuple[str, ...]:
     return tuple(item for sub in lists for item in sub)
+def _umask(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal umask: {text!r} (examples: 077, 027, 022)") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"umask out of range: {text!r} (000-777)")
+    return value
+
+
 
 
 def parse(argv: Sequence[str]) -> BackupOptions:
@@ -96,6 +111,7 @@ def parse(argv: Sequence[str]) -> BackupOptions:
         pause=args.pause, agent_timeout=args.agent_timeout, read_size=args.read_size,
     )
 
+        fallback_full=args.fallback_full, umask=args.umask,
 
 def _run(options: BackupOptions) -> None:
     from virtnbd.backup import run

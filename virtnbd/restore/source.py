@@ -152,8 +152,8 @@ def _disk_chain(folder: str, points: Sequence[Any], disk: str) -> DiskChain:
                                                f"although an earlier point has")
             continue
         level = entry.level or point.level
-        if level in ("copy", "full"):
-            files = []  # a full point starts the disk's chain afresh
+        if level in ("copy", "full") or (entry.extra or {}).get("mode") == "full":
+            files = []  # a full point, or a disk read whole in an inc/diff (new, resized), starts afresh
         elif not files:
             raise errors.ChainError(reason=f"disk {disk}: chain starts with {level} point {point.name}, "
                                            "no full backup before it")

@@ -81,8 +81,26 @@ def delete(dom: libvirt.virDomain, name: str) -> None:
     try:
         cp.delete(0)
     except libvirt.libvirtError as err:
-        raise errors.CheckpointError(checkpoint=name, reason=f"cannot delete: {reason(err)}") from err
+        if not _bitmap_gone(err):
+            raise errors.CheckpointError(checkpoint=name, reason=f"cannot delete: {reason(err)}") from err
+        delete_metadata(dom, name)
+        log.warning("checkpoint %s: its bitmap was already gone (%s); removed its metadata", name, reason(err))
+        return
     log.debug("deleted checkpoint %s", name)
+
+
+def _bitmap_gone(err: libvirt.libvirtError) -> bool:
+    """libvirt cannot delete a checkpoint whose bitmap somebody removed ("bitmap ... not found")."""
+    text = reason(err)
+    return "bitmap" in text and "not found" in text
+
+
+def delete_metadata(dom: libvirt.virDomain, name: str) -> None:
+    """Forget a checkpoint without touching bitmaps (works while the domain is shut off)."""
+    try:
+        _lookup(dom, name).delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+    except libvirt.libvirtError as err:
+        raise errors.CheckpointError(checkpoint=name, reason=f"cannot delete metadata: {reason(err)}") from err
 
 
 def delete_ours(dom: libvirt.virDomain, keep: tuple[str, ...] = ()) -> list[str]:

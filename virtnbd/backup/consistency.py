@@ -1,0 +1,175 @@
+"""Preflight of an inc/diff: can the chain in the folder really be continued?
+
+Checked before anything is written, in this order:
+
+1. Checkpoint metadata of the chain's points that libvirt lost (transient
+   domain, domain undefined and defined again, moved to another host) is
+   redefined from the checkpoint XML saved in the backup folder.
+2. The parent checkpoint's bitmap is present and usable on every disk the run
+   reads through a bitmap: ``qemu-img info`` of the image while the domain is
+   shut off, the checkpoint's size query (``VIR_DOMAIN_CHECKPOINT_XML_SIZE``)
+   while it runs.
+3. A disk whose size differs from the parent point is read whole in this point
+   (a bitmap says nothing about a size change; restore then takes the new size).
+
+A problem in 1 or 2 is a broken chain: with ``-l auto`` or ``--fallback-full``
+the old chain is moved to ``FOLDER/chain-<stamp>/`` and a new chain starts with
+a full backup (one WARNING line says so); otherwise the run fails with the cause
+and the command that fixes it. Checkpoints that are not ours are never touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from virtnbd import errors
+from virtnbd.backup import archive, output
+from virtnbd.backup.options import BackupOptions
+from virtnbd.backup.plan import Plan, PlannedDisk, chain_points
+from virtnbd.virt import bitmaps, checkpoints, xmlbuild
+
+log = logging.getLogger(__name__)
+
+Replan = Callable[[BackupOptions, Any], Plan]
+
+
+@dataclass(frozen=True)
+class Problem:
+    cause: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    plan: Plan
+    manifest: Any
+    note: str = ""                  # one line for the user when the chain was restarted
+
+
+def _saved_xml(folder: Path, point: Any) -> str | None:
+    if not point.checkpoint_xml:
+        return None
+    try:
+        return (folder / point.checkpoint_xml).read_text(encoding="utf-8")
+    except OSError:
+        return None
+
+
+def redefine_lost(dom: libvirt.virDomain, manifest: Any, folder: Path) -> tuple[list[str], list[Problem]]:
+    """Redefine our checkpoints of the folder's chain that libvirt no longer knows, oldest first."""
+    known = set(checkpoints.list_names(dom))
+    redefined: list[str] = []
+    problems: list[Problem] = []
+    for point in chain_points(manifest):
+        name = point.checkpoint
+        if not name or name in known:
+            continue
+        xml = _saved_xml(folder, point)
+        if xml is None:
+            problems.append(Problem(f"checkpoint {name} is missing in libvirt and the backup folder has no "
+                                    f"saved XML to redefine it"))
+            continue
+        try:
+            checkpoints.redefine(dom, xml)
+        except errors.CheckpointError as err:
+            problems.append(Problem(f"checkpoint {name} is missing in libvirt and redefining it from "
+                                    f"{point.checkpoint_xml} failed: {err.reason}"))
+            continue
+        redefined.append(name)
+    if redefined:
+        log.warning("libvirt had lost checkpoint metadata of domain %s: redefined %s from the backup folder",
+                    dom.name(), ", ".join(redefined))
+    return redefined, problems
+
+
+def _bitmap_problem_offline(pd: PlannedDisk, parent: str) -> Problem | None:
+    path = pd.disk.path
+    if not path:
+        return Problem(f"disk {pd.target}: no image path to check bitmap {parent}")
+    try:
+        found = bitmaps.list_bitmaps(path)
+    except errors.LibvirtError as err:
+        return Problem(f"disk {pd.target}: {err.reason}")
+    bitmap = found.get(parent)
+    if bitmap is None:
+        return Problem(f"disk {pd.target}: bitmap {parent} is missing in {path}")
+    if bitmap.broken:
+        return Problem(f"disk {pd.target}: bitmap {parent} in {path} is inconsistent "
+                       f"(flags {', '.join(bitmap.flags)}: QEMU stopped without saving it)")
+    return None
+
+
+def _bitmap_problems_online(dom: libvirt.virDomain, plan: Plan, disks: Sequence[PlannedDisk]) -> list[Problem]:
+    parent = plan.parent or ""
+    try:
+        xml = checkpoints.get_xml(dom, parent, with_size=True)
+    except errors.CheckpointError as err:
+        return [Problem(f"checkpoint {parent}: {err.reason}")]
+    sizes = xmlbuild.checkpoint_sizes(xml)
+    return [Problem(f"disk {pd.target}: bitmap {parent} is missing or broken in the running domain")
+            for pd in disks if pd.target not in sizes]
+
+
+def bitmap_problems(dom: libvirt.virDomain, plan: Plan, running: bool) -> list[Problem]:
+    disks = [pd for pd in plan.disks if pd.mode == "inc"]
+    if not disks or not plan.parent:
+        return []
+    if running:
+        return _bitmap_problems_online(dom, plan, disks)
+    found = [_bitmap_problem_offline(pd, plan.parent) for pd in disks]
+    return [p for p in found if p is not None]
+
+
+def disk_size(dom: libvirt.virDomain, pd: PlannedDisk) -> int | None:
+    try:
+        capacity, _allocation, _physical = dom.blockInfo(pd.target)
+    except libvirt.libvirtError:
+        return None
+    return int(capacity)
+
+
+def whole_if_resized(plan: Plan, parent_point: Any, sizes: Mapping[str, int | None]) -> Plan:
+    """Disks whose size changed since the parent point are read whole in this point."""
+    changed = []
+    for pd in plan.disks:
+        entry = parent_point.disks.get(pd.target)
+        size = sizes.get(pd.target)
+        if pd.mode == "inc" and entry is not None and size is not None and size != entry.virtual_size:
+            changed.append(dataclasses.replace(
+                pd, mode="full", reason=f"disk size changed from {entry.virtual_size} to {size} bytes"))
+        else:
+            changed.append(pd)
+    return dataclasses.replace(plan, disks=tuple(changed))
+
+
+def _fix(options: BackupOptions, folder: Path) -> str:
+    return (f"start a new chain: virtnbdbackup -d {options.domain} -l full -o NEW_FOLDER, or rerun with "
+            f"--fallback-full (moves this chain to {folder}/{archive.PREFIX}<time>/ and starts a new one here)")
+
+
+def preflight(options: BackupOptions, dom: libvirt.virDomain, folder: Path, manifest: Any, plan: Plan, *,
+              running: bool, replan: Replan) -> Verdict:
+    """Check (and repair what can be repaired) before an inc/diff; see the module doc."""
+    if plan.level not in ("inc", "diff") or manifest is None:
+        return Verdict(plan, manifest)
+    _redefined, problems = redefine_lost(dom, manifest, folder)
+    if not problems:
+        problems = bitmap_problems(dom, plan, running)
+    if not problems:
+        parent_point = chain_points(manifest)[-1]
+        sizes = {pd.target: disk_size(dom, pd) for pd in plan.disks}
+        return Verdict(whole_if_resized(plan, parent_point, sizes), manifest)
+    cause = "; ".join(p.cause for p in problems)
+    if not (options.level == "auto" or options.fallback_full) or options.printonly:
+        raise errors.ChainError(reason=f"cannot continue the chain in {folder}: {cause}; {_fix(options, folder)}")
+    moved = archive.archive(folder, output.stamp())
+    note = (f"chain broken ({cause}): old chain moved to {moved} (restorable with -i there), "
+            f"starting a new chain with a full backup")
+    log.warning("%s", note)
+    full = dataclasses.replace(options, level="full")
+    return Verdict(replan(full, None), None, note)
