@@ -242,5 +242,5 @@ def commit_point(folder: str | os.PathLike[str], point: Point, domain: str, doma
     _check_new_point(current, point)
     _check_files(base, point)
     updated = replace(current, domain=domain, points=(*current.points, point), folder=os.fspath(base))
-    fsutil.save_atomic(manifest_path(base), to_json(updated), mode=0o644)
+    fsutil.save_atomic(manifest_path(base), to_json(updated))
     return updated
