@@ -64,19 +64,17 @@ def build_parser() -> OneLineParser:
                    help="pause the domain around the start of the job instead of freezing (no agent needed)")
     p.add_argument("--agent-timeout", type=int, default=10, metavar="SECONDS",
                    help="seconds to wait for the guest agent (default: 10)")
-    p.add_argument("--read-size", type=parse_size, default=1 << 20, metavar="SIZE",
     p.add_argument("--fallback-full", action="store_true",
                    help="inc/diff: when the chain cannot be continued (lost or broken bitmaps), move it to "
                         "OUTPUT/chain-<time>/ and start a new chain with a full backup (-l auto does this too)")
     p.add_argument("--umask", type=_umask, default=None, metavar="OCTAL",
                    help="umask for backup files and folders (default 077: files 0600, folders 0700)")
+    p.add_argument("--read-size", type=parse_size, default=1 << 20, metavar="SIZE",
                    help="bytes per NBD read request (default: 1M)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
 
-def _flat(lists: Sequence[Sequence[str]]) -> tuple[str, ...]:
-    return tuple(item for sub in lists for item in sub)
 def _umask(text: str) -> int:
     try:
         value = int(text, 8)
@@ -87,6 +85,8 @@ def _umask(text: str) -> int:
     return value
 
 
+def _flat(lists: Sequence[Sequence[str]]) -> tuple[str, ...]:
+    return tuple(item for sub in lists for item in sub)
 
 
 def parse(argv: Sequence[str]) -> BackupOptions:
@@ -109,9 +109,9 @@ def parse(argv: Sequence[str]) -> BackupOptions:
         verbose=args.verbose, strict=args.strict, json=args.json,
         freeze=not args.no_freeze, freeze_mountpoints=_flat(args.freeze_mountpoint), no_freeze=args.no_freeze,
         pause=args.pause, agent_timeout=args.agent_timeout, read_size=args.read_size,
+        fallback_full=args.fallback_full, umask=args.umask,
     )
 
-        fallback_full=args.fallback_full, umask=args.umask,
 
 def _run(options: BackupOptions) -> None:
     from virtnbd.backup import run
