@@ -19,6 +19,7 @@ exact expected bytes of every disk (:class:`ShadowDisk`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -340,7 +341,7 @@ class ShadowDisk:
 
     def __init__(self, domain: LabDomain, spec: DiskSpec, image: Path, shadow: Path) -> None:
         self.domain = domain
-        self.spec = spec
+        self.spec: DiskSpec = spec
         self.image = image
         self.shadow = shadow
         self._counter = 0
@@ -442,6 +443,34 @@ class ShadowDisk:
         self.flush()
         compare_images(self.image, self.shadow, fmt=self.spec.fmt)
 
+    # ---- disk changes for chain tests
+    def resize(self, new_size: int) -> None:
+        """Grow (or shrink) the disk, live via blockResize or offline via qemu-img; the shadow follows."""
+        import libvirt
+
+        if self.domain.is_active():
+            self.domain.dom.blockResize(self.target, new_size, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+        else:
+            shrink = ["--shrink"] if new_size < self.size else []
+            run(["qemu-img", "resize", "-q", "-f", self.spec.fmt, *shrink, str(self.image), str(new_size)])
+        with self.shadow.open("r+b") as f:
+            f.truncate(new_size)
+        self.spec = dataclasses.replace(self.spec, size=new_size)
+
+    def bitmaps(self) -> list[str]:
+        """Persistent bitmap names in the qcow2 image (as stored on disk)."""
+        import json
+
+        info = json.loads(run(["qemu-img", "info", "-U", "--output=json", str(self.image)]).stdout)
+        data = info.get("format-specific", {}).get("data", {})
+        return [b["name"] for b in data.get("bitmaps", [])]
+
+    def remove_bitmap(self, name: str) -> None:
+        """Delete a persistent bitmap from the image (domain must be off), as an admin might."""
+        if self.domain.is_active():
+            raise LabError(f"{self.domain.name}: stop the domain before removing bitmap {name}")
+        run(["qemu-img", "bitmap", "--remove", str(self.image), name])
+
 
 class LabDomain:
     """A throw-away domain; see :func:`make_domain`."""
@@ -453,15 +482,51 @@ class LabDomain:
         self.sock_dir = lab_dir / "sock"
         self.disks: dict[str, ShadowDisk] = {}
         for spec in specs:
-            image = lab_dir / f"{spec.target}.{spec.fmt}"
-            shadow = lab_dir / f"shadow-{spec.target}.raw"
-            run(["qemu-img", "create", "-q", "-f", spec.fmt, str(image), str(spec.size)])
-            image.chmod(0o644)
-            with shadow.open("wb") as f:
-                f.truncate(spec.size)
-            shadow.chmod(0o644)
-            self.disks[spec.target] = ShadowDisk(self, spec, image, shadow)
+            self._new_disk(spec)
         self.dom = conn.defineXML(domain_xml(name, [(d.spec, d.image) for d in self.disks.values()]))
+
+    def _new_disk(self, spec: DiskSpec) -> ShadowDisk:
+        if spec.target in self.disks:
+            raise ValueError(f"{self.name} already has a disk {spec.target}")
+        image = self.dir / f"{spec.target}.{spec.fmt}"
+        shadow = self.dir / f"shadow-{spec.target}.raw"
+        run(["qemu-img", "create", "-q", "-f", spec.fmt, str(image), str(spec.size)])
+        image.chmod(0o644)
+        with shadow.open("wb") as f:
+            f.truncate(spec.size)
+        shadow.chmod(0o644)
+        disk = ShadowDisk(self, spec, image, shadow)
+        self.disks[spec.target] = disk
+        return disk
+
+    def attach_disk(self, spec: DiskSpec) -> ShadowDisk:
+        """Add a new empty disk (hot-plugged when running; SATA cannot hot-plug: use scsi or virtio)."""
+        import libvirt
+
+        disk = self._new_disk(spec)
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if self.is_active() else 0)
+        try:
+            self.dom.attachDeviceFlags(disk_xml(spec, disk.image), flags)
+        except libvirt.libvirtError:
+            del self.disks[spec.target]
+            raise
+        return disk
+
+    def stop(self) -> None:
+        """Power off (there is no OS to shut down)."""
+        if self.dom.isActive():
+            self.dom.destroy()
+
+    def redefine(self) -> None:
+        """Undefine (dropping libvirt's checkpoint metadata, keeping images and bitmaps) and define again.
+
+        What a user sees after moving a domain to another host or recreating it.
+        """
+        import libvirt
+
+        xml = self.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        self.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        self.dom = self.conn.defineXML(xml)
 
     def disk(self, target: str = "sda") -> ShadowDisk:
         return self.disks[target]
@@ -558,7 +623,7 @@ class LabDomain:
         self.log_path.unlink(missing_ok=True)
 
 
-_BUS_DEV = {"sata": "sata", "virtio": "virtio", "scsi": "scsi"}
+BUSES = ("sata", "virtio", "scsi")
 
 
 def owner_tag() -> str:
@@ -604,20 +669,23 @@ def sweep_orphans(conn: Any) -> list[str]:
     return removed
 
 
-def domain_xml(name: str, disks: Sequence[tuple[DiskSpec, Path]]) -> str:
-    """Minimal q35 TCG domain: no OS, no graphics, no network, no balloon."""
-    disk_xml = []
-    for spec, image in disks:
-        if spec.bus not in _BUS_DEV:
-            raise ValueError(f"unsupported bus {spec.bus!r}")
-        disk_xml.append(
-            f"""    <disk type='file' device='disk'>
+def disk_xml(spec: DiskSpec, image: Path) -> str:
+    if spec.bus not in BUSES:
+        raise ValueError(f"unsupported bus {spec.bus!r}")
+    return f"""    <disk type='file' device='disk'>
       <driver name='qemu' type='{spec.fmt}' discard='unmap'/>
       <source file='{image}'/>
       <target dev='{spec.target}' bus='{spec.bus}'/>
     </disk>"""
-        )
-    scsi = "    <controller type='scsi' model='virtio-scsi'/>\n" if any(s.bus == "scsi" for s, _ in disks) else ""
+
+
+def domain_xml(name: str, disks: Sequence[tuple[DiskSpec, Path]]) -> str:
+    """Minimal q35 TCG domain: no OS, no graphics, no network, no balloon.
+
+    A virtio-scsi controller and two spare PCIe root ports are always there,
+    so scsi and virtio disks can be hot-plugged.
+    """
+    disks_xml = "\n".join(disk_xml(spec, image) for spec, image in disks)
     return f"""<domain type='qemu'>
   <name>{name}</name>
   <description>{owner_tag()}</description>
@@ -627,8 +695,12 @@ def domain_xml(name: str, disks: Sequence[tuple[DiskSpec, Path]]) -> str:
   <on_crash>destroy</on_crash>
   <devices>
     <emulator>{EMULATOR}</emulator>
-{chr(10).join(disk_xml)}
-{scsi}    <controller type='usb' model='none'/>
+{disks_xml}
+    <controller type='scsi' model='virtio-scsi'/>
+    <controller type='pci' index='0' model='pcie-root'/>
+    <controller type='pci' model='pcie-root-port'/>
+    <controller type='pci' model='pcie-root-port'/>
+    <controller type='usb' model='none'/>
     <memballoon model='none'/>
   </devices>
 </domain>"""

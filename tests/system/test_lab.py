@@ -156,3 +156,62 @@ def test_sweep_removes_only_orphans(make_domain, libvirt_conn) -> None:  # type:
     assert mine.is_active() and mine.dir.exists()
     with pytest.raises(libvirt.libvirtError):
         libvirt_conn.lookupByName(orphan.name)
+
+
+def incremental(dom: LabDomain, disk: str, since: str, name: str) -> tuple[list[tuple[int, int]], dict[int, bytes]]:
+    """One incremental pull backup: (dirty ranges, their bytes) relative to ``since``."""
+    dom.dom.backupBegin(backup_xml(dom, [disk], incremental=since), checkpoint_xml(name, [disk]))
+    ctx = f"qemu:dirty-bitmap:backup-{disk}"
+    h = nbd_connect(dom.socket_path(), disk, [ctx])
+    try:
+        size = h.get_size()
+        dirty = flagged_ranges(h, size, ctx, 1)
+        changes = {off: h.pread(length, off) for off, length in dirty}
+    finally:
+        h.shutdown()
+    dom.dom.abortJob()
+    return dirty, changes
+
+
+def test_offline_writes_hotplug_resize_redefine(make_domain) -> None:  # type: ignore[no-untyped-def]
+    """The lab's tools for chain tests: offline qemu-io writes land in the persistent
+    bitmap, hot-added and resized disks track their shadows, redefine drops checkpoints."""
+    dom = make_domain(disks=[DiskSpec("sda", "sata", "qcow2", SIZE)])
+    sda = dom.disk("sda")
+    sda.apply_all(random_writes(seed=11, n=8, size=SIZE))
+    dom.dom.backupBegin(backup_xml(dom, ["sda"]), checkpoint_xml("cp1", ["sda"]))
+    dom.dom.abortJob()
+    base = sda.snapshot("cp1")
+
+    dom.stop()
+    assert sda.bitmaps() == ["cp1"]
+    offline = [data_op(2 * MiB, 2 * ALIGN, 21), pattern_op(8 * MiB, ALIGN, 0x3C)]
+    sda.apply_all(offline)  # qemu-io straight on the image
+    sda.check_image()
+    dom.start()
+    dirty, changes = incremental(dom, "sda", "cp1", "cp2")
+    assert dirty == ranges_of(offline)
+    rebuilt = bytearray(base.read_bytes())
+    for off, chunk in changes.items():
+        rebuilt[off : off + len(chunk)] = chunk
+    assert_bytes_equal(bytes(rebuilt), sda.expected(), "offline changes via the bitmap")
+
+    sdb = dom.attach_disk(DiskSpec("sdb", "scsi", "qcow2", 8 * MiB))
+    sdb.apply(data_op(ALIGN, ALIGN, 5))
+    sdb.check_image()
+    sda.resize(SIZE + 4 * MiB)
+    sda.apply(pattern_op(SIZE + MiB, ALIGN, 0x99))
+    sda.check_image()
+    assert sda.size == SIZE + 4 * MiB
+
+    with pytest.raises(LabError, match="stop the domain"):
+        sda.remove_bitmap("cp2")
+    dom.stop()
+    sda.remove_bitmap("cp2")
+    assert sda.bitmaps() == ["cp1"]
+    dom.redefine()
+    assert dom.dom.listAllCheckpoints() == []
+    assert sorted(dom.disks) == ["sda", "sdb"]  # the hot-added disk is in the persistent config
+    dom.start()
+    assert dom.alias("sdb")
+    sda.check_image()
