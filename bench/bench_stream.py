@@ -49,6 +49,21 @@ def make_layout(size: int, seed: int = 1) -> Layout:
     return layout
 
 
+def make_pool(compressible: bool) -> bytes:
+    rng = random.Random(7)
+    if not compressible:
+        return rng.randbytes(POOL)
+    words = [rng.randbytes(rng.randint(2, 9)).hex().encode() + b" " for _ in range(2000)]
+    out = bytearray()
+    while len(out) < POOL:
+        if rng.random() < 0.5:
+            out += rng.randbytes(4096)
+        else:
+            block = b"".join(rng.choices(words, k=600))
+            out += block[:4096].ljust(4096, b"\0")
+    return bytes(out[:POOL])
+
+
 def fsync_close(f) -> None:  # type: ignore[no-untyped-def]
     f.flush()
     os.fsync(f.fileno())
@@ -138,15 +153,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=2, help="runs per measurement, best is kept")
     ap.add_argument("--cold", action="store_true", help="drop the page cache of the file before each read")
     ap.add_argument("--methods", default="none,lz4,zstd", help="compression methods to measure")
+    ap.add_argument("--compressible", action="store_true",
+                    help="data like a used file system (half random 4 KiB blocks, half low-entropy text) "
+                         "instead of incompressible random bytes")
     args = ap.parse_args(argv)
 
-    pool = memoryview(random.Random(7).randbytes(POOL))
+    pool = memoryview(make_pool(args.compressible))
     layout = make_layout(args.size)
     data_bytes = sum(length for kind, _, length, _ in layout if kind == "data")
     work = Path(tempfile.mkdtemp(prefix="bench-stream-", dir=args.dir))
     plain, stream = work / "plain.raw", work / "stream.data"
     try:
         print(f"disk {args.size / MiB:.0f} MiB, {len(layout)} extents, data {data_bytes / MiB:.0f} MiB, "
+              f"{'compressible' if args.compressible else 'random'} data, "
               f"{'cold' if args.cold else 'warm'} cache, best of {args.repeat}, dir {args.dir}")
         t_pw = best(lambda: plain_write(plain, layout, pool), args.repeat, lambda: plain.unlink(missing_ok=True))
         cold = (lambda: drop_cache(plain)) if args.cold else None
