@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from virtnbd import errors, fsutil
+from virtnbd.virt.job import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -104,21 +105,11 @@ def remove_stale_work_dirs(scratchdir: str, alive: frozenset[int] = frozenset())
         if len(parts) != 3 or not parts[1].isdigit() or not path.is_dir():
             continue
         pid = int(parts[1])
-        if pid in alive or pid == os.getpid() or _alive(pid):
+        if pid in alive or pid == os.getpid() or pid_alive(pid):
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class SideFiles:
