@@ -7,7 +7,8 @@ half is data. The reference writes the same data bytes to a plain file with
 the same write sizes, then fsyncs; it reads them back with readinto() into a
 reused buffer. The stream side writes frames (xxh3-128 checksums, headers,
 chained digest, file digest, index) and fsyncs; it reads back with
-iter_frames(), which verifies every checksum and the whole-file digest.
+iter_frames(), which verifies every checksum and the chained digest, with
+and without reuse_buffer, and by random access (index + read() per frame).
 Both are measured in the same run, interleaved, best of --repeat.
 
 Target (issue 3): stream write >= 0.8x plain write, stream read >= 0.8x plain read.
@@ -131,6 +132,16 @@ def stream_read(path: Path, reuse: bool = False) -> int:
     return total
 
 
+def stream_read_index(path: Path) -> int:
+    """Random access as restore does it: frames() from the index, read() each data frame (pread)."""
+    total = 0
+    with open_stream(path) as r:
+        for ref in r.frames():
+            if ref.kind == "data":
+                total += len(r.read(ref))
+    return total
+
+
 def best(fn: Callable[[], object], repeat: int, before: Callable[[], None] | None = None) -> float:
     times = []
     for _ in range(repeat):
@@ -182,10 +193,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             cold = (lambda: drop_cache(stream)) if args.cold else None
             t_sr = best(lambda: stream_read(stream), args.repeat, cold)
             t_srr = best(lambda: stream_read(stream, reuse=True), args.repeat, cold)
+            t_sri = best(lambda: stream_read_index(stream), args.repeat, cold)
             stored = stream.stat().st_size
             print(f"{name:6s} write {rate(data_bytes, t_sw)} ({t_pw / t_sw:4.2f}x plain)   "
                   f"read {rate(data_bytes, t_srr)} ({t_pr / t_srr:4.2f}x plain readinto; reuse_buffer)   "
-                  f"{rate(data_bytes, t_sr)} ({t_prb / t_sr:4.2f}x plain read(); bytes)   file {stored / MiB:.0f} MiB")
+                  f"{rate(data_bytes, t_sr)} ({t_prb / t_sr:4.2f}x plain read(); bytes)   "
+                  f"{rate(data_bytes, t_sri)} ({t_prb / t_sri:4.2f}x; index + read())   file {stored / MiB:.0f} MiB")
             stream.unlink()
     finally:
         shutil.rmtree(work)

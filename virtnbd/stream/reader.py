@@ -67,17 +67,39 @@ def _peek(f: BinaryIO, path: str) -> bytes:
 
 
 class _Source:
-    """Exact reads with offsets tracked (works on pipes) and optional whole-file hashing."""
+    """Exact sequential reads with the offset tracked, optional whole-file hashing.
 
-    def __init__(self, f: BinaryIO, path: str, pos: int = 0) -> None:
+    With ``fd`` (a seekable file) reads are ``os.pread`` at the tracked offset:
+    no buffer copy, and random reads elsewhere never move it. Without, reads go
+    through ``f`` (pipes), looping over short reads.
+    """
+
+    def __init__(self, f: BinaryIO, path: str, fd: int | None = None) -> None:
         self.f = f
         self.path = path
-        self.pos = pos
+        self.fd = fd
+        self.pos = 0
         self.hash: xxhash.xxh3_128 | None = None
+
+    def _read_some(self, n: int) -> bytes:
+        if self.fd is not None:
+            return os.pread(self.fd, n, self.pos)
+        return self.f.read(n)
 
     def read(self, n: int, what: str) -> bytes:
         try:
-            data = self.f.read(n)
+            data = self._read_some(n)
+            if 0 < len(data) < n:                      # short read: pipe or signal, keep going
+                parts = [data]
+                got = len(data)
+                while got < n:
+                    more = (os.pread(self.fd, n - got, self.pos + got) if self.fd is not None
+                            else self.f.read(n - got))
+                    if not more:
+                        break
+                    parts.append(more)
+                    got += len(more)
+                data = b"".join(parts)
         except OSError as err:
             raise errors.FormatError(path=self.path, offset=self.pos, reason=err.strerror or str(err)) from err
         if len(data) != n:
@@ -92,7 +114,8 @@ class _Source:
         done = 0
         try:
             while done < len(view):
-                got = self.f.readinto(view[done:])  # type: ignore[attr-defined]
+                got = (os.preadv(self.fd, [view[done:]], self.pos + done) if self.fd is not None
+                       else self.f.readinto(view[done:]))  # type: ignore[attr-defined]
                 if not got:
                     break
                 done += got
@@ -106,11 +129,18 @@ class _Source:
         return view
 
     def seek(self, pos: int) -> None:
-        try:
-            self.f.seek(pos)
-        except OSError as err:
-            raise errors.FormatError(path=self.path, offset=pos, reason=err.strerror or str(err)) from err
+        if self.fd is None:
+            try:
+                self.f.seek(pos)
+            except OSError as err:
+                raise errors.FormatError(path=self.path, offset=pos, reason=err.strerror or str(err)) from err
         self.pos = pos
+
+    def at_end(self) -> bool:
+        try:
+            return not self._read_some(1)
+        except OSError as err:
+            raise errors.FormatError(path=self.path, offset=self.pos, reason=err.strerror or str(err)) from err
 
 
 class StreamReader:
@@ -128,7 +158,11 @@ class StreamReader:
             self._seekable = f.seekable()
         except (OSError, ValueError):
             self._seekable = False
-        self._src = _Source(f, path)
+        try:
+            self._fd: int | None = f.fileno() if self._seekable else None
+        except (OSError, ValueError, AttributeError):
+            self._fd = None
+        self._src = _Source(f, path, self._fd)
         if self._seekable:
             self._src.seek(0)
         self._consumed = False
@@ -142,10 +176,6 @@ class StreamReader:
         self._frames: list[FrameRef] | None = None
         self._starts: list[int] = []
         self._totals: StreamTotals | None = None
-        try:
-            self._fd: int | None = f.fileno()
-        except (OSError, ValueError, AttributeError):
-            self._fd = None
 
     def __enter__(self) -> StreamReader:
         return self
@@ -365,11 +395,7 @@ class StreamReader:
         check = fmt.checksum(digest + entries + counts[:24])
         if footer != counts[:24] + check + fmt.INDEX_MAGIC:
             raise errors.FormatError(path=self.path, offset=footer_pos, reason="index footer mismatch")
-        try:
-            extra = src.f.read(1)
-        except OSError as err:
-            raise errors.FormatError(path=self.path, offset=src.pos, reason=err.strerror or str(err)) from err
-        if extra:
+        if not src.at_end():
             raise errors.FormatError(path=self.path, offset=src.pos, reason="trailing bytes after index footer")
 
     @property

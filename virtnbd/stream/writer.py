@@ -7,6 +7,7 @@ hand the results to :meth:`StreamWriter.add` in offset order.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import BinaryIO
 
@@ -18,6 +19,8 @@ from virtnbd.stream import format as fmt
 from virtnbd.stream.format import EncodedFrame, StreamMeta, StreamTotals
 
 log = logging.getLogger(__name__)
+
+OVERLAP_HASH_MIN = 256 << 10    # payloads from this size get their file digest hashed alongside the write
 
 
 def encode_data(offset: int, data: bytes | memoryview, method: str | None,
@@ -66,6 +69,7 @@ class StreamWriter:
         self._f = f
         self._level = level
         self._file_hash = xxhash.xxh3_128()
+        self._hasher: ThreadPoolExecutor | None = None
         self._pos = 0
         self._next_offset = 0
         self._index = bytearray()
@@ -83,8 +87,16 @@ class StreamWriter:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if exc_type is None and self._totals is None:
-            self.finish()
+        try:
+            if exc_type is None and self._totals is None:
+                self.finish()
+        finally:
+            self._stop_hasher()
+
+    def _stop_hasher(self) -> None:
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True)
+            self._hasher = None
 
     @property
     def position(self) -> int:
@@ -92,6 +104,23 @@ class StreamWriter:
         return self._pos
 
     def _write(self, data: bytes | bytearray | memoryview) -> None:
+        """Write all of ``data``; the whole-file digest of a large payload is computed by a
+        helper thread while the write runs (xxhash releases the GIL), and finished before
+        returning, so the caller may reuse its buffer at once."""
+        if len(data) < OVERLAP_HASH_MIN:
+            self._write_all(data)
+            self._file_hash.update(data)
+        else:
+            if self._hasher is None:
+                self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-digest")
+            pending = self._hasher.submit(self._file_hash.update, data)
+            try:
+                self._write_all(data)
+            finally:
+                pending.result()
+        self._pos += len(data)
+
+    def _write_all(self, data: bytes | bytearray | memoryview) -> None:
         try:
             done = self._f.write(data)
             if done is not None and done < len(data):       # raw (unbuffered) files may write short
@@ -103,8 +132,6 @@ class StreamWriter:
                     done += more
         except OSError as err:
             raise errors.StorageError(path=self.path, reason=err.strerror or str(err)) from err
-        self._file_hash.update(data)
-        self._pos += len(data)
 
     def add(self, frame: EncodedFrame) -> None:
         """Append an encoded frame; frames must ascend and must not overlap."""
@@ -153,6 +180,7 @@ class StreamWriter:
         counts = fmt.FOOTER.pack(end_pos, index_pos, self._frames, fmt.NO_CHECKSUM, fmt.INDEX_MAGIC)[:24]
         index_check = fmt.checksum(digest + bytes(self._index) + counts)
         self._write(fmt.FOOTER.pack(end_pos, index_pos, self._frames, index_check, fmt.INDEX_MAGIC))
+        self._stop_hasher()
         try:
             self._f.flush()
         except OSError as err:
