@@ -19,6 +19,7 @@ from tests.lab.legacy_writer import LegacyPoint, stream_bytes, write_set, write_
 from virtnbd import errors
 from virtnbd.backupset import chain
 from virtnbd.backupset import legacy as legacy_set
+from virtnbd.stream import legacy as legacy_stream
 from virtnbd.stream import open_stream
 from virtnbd.stream.legacy import LegacyStreamReader, open_raw_image
 
@@ -37,8 +38,19 @@ VARIANTS = [  # (stream version, compressed, max request size: small => chunked 
     (1, False, 32 << 20), (2, False, 32 << 20), (2, True, 32 << 20), (2, True, 8 * KiB)]
 
 
+def image_of(ext: list[tuple[str, int, object]], size: int) -> bytes:
+    img = bytearray(size)
+    for kind, off, val in ext:
+        if kind == "data":
+            assert isinstance(val, bytes)
+            img[off:off + len(val)] = val
+    return bytes(img)
+
+
 @pytest.mark.parametrize(("version", "compress", "max_request"), VARIANTS)
-def test_stream_round_trip(tmp_path: Path, version: int, compress: bool, max_request: int) -> None:
+def test_stream_round_trip(tmp_path: Path, version: int, compress: bool, max_request: int,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(legacy_stream, "SPLIT", 16 * KiB)     # big uncompressed frames are served in pieces
     ext = extents(version)
     path = tmp_path / "sda.inc.virtnbdbackup.1.data"
     write_stream(path, stream_bytes(ext, virtual_size=SIZE, checkpoint="virtnbdbackup.1", parent="virtnbdbackup.0",
@@ -48,9 +60,17 @@ def test_stream_round_trip(tmp_path: Path, version: int, compress: bool, max_req
         assert (r.meta.level, r.meta.checkpoint, r.meta.parent, r.meta.virtual_size, r.meta.disk) == \
             ("inc", "virtnbdbackup.1", "virtnbdbackup.0", SIZE, "sda")
         assert r.meta.compression == ("lz4" if compress else None)
-        assert [(f.kind, f.offset) for f in r.frames()] == [(k, o) for k, o, _ in ext]
-        got = [(ref.kind, data) for ref, data in r.iter_frames()]
-        assert got == [(k, v if k == "data" else None) for k, _, v in ext]
+        refs = r.frames()
+        assert [(f.kind, f.offset) for f in refs if f.kind == "zero"] == [(k, o) for k, o, _ in ext if k == "zero"]
+        assert max(f.length for f in refs if f.kind == "data") <= (max_request if compress else 16 * KiB)
+        assert all(a.offset + a.length <= b.offset for a, b in zip(refs, refs[1:], strict=False))
+        image = bytearray(SIZE)
+        for ref, data in r.iter_frames():
+            assert (data is None) == (ref.kind == "zero")
+            if data is not None:
+                image[ref.offset:ref.offset + ref.length] = data
+        assert image == image_of(ext, SIZE)
+        assert r.read_range(0, SIZE) == image_of(ext, SIZE)
         totals = r.verify()
         assert totals.data_bytes == 3000 + 60 * KiB and totals.stored_bytes == path.stat().st_size
         assert totals.digest.startswith("adler32:")

@@ -39,6 +39,8 @@ _FRAME_RE = re.compile(rb"^(meta|data|zero|stop|comp) ([0-9a-f]{16}) ([0-9a-f]{1
 MAX_META = 1 << 20
 MAX_TRAILER = 256 << 20
 READ_CHUNK = 8 << 20
+SPLIT = 16 << 20      # uncompressed data frames (one per extent, any size) are served in pieces of this size
+LZ4_HEADER_MAX = 19
 LEVEL_FROM_NAME = re.compile(r"\.(full|copy|inc|diff)\.")
 
 
@@ -67,9 +69,12 @@ def adler32_of_chksum_file(path: str) -> int | None:
 
 @dataclass(frozen=True)
 class _Entry:
+    """One piece of a data frame as the reader serves it: raw bytes, or one lz4 frame."""
+
     ref: FrameRef
-    payload_pos: int
-    sizes: tuple[int, ...]      # stored sizes: one lz4 frame per chunk; (length,) when uncompressed
+    payload_pos: int            # file position of the piece's stored bytes
+    stored: int                 # stored bytes (= ref.length when not compressed)
+    compressed: bool
 
 
 class LegacyStreamReader(StreamReader):
@@ -205,9 +210,8 @@ class LegacyStreamReader(StreamReader):
             if start < next_offset or start + length > self.meta.virtual_size:
                 raise errors.FormatError(path=self.path, offset=pos, reason="frame out of order or beyond disk size")
             next_offset = start + length
-            ref = FrameRef(kind.decode(), start, length, pos)
             if kind == b"zero":
-                yield _Entry(ref, pos + FRAME_LEN, ())
+                yield _Entry(FrameRef("zero", start, length, pos), pos + FRAME_LEN, 0, False)
                 pos += FRAME_LEN
                 continue
             sizes: tuple[int, ...] = (length,)
@@ -217,13 +221,45 @@ class LegacyStreamReader(StreamReader):
                 sizes = self._trailer[n_data]
             n_data += 1
             data_bytes += length
-            yield _Entry(ref, pos + FRAME_LEN, sizes)
             end = pos + FRAME_LEN + sum(sizes) + len(TERM)
             if end > self._size:
                 raise errors.FormatError(path=self.path, offset=pos,
                                          reason="data frame extends beyond the end of the file (truncated)")
+            if self._pread(end - len(TERM), len(TERM), "terminator") != TERM:
+                raise errors.FormatError(path=self.path, offset=end - len(TERM), reason="data frame not terminated")
+            yield from self._pieces(start, length, pos + FRAME_LEN, sizes)
             pos = end
         self._check_end(pos, n_data, data_bytes)
+
+    def _pieces(self, start: int, length: int, payload: int, sizes: tuple[int, ...]) -> Iterator[_Entry]:
+        """Split one data frame into pieces a reader can serve with bounded memory."""
+        if self._trailer is None:
+            for k in range(0, length, SPLIT):
+                n = min(SPLIT, length - k)
+                yield _Entry(FrameRef("data", start + k, n, payload + k), payload + k, n, False)
+            return
+        if len(sizes) == 1:
+            yield _Entry(FrameRef("data", start, length, payload), payload, sizes[0], True)
+            return
+        offset, at = start, payload       # chunked: one lz4 frame per chunk, content size in its header
+        for size in sizes:
+            n = self._lz4_content_size(at, size)
+            yield _Entry(FrameRef("data", offset, n, at), at, size, True)
+            offset += n
+            at += size
+        if offset != start + length:
+            raise errors.FormatError(path=self.path, offset=payload,
+                                     reason=f"chunks decompress to {offset - start} bytes, frame says {length}")
+
+    def _lz4_content_size(self, pos: int, size: int) -> int:
+        head = self._pread(pos, min(size, LZ4_HEADER_MAX), "lz4 frame header")
+        try:
+            content = int(lz4.frame.get_frame_info(head).get("content_size") or 0)
+        except RuntimeError as err:
+            raise errors.FormatError(path=self.path, offset=pos, reason=f"lz4 frame header corrupt: {err}") from err
+        if content <= 0:
+            raise errors.FormatError(path=self.path, offset=pos, reason="lz4 chunk without content size")
+        return content
 
     def _check_end(self, stop_pos: int, n_data: int, data_bytes: int) -> None:
         end = stop_pos + FRAME_LEN
@@ -257,30 +293,22 @@ class LegacyStreamReader(StreamReader):
             raise errors.FormatError(path=self.path, offset=ref.pos, reason="no such frame in the stream")
         if ref.kind == "zero":
             return bytes(ref.length)
-        stored = self._pread(entry.payload_pos, sum(entry.sizes) + len(TERM), "frame payload")
-        if stored[-2:] != TERM:
-            raise errors.FormatError(path=self.path, offset=entry.payload_pos + sum(entry.sizes),
-                                     reason="data frame not terminated")
-        if self._trailer is None:
-            return stored[:-2]
+        stored = self._pread(entry.payload_pos, entry.stored, "frame payload")
+        if not entry.compressed:
+            return stored
         return self._decompress(stored, entry)
 
     def _decompress(self, stored: bytes, entry: _Entry) -> bytes:
-        parts, pos = [], 0
-        for size in entry.sizes:
-            chunk = stored[pos:pos + size]
-            try:
-                dec = lz4.frame.LZ4FrameDecompressor()
-                parts.append(dec.decompress(chunk, max_length=entry.ref.length))
-                complete = dec.eof and not dec.unused_data
-            except RuntimeError as err:
-                raise errors.FormatError(path=self.path, offset=entry.payload_pos + pos,
-                                         reason=f"lz4 frame corrupt: {err}") from err
-            if not complete:
-                raise errors.FormatError(path=self.path, offset=entry.payload_pos + pos,
-                                         reason="lz4 frame incomplete or with trailing bytes")
-            pos += size
-        data = b"".join(parts)
+        try:
+            dec = lz4.frame.LZ4FrameDecompressor()
+            data = dec.decompress(stored, max_length=entry.ref.length)
+            complete = dec.eof and not dec.unused_data
+        except RuntimeError as err:
+            raise errors.FormatError(path=self.path, offset=entry.payload_pos,
+                                     reason=f"lz4 frame corrupt: {err}") from err
+        if not complete:
+            raise errors.FormatError(path=self.path, offset=entry.payload_pos,
+                                     reason="lz4 frame incomplete or with trailing bytes")
         if len(data) != entry.ref.length:
             raise errors.FormatError(path=self.path, offset=entry.ref.pos,
                                      reason=f"frame decompresses to {len(data)} bytes, header says {entry.ref.length}")
