@@ -142,3 +142,13 @@ def test_writer_completes_short_writes_of_raw_files() -> None:
     totals = write(raw, meta(), layout)
     r = open_stream(io.BytesIO(bytes(raw.data)), path="<mem>")
     assert r.verify() == totals and r.read(r.frames()[0]) == layout[0][2]
+
+
+def test_read_range_outside_the_disk_is_refused() -> None:
+    buf = io.BytesIO()
+    write(buf, meta(size=MiB), [("data", 0, b"x" * 10)])
+    r = open_stream(buf, path="<mem>")
+    assert r.read_range(MiB - 5, 5) == bytes(5)
+    for offset, length in ((MiB - 5, 6), (-1, 2), (0, -1)):
+        with pytest.raises(errors.UsageError):
+            r.read_range(offset, length)

@@ -291,6 +291,9 @@ class StreamReader:
         Uses the index (no scan). Ranges no frame covers read as zeros: for an
         inc/diff stream use :meth:`frames_in` to see what the stream covers.
         """
+        if offset < 0 or length < 0 or offset + length > self.meta.virtual_size:
+            raise errors.UsageError(reason=f"{self.path}: range {offset}+{length} outside the disk "
+                                           f"(0..{self.meta.virtual_size})")
         out = bytearray(length)
         for ref in self.frames_in(offset, length):
             if ref.kind != "data":
