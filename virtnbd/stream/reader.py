@@ -52,15 +52,16 @@ def open_stream(source: str | os.PathLike[str] | BinaryIO, path: str | None = No
 
 
 def _peek(f: BinaryIO, path: str) -> bytes:
+    """The first bytes of the stream: from position 0 of a seekable file, else peeked from a pipe."""
     peek = getattr(f, "peek", None)
     try:
+        if f.seekable():
+            f.seek(0)
+            data = f.read(LEGACY_PROBE)
+            f.seek(0)
+            return data
         if peek is not None:
             return bytes(peek(LEGACY_PROBE)[:LEGACY_PROBE])
-        if f.seekable():
-            pos = f.tell()
-            data = f.read(LEGACY_PROBE)
-            f.seek(pos)
-            return data
     except OSError as err:
         raise errors.FormatError(path=path, offset=0, reason=err.strerror or str(err)) from err
     raise errors.UsageError(reason=f"{path}: cannot detect the stream type of an unbuffered pipe")
