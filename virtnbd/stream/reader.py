@@ -39,7 +39,8 @@ def open_stream(source: str | os.PathLike[str] | BinaryIO, path: str | None = No
         f, name, owns = source, str(path or getattr(source, "name", "<stream>")), False
     try:
         probe = _peek(f, name)
-        if probe.startswith(fmt.MAGIC):
+        if probe.startswith(fmt.MAGIC) or (0 < len(probe) < len(fmt.MAGIC) and fmt.MAGIC.startswith(probe)):
+            # (a pipe may show only a few bytes ahead: the reader checks the full magic)
             return StreamReader(f, name, owns=owns)
         from virtnbd.stream import legacy
         if legacy.detect(probe):
