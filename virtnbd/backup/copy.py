@@ -72,32 +72,36 @@ class _Item:
         return (self.frame or self.read).done()
 
     def compress_in(self, pool: Executor, method: str, level: int | None) -> None:
-        """Chain: read done -> encode in the pool."""
-        self.frame = Future()
-        assert self.read is not None
+        """Chain: read done -> encode in the pool -> ``self.frame``.
+
+        The callbacks capture only the futures they complete, never ``self``:
+        no reference cycle, so a frame's buffers go away as soon as it is written
+        (cycles would wait for the garbage collector and hold compressed payloads).
+        """
+        frame: Future[EncodedFrame] = Future()
+        self.frame = frame
+
+        def encoded_done(encoded: Future[EncodedFrame]) -> None:
+            err = encoded.exception()
+            if err is not None:
+                frame.set_exception(err)
+            else:
+                frame.set_result(encoded.result())
 
         def read_done(read: Future[Chunk]) -> None:
-            assert self.frame is not None
             err = read.exception()
             if err is not None:
-                self.frame.set_exception(err)
+                frame.set_exception(err)
                 return
             try:
                 encoded = pool.submit(encode, read.result(), method, level)
             except RuntimeError as exc:   # pool shut down: the run is ending
-                self.frame.set_exception(exc)
+                frame.set_exception(exc)
                 return
-            encoded.add_done_callback(self._encoded)
+            encoded.add_done_callback(encoded_done)
 
-        self.read.add_done_callback(read_done)
-
-    def _encoded(self, encoded: Future[EncodedFrame]) -> None:
-        assert self.frame is not None
-        err = encoded.exception()
-        if err is not None:
-            self.frame.set_exception(err)
-        else:
-            self.frame.set_result(encoded.result())
+        if self.read is not None:
+            self.read.add_done_callback(read_done)
 
     def discard(self) -> None:
         """Give the buffer back after a failure (waits for the read to end)."""
@@ -137,6 +141,7 @@ def copy_disk(source: NbdSource, writer: StreamWriter, extents: Iterable[Extent]
                 writer.add(frame)
             finally:
                 chunk.release()
+                item.read = item.frame = None
             if frame.kind == DATA:
                 stats.data_bytes += ext.length
             else:
