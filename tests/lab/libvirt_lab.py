@@ -49,7 +49,8 @@ QEMU_USER = "libvirt-qemu"
 # data files and socket folders must be reachable by that user. The pytest
 # tmp_path (0700, root) is not, so the lab lives here.
 LAB_ROOT = Path(os.environ.get("VNBD_LAB_ROOT", "/var/lib/libvirt/images/vnbdtest"))
-LOCK_FILE = Path("/run/vnbdtest-lab.lock")
+LOCK_FILE = Path("/run/vnbdtest-lab.lock")  # shared by every session using the daemons
+START_LOCK_FILE = Path("/run/vnbdtest-lab.start.lock")  # held while starting/stopping
 EMULATOR = "/usr/bin/qemu-system-x86_64"
 DAEMON_LOG_DIR = Path("/var/log/libvirt")
 QEMU_LOG_DIR = DAEMON_LOG_DIR / "qemu"
@@ -115,43 +116,51 @@ def _answers(timeout: float = 10.0) -> bool:
 
 @dataclass
 class LabDaemons:
-    """virtlogd/libvirtd for one pytest session; stops only what it started."""
+    """virtlogd/libvirtd for one pytest session; stops only what it started.
+
+    Two lock files make concurrent sessions safe: every user holds a shared
+    lock on ``LOCK_FILE`` for its whole session; ``START_LOCK_FILE`` is held
+    exclusively only while checking/starting or stopping. A session stops the
+    daemons it started only when it can take ``LOCK_FILE`` exclusively, i.e.
+    no other session uses them (``scripts/lab/libvirtd stop`` does the same).
+    """
 
     started: dict[str, int] = field(default_factory=dict)  # name -> pid
-    _lock_fd: int | None = None
+    _users_fd: int | None = None
+
+    @staticmethod
+    def _open(path: Path) -> int:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
 
     def ensure(self, wait: float = 30.0) -> None:
-        LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        start_fd = self._open(START_LOCK_FILE)
         try:
+            fcntl.flock(start_fd, fcntl.LOCK_EX)
+            self._users_fd = self._open(LOCK_FILE)
+            fcntl.flock(self._users_fd, fcntl.LOCK_SH)
             for name, pidfile in (("virtlogd", "/run/virtlogd.pid"), ("libvirtd", "/run/libvirtd.pid")):
-                if _pids_of(name):
-                    continue
-                log.info("lab: starting %s (log %s/%s.log)", name, DAEMON_LOG_DIR, name)
-                DAEMON_LOG_DIR.mkdir(parents=True, exist_ok=True)
-                env = {**os.environ, "LIBVIRT_LOG_OUTPUTS": f"3:file:{DAEMON_LOG_DIR}/{name}.log"}
-                subprocess.run([name, "-d"], env=env, check=True, timeout=30, capture_output=True)
-                pid = _wait_pid(name, pidfile)
-                self.started[name] = pid
+                if not _pids_of(name):
+                    self.started[name] = _start_daemon(name, pidfile)
             deadline = time.monotonic() + wait
             while not _answers():
                 if time.monotonic() > deadline:
-                    raise LabError(f"libvirtd does not answer on {URI} after {wait:.0f}s")
+                    raise LabError(f"libvirtd does not answer on {URI} after {wait:.0f}s (log {DAEMON_LOG_DIR})")
                 time.sleep(0.2)
         finally:
-            # keep a shared lock while this session uses the daemons
-            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+            os.close(start_fd)
 
     def release(self) -> None:
-        if self._lock_fd is None:
+        if self._users_fd is None:
             return
-        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        start_fd = self._open(START_LOCK_FILE)
         try:
+            fcntl.flock(start_fd, fcntl.LOCK_EX)
+            fcntl.flock(self._users_fd, fcntl.LOCK_UN)
             if not self.started:
                 return
             try:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(self._users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 log.warning("lab: another session still uses libvirtd; leaving %s running", sorted(self.started))
                 return
@@ -160,8 +169,17 @@ class LabDaemons:
                 if pid is not None:
                     _stop_pid(pid)
         finally:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+            os.close(self._users_fd)
+            self._users_fd = None
+            os.close(start_fd)
+
+
+def _start_daemon(name: str, pidfile: str) -> int:
+    log.info("lab: starting %s (log %s/%s.log)", name, DAEMON_LOG_DIR, name)
+    DAEMON_LOG_DIR.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "LIBVIRT_LOG_OUTPUTS": f"3:file:{DAEMON_LOG_DIR}/{name}.log"}
+    subprocess.run([name, "-d"], env=env, check=True, timeout=30, capture_output=True)
+    return _wait_pid(name, pidfile)
 
 
 def _wait_pid(name: str, pidfile: str, wait: float = 15.0) -> int:
