@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -379,3 +380,48 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --------------------------------------------------------------------------
+# libvirt domains with RBD network disks
+
+
+@contextlib.contextmanager
+def libvirt_secret(conn: Any, cluster: CephCluster, usage: str | None = None) -> Iterator[str]:
+    """A libvirt ceph secret holding the cluster's client key; yields its UUID, undefined on exit."""
+    import base64
+
+    usage = usage or f"client.{cluster.client_id} vnbdtest-{uuid.uuid4().hex[:8]}"
+    secret = conn.secretDefineXML(
+        f"<secret ephemeral='no' private='no'><usage type='ceph'><name>{usage}</name></usage></secret>")
+    try:
+        secret.setValue(base64.b64decode(cluster.key))
+        yield str(secret.UUIDString())
+    finally:
+        secret.undefine()
+
+
+def rbd_disk_xml(cluster: CephCluster, image: str, target: str, secret_uuid: str, *, pool: str | None = None,
+                 bus: str = "sata", fmt: str = "raw") -> str:
+    return f"""<disk type='network' device='disk'>
+      <driver name='qemu' type='{fmt}' cache='writeback' discard='unmap'/>
+      <auth username='{cluster.client_id}'><secret type='ceph' uuid='{secret_uuid}'/></auth>
+      <source protocol='rbd' name='{pool or cluster.pool}/{image}'>
+        <host name='127.0.0.1' port='{cluster.mon_port_v1}'/>
+      </source>
+      <target dev='{target}' bus='{bus}'/>
+    </disk>"""
+
+
+def swap_disk_to_rbd(conn: Any, domain_xml: str, target: str, disk_xml: str) -> str:
+    """``domain_xml`` with the disk ``target`` replaced by ``disk_xml`` (an RBD network disk)."""
+    from lxml import etree
+
+    root = etree.fromstring(domain_xml.encode())
+    for disk in root.findall("devices/disk"):
+        t = disk.find("target")
+        if t is not None and t.get("dev") == target:
+            disk.addnext(etree.fromstring(disk_xml.encode()))
+            disk.getparent().remove(disk)
+            return etree.tostring(root, encoding="unicode")
+    raise CephLabError(f"no disk {target} in the domain XML")

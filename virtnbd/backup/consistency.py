@@ -69,6 +69,8 @@ def redefine_lost(dom: libvirt.virDomain, manifest: Any, folder: Path) -> tuple[
         name = point.checkpoint
         if not name or name in known:
             continue
+        if (point.extra or {}).get("libvirt_checkpoint") is False:
+            continue  # only RBD snapshots track this point (raw RBD disks, virtnbd/rbdextents.py)
         xml = _saved_xml(folder, point)
         if xml is None:
             problems.append(Problem(f"checkpoint {name} is missing in libvirt and the backup folder has no "

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from virtnbd import errors
+from virtnbd import errors, rbdextents
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backupset import naming
 from virtnbd.virt.domainxml import Disk
@@ -122,8 +122,8 @@ def make_plan(options: BackupOptions, manifest: Any, disks: Sequence[Disk], epoc
         checkpoint = naming.checkpoint_name(0) if level == "full" else None
         planned = tuple(PlannedDisk(d, "full") for d in chosen)
         bitmaps = tuple(d.target for d in chosen if d.can_checkpoint) if checkpoint else ()
-        if checkpoint and not bitmaps:
-            checkpoint = None
+        if checkpoint and not bitmaps and not any(rbdextents.tracked(d) for d in chosen):
+            checkpoint = None  # raw RBD disks keep the point's checkpoint as an RBD snapshot (rbdextents)
         point = checkpoint or level
         return Plan(level, point, checkpoint, None, planned, tuple(skipped), bitmaps, last)
     parent_point = chain_points(manifest)[-1]
@@ -131,7 +131,9 @@ def make_plan(options: BackupOptions, manifest: Any, disks: Sequence[Disk], epoc
     in_parent = set(parent_point.disks)
     planned_disks = []
     for disk in chosen:
-        if not disk.can_checkpoint:
+        if not disk.can_checkpoint and rbdextents.tracked(disk) and disk.target in in_parent:
+            planned_disks.append(PlannedDisk(disk, rbdextents.MODE))  # changes from RBD snapshot diff
+        elif not disk.can_checkpoint:
             planned_disks.append(PlannedDisk(disk, "full", f"{disk.format} disks have no dirty bitmap"))
         elif disk.target not in in_parent:
             planned_disks.append(PlannedDisk(disk, "full", "disk is new to the chain"))

@@ -434,6 +434,8 @@ def _execute(options: BackupOptions, dom: libvirt.virDomain, folder: Path, plan:
                 extra=MappingProxyType({"guest_info": guest_info, "qemu_img_info": saved["qemu_img_info"],
                                         "boot_files": saved["boot_files"], "tool_version": __version__,
                                         "skipped_disks": dict(plan.skipped),
+                                        "libvirt_checkpoint": saved_cp is not None,
+                                        "rbd_snapshots": [d.target for d in run_.rbd.disks] if run_.rbd else [],
                                         "bytes_read": sum(r.bytes_read for r in results)}))
             updated = bsmanifest.commit_point(folder, point, dom.name(), uuid)
             committed[0] = True
