@@ -27,6 +27,15 @@ def write_layout(f: Any, m: StreamMeta, layout: Layout, path: str = "<mem>", lev
         return w.finish()
 
 
+def image_of(layout: Layout, size: int) -> bytes:
+    """The disk image a layout describes (zeros where no data frame is)."""
+    img = bytearray(size)
+    for kind, off, val in layout:
+        if kind == "data":
+            img[off:off + len(val)] = val
+    return bytes(img)
+
+
 def stream_bytes(m: StreamMeta, layout: Layout, level: int | None = None) -> bytes:
     buf = io.BytesIO()
     write_layout(buf, m, layout, level=level)

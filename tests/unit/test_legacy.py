@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab.legacy_writer import LegacyPoint, stream_bytes, write_set, write_stream
+from tests.unit.stream_helpers import image_of
 from virtnbd import errors
 from virtnbd.backupset import chain
 from virtnbd.backupset import legacy as legacy_set
@@ -36,15 +37,6 @@ def extents(seed: int) -> list[tuple[str, int, object]]:
 
 VARIANTS = [  # (stream version, compressed, max request size: small => chunked compressed entries)
     (1, False, 32 << 20), (2, False, 32 << 20), (2, True, 32 << 20), (2, True, 8 * KiB)]
-
-
-def image_of(ext: list[tuple[str, int, object]], size: int) -> bytes:
-    img = bytearray(size)
-    for kind, off, val in ext:
-        if kind == "data":
-            assert isinstance(val, bytes)
-            img[off:off + len(val)] = val
-    return bytes(img)
 
 
 @pytest.mark.parametrize(("version", "compress", "max_request"), VARIANTS)

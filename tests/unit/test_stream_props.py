@@ -6,7 +6,7 @@ import io
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.unit.stream_helpers import meta, pipe, stream_bytes
+from tests.unit.stream_helpers import image_of, meta, pipe, stream_bytes
 from virtnbd.stream import open_stream
 
 
@@ -32,15 +32,6 @@ def layouts(draw: st.DrawFn) -> tuple[int, list[tuple[str, int, object]]]:
     return pos + draw(st.integers(0, 5000)), layout
 
 
-def expected_image(size: int, layout: list[tuple[str, int, object]]) -> bytes:
-    img = bytearray(size)
-    for kind, off, val in layout:
-        if kind == "data":
-            assert isinstance(val, bytes)
-            img[off:off + len(val)] = val
-    return bytes(img)
-
-
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(layouts(), st.sampled_from([None, "lz4", "zstd"]), st.sampled_from([None, 1]))
 def test_layout_round_trips(case: tuple[int, list[tuple[str, int, object]]], method: str | None,
@@ -58,7 +49,7 @@ def test_layout_round_trips(case: tuple[int, list[tuple[str, int, object]]], met
         assert [(x.kind, x.offset, x.length) for x in refs] == want_refs
         for ref, (kind, _, val) in zip(refs, layout, strict=True):
             assert r.read(ref) == (val if kind == "data" else bytes(ref.length))
-        assert r.read_range(0, size) == expected_image(size, layout)
+        assert r.read_range(0, size) == image_of(layout, size)
         totals = r.verify()
         assert totals.stored_bytes == len(data)
 
