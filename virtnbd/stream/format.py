@@ -144,7 +144,7 @@ def unpack_frame(raw: bytes, path: str, pos: int) -> FrameHeader:
     if flags != 0:
         raise errors.FormatError(path=path, offset=pos, reason=f"unknown frame flags {flags:#x}")
     if kind == KIND_DATA:
-        if method not in METHOD_NAMES or not 0 < length <= MAX_FRAME_LENGTH or stored <= 0:
+        if method not in METHOD_NAMES or not 0 < length <= MAX_FRAME_LENGTH or not 0 < stored <= length:
             raise errors.FormatError(path=path, offset=pos, reason="invalid data frame header")
         if method == METHOD_NONE and stored != length:
             raise errors.FormatError(path=path, offset=pos, reason="uncompressed frame with stored != length")
