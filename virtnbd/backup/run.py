@@ -24,7 +24,7 @@ from typing import Any
 import libvirt
 
 from virtnbd import __version__, errors, fsutil, rbdextents
-from virtnbd.backup import archive, consistency, copy, modes, output
+from virtnbd.backup import consistency, copy, modes, output, recovery
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backup.plan import Plan, PlannedDisk, make_plan
 from virtnbd.backupset import manifest as bsmanifest
@@ -345,7 +345,7 @@ def run(options: BackupOptions) -> RunSummary:
         dom = connection.lookup_domain(conn, options.domain)
         folder = output.prepare_folder(options.output)
         with output.folder_lock(folder):
-            archive.resume(folder)
+            recovery.recover(folder)
             try:
                 summary = _run_locked(options, dom, folder)
             finally:

@@ -5,6 +5,7 @@ import contextlib
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -74,7 +75,19 @@ def abort_stale(dom: libvirt.virDomain) -> str | None:
         raise errors.LibvirtError(reason=f"domain {dom.name()} is being backed up by running process {pid}")
     log.warning("aborting stale backup job of killed process %d (socket %s)", pid, socket)
     _abort(dom)
+    wait_gone(dom)
     return socket
+
+
+def wait_gone(dom: libvirt.virDomain, timeout: float = 30.0) -> None:
+    """abortJob() returns before libvirt has torn the job down (seen with whole-disk exports):
+    wait, so the next run (or a user) never meets the job of a run that already ended."""
+    deadline = time.monotonic() + timeout
+    while running_job_xml(dom) is not None:
+        if time.monotonic() > deadline:
+            log.warning("backup job of %s still listed %.0fs after abort", dom.name(), timeout)
+            return
+        time.sleep(0.02)
 
 
 def _abort(dom: libvirt.virDomain) -> bool:
@@ -118,6 +131,7 @@ class BackupJob:
         if running_job_xml(self.dom) is None:
             return
         if _abort(self.dom):
+            wait_gone(self.dom)
             log.debug("backup job of %s ended", self.dom.name())
 
     def __enter__(self) -> BackupJob:
