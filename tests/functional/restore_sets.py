@@ -142,4 +142,9 @@ def compare(image: str, fmt: str, shadow: str) -> str:
                          check=False, capture_output=True, text=True)
     if res.returncode != 0:
         raise AssertionError(f"{image} differs from {shadow}: {res.stdout}{res.stderr}")
+    if fmt == "qcow2":
+        check = subprocess.run(["qemu-img", "check", "-f", "qcow2", image], check=False, capture_output=True,
+                               text=True)
+        if check.returncode != 0:
+            raise AssertionError(f"qemu-img check {image}: {check.stdout}{check.stderr}")
     return res.stdout

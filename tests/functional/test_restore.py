@@ -93,17 +93,48 @@ def test_restored_image_is_thin(tmp_path, fmt):
     assert got < b.size / 2
 
 
-def test_qcow2_created_with_backup_time_options(tmp_path):
-    info = {"format": "qcow2", "cluster-size": 16384,
-            "format-specific": {"type": "qcow2", "data": {"compat": "1.1", "lazy-refcounts": True,
-                                                          "refcount-bits": 16, "compression-type": "zstd"}}}
-    b = _chain(str(tmp_path / "set"), incs=1, diff=False, image_info=info)
+def _info(cluster: int, compat: str = "1.1", lazy: bool = False, compression: str = "zlib", **more) -> dict:
+    data = {"compat": compat, "lazy-refcounts": lazy, "refcount-bits": 16, "compression-type": compression, **more}
+    return {"format": "qcow2", "cluster-size": cluster, "format-specific": {"type": "qcow2", "data": data}}
+
+
+QCOW2_VARIANTS = {
+    "zstd-lazy-16k": (_info(16384, lazy=True, compression="zstd"), "qcow2direct"),
+    "compat-0.10": (_info(65536, compat="0.10"), "qcow2direct"),
+    "512b-clusters": (_info(512), "qcow2direct"),          # many L2 tables and refcount blocks
+    "2m-clusters": (_info(2 << 20), "qcow2direct"),
+    "extended-l2": (_info(65536, **{"extended-l2": True}), "qemu-nbd"),
+    "refcount-bits-8": ({**_info(65536), "format-specific": {"type": "qcow2", "data": {"compat": "1.1",
+                                                                                     "refcount-bits": 8}}},
+                        "qemu-nbd"),
+}
+
+
+@pytest.mark.parametrize("variant", list(QCOW2_VARIANTS))
+def test_qcow2_created_with_backup_time_options(tmp_path, variant):
+    info, route = QCOW2_VARIANTS[variant]
+    b = _chain(str(tmp_path / "set"), incs=2, diff=False, image_info=info, size=(8 << 20) + 4096 * 3)
     [res] = _engine(b.folder, str(tmp_path / "out"))
     got = json.loads(subprocess.check_output(["qemu-img", "info", "--output=json", res.target]))
-    assert got["cluster-size"] == 16384
+    want = info["format-specific"]["data"]
+    assert got["cluster-size"] == info["cluster-size"]
     data = got["format-specific"]["data"]
-    assert data["lazy-refcounts"] is True and data["compression-type"] == "zstd"
+    assert data["compat"] == want["compat"]
+    for key in ("lazy-refcounts", "compression-type", "extended-l2", "refcount-bits"):
+        if key in want and key in data:
+            assert data[key] == want[key], key
+    assert got["virtual-size"] == b.size
+    compare(res.target, "qcow2", b.shadow_path(b.points[-1]))  # also runs qemu-img check
+    from virtnbd.restore.targets import qcow2direct
+    assert (qcow2direct.settings(info, False) is not None) == (route == "qcow2direct")
+
+
+def test_qcow2_through_qemu_nbd_and_preallocated(tmp_path):
+    b = _chain(str(tmp_path / "set"), incs=2, diff=False)
+    [res] = _engine(b.folder, str(tmp_path / "out"), preallocate=True)
     compare(res.target, "qcow2", b.shadow_path(b.points[-1]))
+    got = json.loads(subprocess.check_output(["qemu-img", "info", "--output=json", res.target]))
+    assert got["format"] == "qcow2"
 
 
 @pytest.mark.parametrize("fmt", ["qcow2", "raw"])

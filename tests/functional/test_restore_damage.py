@@ -55,12 +55,13 @@ def _damage(b: SetBuilder, how: str) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize("how", ["deleted", "truncated", "bitflip"])
-@pytest.mark.parametrize("fmt_", ["qcow2", "raw"])
+@pytest.mark.parametrize("fmt_", ["qcow2", "raw", "qcow2-qemu-nbd"])
 def test_damaged_chain_fails_restore_and_verify(tmp_path, capsys, how, fmt_):
     b = _set(str(tmp_path / "set"))
     victim, path = _damage(b, how)
     out = tmp_path / "out"
-    assert main(["-i", b.folder, "-o", str(out), "-n", "--format", fmt_]) == 1
+    extra = ["--format", "qcow2", "--preallocate"] if fmt_ == "qcow2-qemu-nbd" else ["--format", fmt_]
+    assert main(["-i", b.folder, "-o", str(out), "-n", *extra]) == 1
     err = capsys.readouterr().err
     assert os.path.basename(path) in err and victim in err, err
     assert not out.exists() or os.listdir(out) == []

@@ -74,6 +74,10 @@ def open_target(request: TargetRequest) -> Target:
         from virtnbd.restore.targets.raw import RawTarget
         return RawTarget(request)
     if request.format == "qcow2":
+        from virtnbd.restore.targets import qcow2direct
+        image = qcow2direct.settings(request.image_info, request.preallocate)
+        if image is not None and not request.extra.get("qcow2_via_qemu_nbd"):
+            return qcow2direct.Qcow2DirectTarget(request, image)
         from virtnbd.restore.targets.qcow2 import Qcow2Target
         return Qcow2Target(request)
     raise errors.UsageError(reason=f"unknown output format {request.format!r} (qcow2 or raw)")
