@@ -226,8 +226,10 @@ class RbdTarget(TargetBase):
         if self._image is None:
             raise self._fail("write after close")
         view = memoryview(data)
+        whole = _whole_bytes(data)
         for pos in range(0, len(view), CHUNK):
-            piece = bytes(view[pos:pos + CHUNK])
+            # librbd's binding takes bytes: pass the caller's object when it is one, else copy
+            piece = whole if whole is not None and len(view) <= CHUNK else bytes(view[pos:pos + CHUNK])
             at = offset + pos
             self._submit(lambda cb, p=piece, o=at: self._image.aio_write(p, o, cb), piece)
         with self._cond:
@@ -297,6 +299,16 @@ class RbdTarget(TargetBase):
             return self._exists(name)
         except errors.CephError:
             return False
+
+
+def _whole_bytes(data: bytes | memoryview) -> bytes | None:
+    """``data`` as the bytes object it is or fully views (no copy), else None."""
+    if isinstance(data, bytes):
+        return data
+    obj = data.obj
+    if isinstance(obj, bytes) and data.c_contiguous and data.nbytes == len(obj) and data.format == "B":
+        return obj
+    return None
 
 
 def open_rbd(request: TargetRequest) -> RbdTarget:
