@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
+import os
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from virtnbd import errors
+from virtnbd import errors, fsutil
 from virtnbd.extents import DATA, Extent, split
 from virtnbd.nbdsource import Chunk, NbdSource
 from virtnbd.stream.format import EncodedFrame
@@ -54,6 +56,99 @@ def encode(chunk: Chunk, method: str | None, level: int | None) -> EncodedFrame:
     if is_zero(chunk):
         return encode_zero(chunk.offset, chunk.length)
     return encode_data(chunk.offset, chunk.data, method, level)
+
+
+class ParallelFile:
+    """Write-only file for StreamWriter that puts large writes on worker threads.
+
+    Each ``write`` gets the next file position at once and, when large, is done
+    by ``os.pwrite`` in a small pool, so copying into the page cache runs on
+    several cores like nbdcopy's writers. The caller must keep a large buffer
+    unchanged until :meth:`take_pending` futures are done (copy_disk releases a
+    read buffer only then). ``flush`` waits for every write and raises the first
+    error.
+    """
+
+    LARGE = 64 * 1024
+
+    def __init__(self, fd: int, path: str, threads: int = 2, max_pending: int = 8) -> None:
+        self.fd = fd
+        self.path = path
+        self.pos = 0
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="pwrite")
+        self._slots = threading.BoundedSemaphore(max_pending)
+        self._pending: list[Future[None]] = []
+        self._all: collections.deque[Future[None]] = collections.deque()
+
+    def _pwrite(self, data: bytes | bytearray | memoryview, pos: int) -> None:
+        try:
+            view = memoryview(data)
+            done = 0
+            while done < len(view):
+                n = os.pwrite(self.fd, view[done:], pos + done)
+                if n <= 0:
+                    raise OSError(errno.EIO, f"short write ({done} of {len(view)} bytes)")
+                done += n
+        finally:
+            self._slots.release()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        length = len(data)
+        pos, self.pos = self.pos, self.pos + length
+        self._reap()
+        self._slots.acquire()
+        if length < self.LARGE:
+            self._pwrite(data, pos)
+            return length
+        fut = self._pool.submit(self._pwrite, data, pos)
+        self._pending.append(fut)
+        self._all.append(fut)
+        return length
+
+    def _reap(self) -> None:
+        while self._all and self._all[0].done():
+            self._check(self._all.popleft())
+
+    def _check(self, fut: Future[None]) -> None:
+        err = fut.exception()
+        if isinstance(err, OSError):
+            raise fsutil.storage_error(self.path, err) from err
+        if err is not None:
+            raise err
+
+    def take_pending(self) -> list[Future[None]]:
+        """Futures of the large writes issued since the last call."""
+        pending, self._pending = self._pending, []
+        return pending
+
+    def flush(self) -> None:
+        while self._all:
+            fut = self._all.popleft()
+            fut.exception()
+            self._check(fut)
+
+    def close(self) -> None:
+        """Wait for every write (errors are left to flush) and stop the threads."""
+        self._pool.shutdown(wait=True)
+
+
+def _release_after(chunk: Chunk, writes: list[Future[None]]) -> None:
+    """Give the buffer back once the writes using it are done."""
+    if not writes:
+        chunk.release()
+        return
+    remaining = [len(writes)]
+    lock = threading.Lock()
+
+    def one_done(_fut: Future[None]) -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            chunk.release()
+
+    for fut in writes:
+        fut.add_done_callback(one_done)
 
 
 class _Item:
@@ -117,8 +212,12 @@ class _Item:
 def copy_disk(source: NbdSource, writer: StreamWriter, extents: Iterable[Extent], pool: Executor, *,
               read_size: int, level: int | None = None,
               progress: Callable[[int], None] | None = None,
-              cancel: threading.Event | None = None) -> CopyStats:
-    """Copy ``extents`` of ``source`` into ``writer``; returns what was written."""
+              cancel: threading.Event | None = None, out: ParallelFile | None = None) -> CopyStats:
+    """Copy ``extents`` of ``source`` into ``writer``; returns what was written.
+
+    ``out``: the ParallelFile the writer writes to, if any (buffers are released
+    only after its writes of them are done).
+    """
     stats = CopyStats()
     method = writer.meta.compression
     pending: collections.deque[_Item] = collections.deque()
@@ -136,11 +235,14 @@ def copy_disk(source: NbdSource, writer: StreamWriter, extents: Iterable[Extent]
         else:
             reads -= 1
             chunk = item.read.result()
+            writes: list[Future[None]] = []
             try:
                 frame = item.frame.result() if item.frame is not None else encode(chunk, method, level)
                 writer.add(frame)
             finally:
-                chunk.release()
+                if out is not None:
+                    writes = out.take_pending()
+                _release_after(chunk, writes)
                 item.read = item.frame = None
             if frame.kind == DATA:
                 stats.data_bytes += ext.length

@@ -19,7 +19,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import libvirt
 
@@ -135,13 +135,18 @@ class BackupRun:
             update, close = self.progress.bar(pd.target, src.size)
             try:
                 with fsutil.partial_file(self.folder / name) as f:
-                    writer = StreamWriter(f, meta, path=str(self.folder / name), level=opts.compress_level)
-                    status, dirty = rbdextents.status_for(self.rbd, pd, plan.parent, src.block_status, bitmap)
-                    extents = iter_extents(status, src.size, dirty, export=pd.target)
-                    stats = copy.copy_disk(src, writer, extents, pool, read_size=opts.read_size,
-                                           level=opts.compress_level,
-                                           progress=update, cancel=self.cancel)
-                    totals = writer.finish()
+                    out = copy.ParallelFile(f.fileno(), str(self.folder / name))
+                    try:
+                        writer = StreamWriter(cast(BinaryIO, out), meta, path=str(self.folder / name),
+                                              level=opts.compress_level)
+                        status, dirty = rbdextents.status_for(self.rbd, pd, plan.parent, src.block_status, bitmap)
+                        extents = iter_extents(status, src.size, dirty, export=pd.target)
+                        stats = copy.copy_disk(src, writer, extents, pool, read_size=opts.read_size,
+                                               level=opts.compress_level, progress=update, cancel=self.cancel,
+                                               out=out)
+                        totals = writer.finish()
+                    finally:
+                        out.close()
             finally:
                 close()
             bytes_read = src.counters.bytes_read
