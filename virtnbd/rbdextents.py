@@ -241,7 +241,13 @@ def points(options: rbdconn.CephOptions, plan: Any, committed: Sequence[bool]) -
     Yields None (and touches no cluster) when the run has no disk in RBD mode
     and creates no checkpoint on a raw RBD disk.
     """
-    tracker = tracker_for(options, plan.disks) if plan.checkpoint or _uses_rbd(plan) else None
+    try:
+        tracker = tracker_for(options, plan.disks) if plan.checkpoint or _uses_rbd(plan) else None
+    except errors.CephError as err:
+        targets = ", ".join(pd.target for pd in plan.disks if tracked(pd.disk))
+        raise errors.CephError(reason=f"raw RBD disk(s) {targets}: the RBD snapshots that track changes need "
+                                      f"the cluster ({err.reason}); give --ceph-conf/--ceph-id/--ceph-keyring, "
+                                      f"or back up with -l copy") from err
     if tracker is None:
         yield None
         return

@@ -120,6 +120,11 @@ def test_full_and_incs_of_rbd_disk_restore_exactly(rbd_domain: RbdDomain, tmp_pa
 def test_missing_parent_snapshot_is_a_clear_error(rbd_domain: RbdDomain, tmp_path: Path) -> None:
     dom, c = rbd_domain.domain, rbd_domain.cluster
     folder = tmp_path / "backup"
+    # no way to the cluster: one clear line, nothing committed
+    res = backup(dom, "full", folder, "--ceph-conf", str(tmp_path / "missing.conf"))
+    assert res.rc == 1 and "RBD snapshots that track changes need the cluster" in res.stderr
+    assert not (folder / "virtnbd.manifest.json").exists()
+    assert snaps(c, rbd_domain.image) == []
     assert backup(dom, "full", folder, *ceph_args(c)).rc == 0
     c.rbd("snap", "rm", "--no-progress", f"{c.pool}/{rbd_domain.image}@virtnbdbackup.0")
     res = backup(dom, "inc", folder, *ceph_args(c))

@@ -159,3 +159,17 @@ def test_missing_conf_and_keyring(ceph_cluster: ceph_lab.CephCluster, image_name
     with pytest.raises(errors.CephError, match="cannot read keyring"):
         open_target(request(ceph_cluster, image_name, MiB,
                             ceph=ceph_options(ceph_cluster, keyring=str(tmp_path / "x"))))
+
+
+def test_overwrite_refuses_an_image_in_use(ceph_cluster: ceph_lab.CephCluster, image_name: str) -> None:
+    import rados
+    import rbd
+
+    with open_target(request(ceph_cluster, image_name, 4 * MiB)) as target:
+        target.write(0, b"z" * 4096)
+        target.commit()
+    with rados.Rados(conffile=str(ceph_cluster.conf), rados_id=ceph_cluster.client_id) as cluster, \
+            cluster.open_ioctx(ceph_cluster.pool) as ioctx, rbd.Image(ioctx, image_name):   # a watcher, like QEMU
+        with pytest.raises(errors.CephError, match="in use"):
+            open_target(request(ceph_cluster, image_name, 4 * MiB, overwrite=True))
+    assert image_name in images(ceph_cluster) and image_name + ".partial" not in images(ceph_cluster)
