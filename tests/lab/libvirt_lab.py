@@ -550,8 +550,20 @@ class LabDomain:
         return self.disks[target]
 
     def start(self) -> None:
-        if not self.dom.isActive():
+        import libvirt
+
+        if self.dom.isActive():
+            return
+        try:
             self.dom.create()
+        except libvirt.libvirtError as err:
+            raise LabError(f"{self.name}: start failed: {err}; {self.log_path}:\n{self.log_tail()}") from err
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError as err:
+            return f"(no log: {err})"
 
     def is_active(self) -> bool:
         return bool(self.dom.isActive())
@@ -857,6 +869,8 @@ def make_domain(libvirt_conn: Any) -> Iterator[MakeDomain]:
     def factory(disks: Sequence[DiskSpec] = (DiskSpec(),), start: bool = True) -> LabDomain:
         if not 1 <= len(disks) <= 8:
             raise ValueError("a lab domain has 1-8 disks")
+        if not libvirt_conn.isAlive():
+            pytest.fail(f"connection to libvirtd lost (did it crash? see {DAEMON_LOG_DIR}/libvirtd.log, dmesg)")
         name = f"{NAME_PREFIX}{uuid.uuid4().hex[:8]}"
         lab_dir = make_lab_dir(prefix=f"{name}-")
         try:
