@@ -31,6 +31,8 @@ class CephOptions:
     keyring: str | None = None          # None: /etc/ceph/ceph.client.<id>.keyring when it exists, else ceph.conf's
     connect_timeout: int = 30           # seconds to reach the monitors and authenticate
     op_timeout: int = 300               # seconds one OSD/monitor request may take
+    mon_host: str | None = None         # monitors + key given directly (no config file is read then)
+    key: str | None = None              # base64 cephx secret (from a libvirt secret)
 
     def keyring_path(self) -> str | None:
         if self.keyring is not None:
@@ -88,6 +90,11 @@ def rados_conf(options: CephOptions) -> dict[str, str]:
         "rados_mon_op_timeout": str(options.op_timeout),
         "rados_osd_op_timeout": str(options.op_timeout),
     }
+    if options.mon_host is not None:
+        conf["mon_host"] = options.mon_host
+        if options.key is not None:
+            conf["key"] = options.key
+        return conf
     keyring = options.keyring_path()
     if keyring is not None:
         conf["keyring"] = keyring
@@ -101,11 +108,14 @@ def connect(options: CephOptions) -> Iterator[Any]:
         import rados
     except ImportError as err:
         raise errors.CephError(reason="python3-rados is not installed") from err
-    _check_readable(options.conf, "Ceph config", "--ceph-conf")
-    if options.keyring is not None:
-        _check_readable(options.keyring, "keyring", "--ceph-keyring")
+    conffile: str | None = None
+    if options.mon_host is None:
+        _check_readable(options.conf, "Ceph config", "--ceph-conf")
+        conffile = options.conf
+        if options.keyring is not None:
+            _check_readable(options.keyring, "keyring", "--ceph-keyring")
     try:
-        cluster = rados.Rados(conffile=options.conf, rados_id=options.client_id, conf=rados_conf(options))
+        cluster = rados.Rados(conffile=conffile, rados_id=options.client_id, conf=rados_conf(options))
     except rados.Error as err:
         raise describe(err, options, f"reading {options.conf}") from err
     try:

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -234,15 +236,74 @@ def tracker_for(options: rbdconn.CephOptions, planned: Sequence[Any]) -> RbdTrac
 
 # -- the hooks the backup engine calls (virtnbd/backup/run.py) ---------------------------
 
+def _mon_host(hosts: Sequence[tuple[str, str | None]]) -> str:
+    """libvirt ``<host name port>`` list -> ``mon_host`` (v1 unless the port is msgr2's 3300)."""
+    items = []
+    for name, port in hosts:
+        if not port:
+            items.append(name)
+        else:
+            items.append(f"{'v2' if port == '3300' else 'v1'}:{name}:{port}")
+    return ",".join(items)
+
+
+def from_libvirt(options: rbdconn.CephOptions, dom: Any, plan: Any) -> rbdconn.CephOptions:
+    """Without a Ceph config on this host, reach the cluster the way QEMU does: the disk's
+    ``<host>`` elements, ``<auth username>`` and the key in its libvirt secret.
+
+    Only when the config is the default one and missing; on anything unusable the
+    options are returned unchanged (and connecting then says what is missing).
+    """
+    if dom is None or options.mon_host is not None or options.conf != rbdconn.DEFAULT_CONF \
+            or os.path.exists(options.conf):
+        return options
+    import base64
+
+    import libvirt
+    from lxml import etree
+
+    targets = [pd.target for pd in plan.disks if tracked(pd.disk)]
+    try:
+        root = etree.fromstring(dom.XMLDesc(0).encode())
+        for disk in root.findall("devices/disk"):
+            target = disk.find("target")
+            source = disk.find("source")
+            if target is None or target.get("dev") not in targets or source is None:
+                continue
+            auth = disk.find("auth")
+            auth = auth if auth is not None else source.find("auth")
+            hosts = [(h.get("name", ""), h.get("port")) for h in source.findall("host") if h.get("name")]
+            secret_el = auth.find("secret") if auth is not None else None
+            if not hosts or auth is None or secret_el is None:
+                return options
+            conn = dom.connect()
+            if secret_el.get("uuid"):
+                secret = conn.secretLookupByUUIDString(secret_el.get("uuid"))
+            else:
+                secret = conn.secretLookupByUsage(libvirt.VIR_SECRET_USAGE_TYPE_CEPH, secret_el.get("usage"))
+            key = base64.b64encode(secret.value()).decode()
+            log.debug("no %s: reaching the cluster through disk %s's hosts and libvirt secret",
+                      rbdconn.DEFAULT_CONF, target.get("dev"))
+            return dataclasses.replace(options, client_id=auth.get("username") or options.client_id,
+                                       mon_host=_mon_host(hosts), key=key)
+    except (libvirt.libvirtError, etree.XMLSyntaxError) as err:
+        log.debug("cannot use the libvirt secret of the RBD disk: %s", err)
+    return options
+
+
 @contextlib.contextmanager
-def points(options: rbdconn.CephOptions, plan: Any, committed: Sequence[bool]) -> Iterator[RbdTracker | None]:
+def points(options: rbdconn.CephOptions, plan: Any, committed: Sequence[bool],
+           dom: Any = None) -> Iterator[RbdTracker | None]:
     """RBD side of one run: clean stale snapshots, check the parent's, roll back on failure.
 
     Yields None (and touches no cluster) when the run has no disk in RBD mode
     and creates no checkpoint on a raw RBD disk.
     """
     try:
-        tracker = tracker_for(options, plan.disks) if plan.checkpoint or _uses_rbd(plan) else None
+        needed = plan.checkpoint or _uses_rbd(plan)
+        if needed and any(tracked(pd.disk) for pd in plan.disks):
+            options = from_libvirt(options, dom, plan)
+        tracker = tracker_for(options, plan.disks) if needed else None
     except errors.CephError as err:
         targets = ", ".join(pd.target for pd in plan.disks if tracked(pd.disk))
         raise errors.CephError(reason=f"raw RBD disk(s) {targets}: the RBD snapshots that track changes need "

@@ -111,10 +111,20 @@ def test_full_and_incs_of_rbd_disk_restore_exactly(rbd_domain: RbdDomain, tmp_pa
         compare_images(rbd_export(c, c.pool, f"{rbd_domain.image}-r{i}", tmp_path / f"r{i}.raw"), image, fmt="raw")
         c.rbd("rm", "--no-progress", f"{c.pool}/{rbd_domain.image}-r{i}")
 
-    # a new chain removes the old snapshots and starts again at virtnbdbackup.0
-    res = backup(dom, "full", tmp_path / "backup2", *cargs)
+    # a new chain removes the old snapshots and starts again at virtnbdbackup.0; without any
+    # --ceph-* option (and no /etc/ceph/ceph.conf here) the disk's <host>s and libvirt secret are used
+    assert not Path("/etc/ceph/ceph.conf").exists()
+    res = backup(dom, "full", tmp_path / "backup2")
     assert res.rc == 0, res.stderr
     assert snaps(c, rbd_domain.image) == ["virtnbdbackup.0"]
+    disk.apply_all(random_writes(seed=99, n=6, size=SIZE, kinds=JOB_SAFE_KINDS))
+    res = backup(dom, "inc", tmp_path / "backup2")
+    assert res.rc == 0, res.stderr
+    assert snaps(c, rbd_domain.image) == ["virtnbdbackup.0", "virtnbdbackup.1"]
+    assert "stderr" not in res.stderr and "msgr" not in res.stderr      # no librados noise
+    out = tmp_path / "last"
+    restore(tmp_path / "backup2", "virtnbdbackup.1", "-o", str(out), "--format", "raw")
+    compare_images(out / "sda.raw", disk.snapshot("last"), fmt="raw")
 
 
 def test_missing_parent_snapshot_is_a_clear_error(rbd_domain: RbdDomain, tmp_path: Path) -> None:

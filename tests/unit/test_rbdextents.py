@@ -97,3 +97,13 @@ def test_plan_inc_reads_raw_rbd_by_diff() -> None:
     assert modes["sda"] == (rbdextents.MODE, "")
     assert modes["sdc"][0] == "full" and "no dirty bitmap" in modes["sdc"][1]
     assert plan.checkpoint == "virtnbdbackup.1" and plan.parent == "virtnbdbackup.0"
+
+
+def test_mon_host_from_libvirt_hosts() -> None:
+    assert rbdextents._mon_host([("10.0.0.1", "6789"), ("10.0.0.2", "3300"), ("mon3", None)]) == \
+        "v1:10.0.0.1:6789,v2:10.0.0.2:3300,mon3"
+
+
+def test_no_libvirt_fallback_with_an_explicit_config() -> None:
+    opts = rbdconn.CephOptions(conf="/nonexistent/ceph.conf")
+    assert rbdextents.from_libvirt(opts, object(), None) is opts       # explicit config: never guessed

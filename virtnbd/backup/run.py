@@ -420,7 +420,7 @@ def _execute(options: BackupOptions, dom: libvirt.virDomain, folder: Path, plan:
     try:
         with output.work_dir(options.scratchdir) as workdir, _created_checkpoint(dom, plan) as committed:
             socket = options.socketfile or str(workdir / "backup.sock")
-            with rbdextents.points(options.ceph, plan, committed) as run_.rbd, BackupJob(dom) as job:
+            with rbdextents.points(options.ceph, plan, committed, dom) as run_.rbd, BackupJob(dom) as job:
                 with _quiesced(dom, options) as quiesce:
                     rbdextents.snapshot(run_.rbd, plan)
                     job.begin(_backup_xml(plan, socket, workdir, skipped), checkpoint_xml)
