@@ -197,35 +197,44 @@ def main() -> int:
         results.setdefault(key, []).append(secs)
         drop(target)
 
+    files = [os.path.join(paths["main"], f) for f in os.listdir(paths["main"]) if f.endswith(".data")]
+    cat = ["sh", "-c", 'cat "$@" > /dev/null', "cat", *files]
+    verify = [*RESTORE, "-i", paths["main"], "-a", "verify", "-w", str(args.workers)]
+    none = os.path.join(out, "none")
+    pairs = {  # (ours, reference): run back to back, order alternating, so both see the same machine load
+        "qcow2": (("restore-qcow2", restore_cmd(paths["main"], out, "qcow2", args.workers), out, None),
+                  ("convert-qcow2", ["qemu-img", "convert", "-t", "writeback", "-f", "raw", "-O", "qcow2",
+                                     paths["ref"], os.path.join(out, "ref.qcow2")], out, None)),
+        "raw": (("restore-raw", restore_cmd(paths["main"], out, "raw", args.workers), out, None),
+                ("convert-raw", ["qemu-img", "convert", "-t", "writeback", "-f", "raw", "-O", "raw",
+                                 paths["ref"], os.path.join(out, "ref.raw")], out, None)),
+        "chain": (("long", restore_cmd(paths["long"], out, "qcow2", args.workers), out, None),
+                  ("short", restore_cmd(paths["short"], out, "qcow2", args.workers), out, None)),
+        "verify": (("verify-cold", verify, none, files), ("cat-cold", cat, none, files)),
+        "verify-warm": (("verify-warm", verify, none, None), ("cat-warm", cat, none, None)),
+    }
     try:
-        for _ in range(args.repeat):
-            for fmt in ("qcow2", "raw"):
-                run(f"convert-{fmt}", ["qemu-img", "convert", "-t", "writeback", "-f", "raw", "-O", fmt,
-                                       paths["ref"], os.path.join(out, f"ref.{fmt}")], os.path.join(out, f"ref.{fmt}"))
-                run(f"restore-{fmt}", restore_cmd(paths["main"], out, fmt, args.workers), out)
-            run("long", restore_cmd(paths["long"], out, "qcow2", args.workers), out)
-            run("short", restore_cmd(paths["short"], out, "qcow2", args.workers), out)
-            files = [os.path.join(paths["main"], f) for f in os.listdir(paths["main"]) if f.endswith(".data")]
-            cat = ["sh", "-c", 'cat "$@" > /dev/null', "cat", *files]
-            verify = [*RESTORE, "-i", paths["main"], "-a", "verify", "-w", str(args.workers)]
-            run("cat-cold", cat, os.path.join(out, "none"), cold=files)
-            run("verify-cold", verify, os.path.join(out, "none"), cold=files)
-            run("cat-warm", cat, os.path.join(out, "none"))
-            run("verify-warm", verify, os.path.join(out, "none"))
+        for rep in range(args.repeat):
+            for first, second in pairs.values():
+                for key, argv, target, cold in ((first, second) if rep % 2 == 0 else (second, first)):
+                    run(key, argv, target, cold)
     finally:
         if not args.keep:
             drop(args.dir)
-    med = {k: statistics.median(v) for k, v in results.items()}
-    for k, v in sorted(med.items()):
-        print(f"{k:16s} {v:7.2f} s   (runs: {', '.join(f'{x:.2f}' for x in results[k])})")
+    for k, v in sorted(results.items()):
+        print(f"{k:16s} median {statistics.median(v):6.2f} s   (runs: {', '.join(f'{x:.2f}' for x in v)})")
+
+    def ratio(a: str, b: str) -> float:
+        """Median of the per-repetition ratios (each pair ran back to back)."""
+        return statistics.median(x / y for x, y in zip(results[a], results[b], strict=True))
+
     ratios = [
-        ("restore qcow2 / qemu-img convert raw->qcow2", med["restore-qcow2"] / med["convert-qcow2"], 1.25),
-        ("restore raw / qemu-img convert raw->raw", med["restore-raw"] / med["convert-raw"], 1.25),
-        (f"restore 1 full + {args.incs} incs / 1 full + 1 inc", med["long"] / med["short"], 1.2),
-        ("verify / cat > /dev/null, files not in page cache", med["verify-cold"] / med["cat-cold"], 1.5),
+        ("restore qcow2 / qemu-img convert raw->qcow2", ratio("restore-qcow2", "convert-qcow2"), 1.25),
+        ("restore raw / qemu-img convert raw->raw", ratio("restore-raw", "convert-raw"), 1.25),
+        (f"restore 1 full + {args.incs} incs / 1 full + 1 inc", ratio("long", "short"), 1.2),
+        ("verify / cat > /dev/null, files not in page cache", ratio("verify-cold", "cat-cold"), 1.5),
     ]
-    warm = med["verify-warm"] / med["cat-warm"]
-    print(f"info: verify / cat with the files in the page cache: {warm:.2f} "
+    print(f"info: verify / cat with the files in the page cache: {ratio('verify-warm', 'cat-warm'):.2f} "
           f"(python start-up ~0.07 s against cat at memory speed)")
     ok = True
     for label, ratio, limit in ratios:

@@ -85,27 +85,16 @@ def _compare(cf: ChainFile, disk: str, meta: Any, totals: Any) -> None:
             fail(f"{label} {got}, manifest recorded {want}")
 
 
-def _link_errors(selection: Selection) -> list[errors.VirtnbdError]:
-    """Parent links: every inc/diff point's parent exists, and each stream's parent checkpoint matches it."""
+def _chain_errors(selection: Selection) -> list[errors.VirtnbdError]:
+    """Parent links: every inc/diff point's parent is in the set, and each of its streams records
+    the checkpoint of that parent as its own parent."""
     if selection.manifest is None:
         return []
     by_name = {p.name: p for p in selection.manifest.points}
     problems: list[errors.VirtnbdError] = []
     for point in selection.points:
-        if point.level in ("copy", "full"):
-            continue
-        parent = by_name.get(point.parent) if point.parent else None
-        if parent is None:
+        if point.level not in ("copy", "full") and (not point.parent or point.parent not in by_name):
             problems.append(errors.ChainError(reason=f"point {point.name}: parent {point.parent} is not in the set"))
-    return problems
-
-
-def _stream_links(selection: Selection) -> list[errors.VirtnbdError]:
-    """Each inc/diff stream's recorded parent checkpoint is the checkpoint of the point it follows."""
-    if selection.manifest is None:
-        return []
-    by_name = {p.name: p for p in selection.manifest.points}
-    problems: list[errors.VirtnbdError] = []
     for chain in selection.disks:
         for cf in chain.files:
             point = by_name.get(cf.point)
@@ -132,7 +121,7 @@ def run(selection: Selection, workers: int = 4) -> list[FileResult]:
     jobs = [(cf, chain.disk) for chain in selection.disks for cf in chain.files]
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="verify") as pool:
         results = list(pool.map(lambda job: _check_file(*job), jobs))
-    problems = _link_errors(selection) + _stream_links(selection)
+    problems = _chain_errors(selection)
     _summary(results, problems)
     failed = [r.error for r in results if r.error is not None] + problems
     if failed:

@@ -16,18 +16,16 @@ bits, external data files, preallocation) go through :mod:`qcow2` (qemu-nbd).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import struct
-import threading
 from collections.abc import Mapping
 from typing import Any
 
 from virtnbd import errors
-from virtnbd.fsutil import fsync_dir, storage_error
-from virtnbd.restore.targets import TargetBase, TargetRequest
-from virtnbd.restore.targets.raw import refuse_existing, temp_name
+from virtnbd.fsutil import storage_error
+from virtnbd.restore.targets import TargetRequest
+from virtnbd.restore.targets.raw import FileTarget, pwrite_all
 
 log = logging.getLogger(__name__)
 
@@ -69,30 +67,17 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
-class Qcow2DirectTarget(TargetBase):
+class Qcow2DirectTarget(FileTarget):
     def __init__(self, request: TargetRequest, image: Mapping[str, Any]) -> None:
-        self.name = request.spec
-        self.path = request.spec
-        self.tmp = temp_name(self.path)
-        self.virtual_size = request.virtual_size
+        super().__init__(request)
         self.cluster = int(image["cluster"])
         self.version = int(image["version"])
         self.lazy_refcounts = bool(image["lazy_refcounts"])
         self.compression = str(image["compression"])
         self.bits = self.cluster.bit_length() - 1
-        self.bytes_written = 0
-        self.zero_bytes = 0
-        self._lock = threading.Lock()
         self._l2: dict[int, bytearray] = {}     # L1 index -> L2 table (host offset | COPIED per guest cluster)
         self._data_clusters = 0
         self._next = 1                          # host cluster 0 is the header
-        refuse_existing(self.path)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp)
-        try:
-            self.fd: int | None = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as err:
-            raise storage_error(self.tmp, err) from err
 
     # -- data -------------------------------------------------------------------------
     def _host_runs(self, offset: int, length: int) -> list[tuple[int, int, int]]:
@@ -127,8 +112,7 @@ class Qcow2DirectTarget(TargetBase):
         return runs
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
-        if self.fd is None:
-            raise errors.StorageError(path=self.tmp, reason="write after close")
+        fd = self._fd("write")
         if offset < 0 or offset + len(data) > self.virtual_size:
             raise errors.StorageError(path=self.tmp, reason=f"write {offset}+{len(data)} beyond the virtual size")
         if not len(data):
@@ -136,20 +120,10 @@ class Qcow2DirectTarget(TargetBase):
         view = memoryview(data)
         try:
             for guest, host, length in self._host_runs(offset, len(view)):
-                chunk = view[guest - offset:guest - offset + length]
-                pos = host
-                while chunk:
-                    n = os.pwrite(self.fd, chunk, pos)
-                    chunk, pos = chunk[n:], pos + n
+                pwrite_all(fd, view[guest - offset:guest - offset + length], host)
         except OSError as err:
             raise storage_error(self.tmp, err) from err
-        with self._lock:
-            self.bytes_written += len(view)
-
-    def zero(self, offset: int, length: int) -> None:
-        # fresh image, no backing file: unallocated clusters read as zeroes
-        with self._lock:
-            self.zero_bytes += length
+        self._count(written=len(view))
 
     # -- metadata ---------------------------------------------------------------------
     def _layout(self) -> tuple[bytes, dict[str, int], bytes, bytes, bytes, bytes]:
@@ -196,33 +170,16 @@ class Qcow2DirectTarget(TargetBase):
             head += struct.pack(">B7x", COMPRESSION_TYPES[self.compression])
         return head + bytes(8)                           # header extension end marker
 
-    def commit(self) -> None:
-        if self.fd is None:
-            raise errors.StorageError(path=self.tmp, reason="commit after close")
+    def finish(self) -> None:
+        """Metadata after the data, then the header: the file is a valid image only at the very end."""
+        fd = self._fd("commit")
         c = self.cluster
-        try:
-            header, p, l2_blob, l1, rtable, refblocks = self._layout()
-            os.pwrite(self.fd, l2_blob, p["l2"] * c)
-            os.pwrite(self.fd, l1, p["l1"] * c)
-            os.pwrite(self.fd, rtable, p["rt"] * c)
-            os.pwrite(self.fd, refblocks, p["rb"] * c)
-            os.ftruncate(self.fd, p["total"] * c)
-            os.fsync(self.fd)
-            os.pwrite(self.fd, header, 0)                # the image becomes valid only now
-            os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = None
-            os.replace(self.tmp, self.path)
-            fsync_dir(os.path.dirname(os.path.abspath(self.path)))
-        except OSError as err:
-            self.abort()
-            raise storage_error(self.path, err) from err
-        log.debug("%s: %d data clusters, %d bytes written", self.path, self._data_clusters, self.bytes_written)
-
-    def abort(self) -> None:
-        if self.fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-            self.fd = None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp)
+        header, p, l2_blob, l1, rtable, refblocks = self._layout()
+        pwrite_all(fd, l2_blob, p["l2"] * c)
+        pwrite_all(fd, l1, p["l1"] * c)
+        pwrite_all(fd, rtable, p["rt"] * c)
+        pwrite_all(fd, refblocks, p["rb"] * c)
+        os.ftruncate(fd, p["total"] * c)
+        os.fsync(fd)
+        pwrite_all(fd, header, 0)
+        log.debug("%s: %d data clusters", self.path, self._data_clusters)

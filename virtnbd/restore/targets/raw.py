@@ -22,14 +22,15 @@ def refuse_existing(path: str) -> None:
         raise errors.StorageError(path=path, reason="exists already, refusing to overwrite")
 
 
-class RawTarget(TargetBase):
-    """A sparse raw file, written with os.pwrite (thread-safe, no shared file offset).
+def pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, pos)
+        view, pos = view[n:], pos + n
 
-    The file is fresh, so ranges the plan marks zero are left as holes: nothing
-    is written for them and the result stays as thin as the source. With
-    ``preallocate`` the whole size is allocated first (posix_fallocate), whose
-    unwritten extents read back as zeroes, so zero ranges are skipped then too.
-    """
+
+class FileTarget(TargetBase):
+    """A new file written under ``<path>.partial`` and renamed on commit (shared by raw and qcow2direct)."""
 
     def __init__(self, request: TargetRequest) -> None:
         self.name = request.spec
@@ -39,42 +40,38 @@ class RawTarget(TargetBase):
         self.bytes_written = 0
         self.zero_bytes = 0
         self._lock = threading.Lock()
+        self.fd: int | None = None
         refuse_existing(self.path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)  # left over by a killed run
         try:
-            self.fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            os.ftruncate(self.fd, self.virtual_size)
-            if request.preallocate and self.virtual_size:
-                os.posix_fallocate(self.fd, 0, self.virtual_size)
+            self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as err:
-            self.abort()
             raise storage_error(self.tmp, err) from err
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
+    def _fd(self, what: str) -> int:
         if self.fd is None:
-            raise errors.StorageError(path=self.tmp, reason="write after close")
-        view = memoryview(data)
-        try:
-            while view:
-                n = os.pwrite(self.fd, view, offset)
-                view, offset = view[n:], offset + n
-        except OSError as err:
-            raise storage_error(self.tmp, err) from err
+            raise errors.StorageError(path=self.tmp, reason=f"{what} after close")
+        return self.fd
+
+    def _count(self, written: int = 0, zero: int = 0) -> None:
         with self._lock:
-            self.bytes_written += len(data)
+            self.bytes_written += written
+            self.zero_bytes += zero
 
     def zero(self, offset: int, length: int) -> None:
-        # A fresh (or preallocated) file reads zero wherever nothing was written.
-        with self._lock:
-            self.zero_bytes += length
+        # A fresh (or preallocated) file reads zero wherever nothing was written: nothing to do.
+        self._count(zero=length)
+
+    def finish(self) -> None:
+        """Subclasses write their last bytes (metadata) here, before the fsync."""
 
     def commit(self) -> None:
-        if self.fd is None:
-            raise errors.StorageError(path=self.tmp, reason="commit after close")
+        fd = self._fd("commit")
         try:
-            os.fsync(self.fd)
-            os.close(self.fd)
+            self.finish()
+            os.fsync(fd)
+            os.close(fd)
             self.fd = None
             os.replace(self.tmp, self.path)
             fsync_dir(os.path.dirname(os.path.abspath(self.path)))
@@ -90,3 +87,30 @@ class RawTarget(TargetBase):
             self.fd = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
+
+
+class RawTarget(FileTarget):
+    """A sparse raw file, written with os.pwrite (thread-safe, no shared file offset).
+
+    The file is fresh, so ranges the plan marks zero are left as holes: nothing
+    is written for them and the result stays as thin as the source. With
+    ``preallocate`` the whole size is allocated first (posix_fallocate), whose
+    unwritten extents read back as zeroes, so zero ranges are skipped then too.
+    """
+
+    def __init__(self, request: TargetRequest) -> None:
+        super().__init__(request)
+        try:
+            os.ftruncate(self._fd("truncate"), self.virtual_size)
+            if request.preallocate and self.virtual_size:
+                os.posix_fallocate(self._fd("fallocate"), 0, self.virtual_size)
+        except OSError as err:
+            self.abort()
+            raise storage_error(self.tmp, err) from err
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        try:
+            pwrite_all(self._fd("write"), data, offset)
+        except OSError as err:
+            raise storage_error(self.tmp, err) from err
+        self._count(written=len(data))
