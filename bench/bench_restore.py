@@ -201,13 +201,16 @@ def main() -> int:
     cat = ["sh", "-c", 'cat "$@" > /dev/null', "cat", *files]
     verify = [*RESTORE, "-i", paths["main"], "-a", "verify", "-w", str(args.workers)]
     none = os.path.join(out, "none")
+
+    def convert(fmt: str) -> tuple[str, list[str], str, None]:
+        dest = os.path.join(out, f"ref.{fmt}")
+        argv = ["qemu-img", "convert", "-t", "writeback", "-f", "raw", "-O", fmt, paths["ref"], dest]
+        return (f"convert-{fmt}", argv, dest, None)
+
     pairs = {  # (ours, reference): run back to back, order alternating, so both see the same machine load
         "qcow2": (("restore-qcow2", restore_cmd(paths["main"], out, "qcow2", args.workers), out, None),
-                  ("convert-qcow2", ["qemu-img", "convert", "-t", "writeback", "-f", "raw", "-O", "qcow2",
-                                     paths["ref"], os.path.join(out, "ref.qcow2")], out, None)),
-        "raw": (("restore-raw", restore_cmd(paths["main"], out, "raw", args.workers), out, None),
-                ("convert-raw", ["qemu-img", "convert", "-t", "writeback", "-f", "raw", "-O", "raw",
-                                 paths["ref"], os.path.join(out, "ref.raw")], out, None)),
+                  convert("qcow2")),
+        "raw": (("restore-raw", restore_cmd(paths["main"], out, "raw", args.workers), out, None), convert("raw")),
         "chain": (("long", restore_cmd(paths["long"], out, "qcow2", args.workers), out, None),
                   ("short", restore_cmd(paths["short"], out, "qcow2", args.workers), out, None)),
         "verify": (("verify-cold", verify, none, files), ("cat-cold", cat, none, files)),
