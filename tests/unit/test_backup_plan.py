@@ -98,3 +98,19 @@ def test_refusals() -> None:
         plan("full", CHAIN)
     with pytest.raises(errors.BackupSetError, match="already holds"):
         plan("copy", CHAIN)
+
+
+def test_compression_probe_pauses_after_a_streak_and_retries() -> None:
+    from virtnbd.backup.copy import CompressionProbe
+    from virtnbd.stream.format import EncodedFrame
+
+    raw = EncodedFrame("data", 0, 100, b"h" * 48, b"x" * 100)
+    packed = EncodedFrame("data", 0, 100, b"h" * 48, b"x" * 10)
+    probe = CompressionProbe(streak=2, pause=3)
+    assert probe.try_compress()
+    probe.compressed(raw)
+    probe.compressed(packed)            # a success resets the streak
+    probe.compressed(raw)
+    assert probe.try_compress()
+    probe.compressed(raw)               # second failure in a row: pause
+    assert [probe.try_compress() for _ in range(4)] == [False, False, False, True]

@@ -58,6 +58,40 @@ def encode(chunk: Chunk, method: str | None, level: int | None) -> EncodedFrame:
     return encode_data(chunk.offset, chunk.data, method, level)
 
 
+class CompressionProbe:
+    """Stop compressing data that does not compress, and look again now and then.
+
+    After ``streak`` frames in a row came out no smaller (stored raw anyway), the
+    next ``pause`` frames are stored raw without trying; then compression is
+    tried again. Incompressible disks then cost no compression CPU.
+    """
+
+    def __init__(self, streak: int = 4, pause: int = 64) -> None:
+        self.streak = streak
+        self.pause = pause
+        self.failed = 0
+        self.skip_left = 0
+        self.skipped = 0
+
+    def try_compress(self) -> bool:
+        if self.skip_left > 0:
+            self.skip_left -= 1
+            self.skipped += 1
+            return False
+        return True
+
+    def compressed(self, frame: EncodedFrame) -> None:
+        if frame.kind != DATA:
+            return
+        if len(frame.payload) >= frame.length:
+            self.failed += 1
+            if self.failed >= self.streak:
+                self.failed = 0
+                self.skip_left = self.pause
+        else:
+            self.failed = 0
+
+
 class ParallelFile:
     """Write-only file for StreamWriter that puts large writes on worker threads.
 
@@ -220,6 +254,7 @@ def copy_disk(source: NbdSource, writer: StreamWriter, extents: Iterable[Extent]
     """
     stats = CopyStats()
     method = writer.meta.compression
+    skip = CompressionProbe()
     pending: collections.deque[_Item] = collections.deque()
     max_reads = max(1, source.pool.count)
     reads = 0
@@ -237,7 +272,11 @@ def copy_disk(source: NbdSource, writer: StreamWriter, extents: Iterable[Extent]
             chunk = item.read.result()
             writes: list[Future[None]] = []
             try:
-                frame = item.frame.result() if item.frame is not None else encode(chunk, method, level)
+                if item.frame is not None:
+                    frame = item.frame.result()
+                    skip.compressed(frame)
+                else:
+                    frame = encode(chunk, None, None)
                 writer.add(frame)
             finally:
                 if out is not None:
@@ -261,7 +300,7 @@ def copy_disk(source: NbdSource, writer: StreamWriter, extents: Iterable[Extent]
                 while reads >= max_reads:
                     emit()
                 item = _Item(ext, source.read(ext.offset, ext.length))
-                if method is not None:
+                if method is not None and skip.try_compress():
                     item.compress_in(pool, method, level)
                 reads += 1
             else:
