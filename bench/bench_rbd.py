@@ -68,17 +68,17 @@ def main() -> int:
         with ceph_lab.running_cluster(memstore_bytes=memstore, folder=os.path.join(args.dir, "ceph")) as c:
             print(f"ceph cluster up ({memstore // MiB} MiB memstore)")
             ceph = ["--ceph-conf", str(c.conf), "--ceph-id", c.client_id, "--ceph-keyring", str(c.keyring)]
-            for n in range(args.repeat):
-                ref_spec = c.rbd_spec("ref")
-                results.setdefault("qemu-img convert", []).append(
-                    timed(["qemu-img", "convert", "-W", "-f", "raw", "-O", "raw", paths["ref"], ref_spec]))
-                c.rbd("rm", "--no-progress", f"{c.pool}/ref")
-                results.setdefault("virtnbdrestore", []).append(
-                    timed([*RESTORE, "-i", paths["main"], "--target", f"rbd:{c.pool}/restored", "-n",
-                           "-w", str(args.workers), *ceph]))
-                if n == 0:
-                    check(c, paths["ref"], data)
-                c.rbd("rm", "--no-progress", f"{c.pool}/restored")
+            convert = ["qemu-img", "convert", "-W", "-f", "raw", "-O", "raw", paths["ref"], c.rbd_spec("ref")]
+            restore = [*RESTORE, "-i", paths["main"], "--target", f"rbd:{c.pool}/restored", "-n",
+                       "-w", str(args.workers), *ceph]
+            for n in range(args.repeat + 1):          # run 0 warms the page cache and the OSD: not counted
+                for key, argv, image in (("qemu-img convert", convert, "ref"), ("virtnbdrestore", restore, "restored")):
+                    secs = timed(argv)
+                    if n:
+                        results.setdefault(key, []).append(secs)
+                    elif image == "restored":
+                        check(c, paths["ref"], data)
+                    c.rbd("rm", "--no-progress", f"{c.pool}/{image}")
     finally:
         if not args.keep:
             bench_restore.drop(args.dir)
