@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
 import libvirt
 
@@ -13,6 +14,8 @@ from virtnbd.virt.connection import reason
 log = logging.getLogger(__name__)
 
 PREFIX = "virtnbdbackup."
+_SETTLE_TRIES = 8
+_SETTLE_DELAY = 0.25
 _OURS = re.compile(r"^virtnbdbackup\.(\d+)$")
 
 
@@ -77,16 +80,25 @@ def dirty_sizes(dom: libvirt.virDomain, name: str) -> dict[str, int]:
 
 def delete(dom: libvirt.virDomain, name: str) -> None:
     """Delete one checkpoint; its bitmap is merged into its parent's by libvirt."""
-    cp = _lookup(dom, name)
-    try:
-        cp.delete(0)
-    except libvirt.libvirtError as err:
-        if not _bitmap_gone(err):
-            raise errors.CheckpointError(checkpoint=name, reason=f"cannot delete: {reason(err)}") from err
-        delete_metadata(dom, name)
-        log.warning("checkpoint %s: its bitmap was already gone (%s); removed its metadata", name, reason(err))
+    for attempt in range(_SETTLE_TRIES):
+        try:
+            dom.checkpointLookupByName(name, 0).delete(0)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+                log.debug("checkpoint %s already gone", name)
+                return
+            if not _bitmap_gone(err):
+                raise errors.CheckpointError(checkpoint=name, reason=f"cannot delete: {reason(err)}") from err
+            if attempt + 1 < _SETTLE_TRIES:
+                # libvirtd may still be rolling back the checkpoint of a killed client's backupBegin
+                # (bitmap gone first, metadata next): let it finish before touching the metadata
+                time.sleep(_SETTLE_DELAY)
+                continue
+            delete_metadata(dom, name)
+            log.warning("checkpoint %s: its bitmap was already gone (%s); removed its metadata", name, reason(err))
+            return
+        log.debug("deleted checkpoint %s", name)
         return
-    log.debug("deleted checkpoint %s", name)
 
 
 def _bitmap_gone(err: libvirt.libvirtError) -> bool:

@@ -1,0 +1,150 @@
+"""SIGKILL at random moments of backup runs; the next run must extend the chain exactly.
+
+For every kill point: changes, a backup run killed (whole process group) at
+that moment, more changes, then the next backup. The last committed point and
+the next one must restore byte-exact against the shadow images, so no run
+ever silently skips changes. Kill moments: deterministic random times spread
+over a measured clean run, plus moments picked by what the run is doing
+(right after libvirt created the new checkpoint, while a data file is written,
+while the manifest is committed, right after the commit).
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.lab.fault_lab import kill_points
+from tests.lab.libvirt_lab import JOB_SAFE_KINDS, DiskSpec, MiB, random_writes
+from tests.system.backup_helpers import backup_cmd, check_point, env, job_running, leftovers, ok
+from tests.system.chain_helpers import checkpoint_names, points
+
+pytestmark = [pytest.mark.system, pytest.mark.slow]
+
+SIZE = 16 * MiB
+KILLS = 22            # SIGKILLs that really hit a running backup
+MAX_RANDOM = 40
+MANIFEST = "virtnbd.manifest.json"
+
+
+def _write(dom, seed: int) -> None:  # type: ignore[no-untyped-def]
+    for i, disk in enumerate(dom.disks.values()):
+        disk.apply_all(random_writes(seed=seed * 10 + i, n=4, size=SIZE, kinds=JOB_SAFE_KINDS))
+
+
+def _snap(dom, name: str):  # type: ignore[no-untyped-def]
+    return {t: d.snapshot(name) for t, d in dom.disks.items()}
+
+
+def _newer_checkpoint(dom, folder: Path):  # type: ignore[no-untyped-def]
+    known = len(dom.dom.listAllCheckpoints())
+    return lambda: len(dom.dom.listAllCheckpoints()) > known
+
+
+def _after_checkpoint(delay: float):  # type: ignore[no-untyped-def]
+    """Kill ``delay`` seconds after the run's new checkpoint appeared (copy, side files, commit)."""
+    def make(dom, folder: Path):  # type: ignore[no-untyped-def]
+        seen: list[float] = []
+        created = _newer_checkpoint(dom, folder)
+
+        def predicate() -> bool:
+            if not seen and created():
+                seen.append(time.monotonic())
+            return bool(seen) and time.monotonic() - seen[0] >= delay
+        return predicate
+    return make
+
+
+def _manifest_tmp(folder: Path):  # type: ignore[no-untyped-def]
+    return (folder / f".{MANIFEST}.tmp").exists
+
+
+def _partial(folder: Path):  # type: ignore[no-untyped-def]
+    return lambda: any(folder.glob("*.partial"))
+
+
+def _committed(folder: Path):  # type: ignore[no-untyped-def]
+    before = len(points(folder))
+    return lambda: (folder / MANIFEST).exists() and len(points(folder)) > before
+
+
+def _classify(dom, folder: Path, before: list[str]) -> str:  # type: ignore[no-untyped-def]
+    now = points(folder)
+    if len(now) > len(before):
+        return "after commit"
+    ours = [c for c in checkpoint_names(dom) if c.startswith("virtnbdbackup.")]
+    if len(ours) > len([p for p in before if p.startswith("virtnbdbackup.")]):
+        return "after checkpoint, before commit"
+    return "before checkpoint"
+
+
+def test_sigkill_at_random_moments_then_next_backup_exact(make_domain, crash_runner, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    dom = make_domain(disks=[DiskSpec("sda", "sata", "qcow2", SIZE)])
+    folder = dom.dir / "backup"
+    crash_runner.env = env()
+    expected: dict[str, dict[str, Path]] = {}
+    outcomes: Counter[str] = Counter()
+
+    # a killed first run (auto into an empty folder), then the real full
+    _write(dom, 1)
+    crash_runner.kill_when(backup_cmd(dom, "auto", folder), _newer_checkpoint(dom, folder), deadline=30)
+    assert points(folder) == []
+    expected[ok(dom, "auto", folder)["point"]] = _snap(dom, "full")
+
+    # measure a clean inc, to spread the random kill moments over its duration
+    _write(dom, 2)
+    clean = crash_runner.run(backup_cmd(dom, "inc", folder))
+    assert clean.returncode == 0, clean.stderr
+    expected[points(folder)[-1]] = _snap(dom, "clean")
+    moments: list[tuple[str, object]] = [
+        ("checkpoint created", _newer_checkpoint), ("data file written", _partial),
+        ("manifest commit", _manifest_tmp), ("just committed", _committed)]
+    rng = random.Random(7)
+    moments += [("after checkpoint", _after_checkpoint(rng.uniform(0.0, 0.25))) for _ in range(8)]
+    # a run's length varies (start-up dominates a small inc): more random moments than needed, stop at enough
+    moments += [("time", t) for t in kill_points(seed=6, n=MAX_RANDOM, duration=clean.elapsed, hi=0.85)]
+
+    for step, (_label, moment) in enumerate(moments, start=3):
+        if sum(n for k, n in outcomes.items() if k != "finished") >= KILLS:
+            break
+        _write(dom, step)
+        snap = _snap(dom, f"k{step}")
+        before = points(folder)
+        level = "diff" if step % 7 == 0 else "inc"
+        cmd = backup_cmd(dom, level, folder)
+        if isinstance(moment, float):
+            out = crash_runner.kill_after(cmd, moment)
+        else:
+            takes_dom = moment is _newer_checkpoint or getattr(moment, "__name__", "") == "make"
+            predicate = moment(dom, folder) if takes_dom else moment(folder)  # type: ignore[operator]
+            out = crash_runner.kill_when(cmd, predicate, deadline=30)
+        after = points(folder)
+        assert after[:len(before)] == before, "a killed run changed committed points"
+        assert len(after) - len(before) in (0, 1)
+        outcomes[_classify(dom, folder, before) if out.killed else "finished"] += 1
+        if len(after) > len(before):             # the kill came after the commit: that point is real
+            expected[after[-1]] = snap
+        # the last committed point is exact
+        check_point(dom, folder, after[-1], expected[after[-1]], tmp_path)
+        # the next backup (aborts the stale job, drops the orphan checkpoint) covers everything
+        _write(dom, 100 + step)
+        summary = ok(dom, "inc", folder)
+        expected[summary["point"]] = _snap(dom, f"n{step}")
+        check_point(dom, folder, summary["point"], expected[summary["point"]], tmp_path)
+        assert not job_running(dom)
+        assert leftovers(folder, dom.dir) == []
+        assert checkpoint_names(dom) == sorted(p for p in points(folder) if p.startswith("virtnbdbackup."))
+
+    kills = sum(n for k, n in outcomes.items() if k != "finished")
+    print(f"\nkill outcomes: {dict(outcomes)}")
+    assert kills >= KILLS, outcomes
+    assert outcomes["before checkpoint"] and outcomes["after checkpoint, before commit"], outcomes
+    # every point of the chain, start to end, is still exact (nothing lost on the way)
+    committed = points(folder)
+    for point in committed[::4] + committed[-1:]:
+        check_point(dom, folder, point, expected[point], tmp_path)
+    assert os.path.exists(folder / MANIFEST)
