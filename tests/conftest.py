@@ -25,7 +25,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
 # The modules import libvirt/nbd lazily, so unit tests run without them.
 from tests.lab.ceph_lab import ceph_cluster  # noqa: E402, F401
 from tests.lab.fault_lab import crash_runner, small_fs  # noqa: E402, F401
-from tests.lab.guest_lab import guest_build, make_guest  # noqa: E402, F401
+from tests.lab.guest_lab import guest_build, make_guest, module_guest  # noqa: E402, F401
 from tests.lab.libvirt_lab import libvirt_conn, libvirt_daemons, make_domain  # noqa: E402, F401
 from tests.lab.nbd_lab import (  # noqa: E402, F401
     nbd_lab,

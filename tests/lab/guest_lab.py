@@ -441,18 +441,25 @@ class Guest:
                     raise
                 time.sleep(0.3)
 
-    def remove(self) -> None:
+    def remove(self, attempts: int = 5) -> None:
+        """Destroy, undefine (with checkpoint metadata), delete the files; LabError when the domain stays."""
         import libvirt
 
-        with contextlib.suppress(libvirt.libvirtError):
-            if self.dom.isActive():
-                self.dom.abortJob() if self.dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE else None
-        with contextlib.suppress(libvirt.libvirtError):
-            if self.dom.isActive():
-                self.dom.destroy()
-        with contextlib.suppress(libvirt.libvirtError):
-            self.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
-                                   | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+        last = ""
+        for _ in range(attempts):
+            try:
+                if self.dom.isActive():
+                    self.dom.destroy()
+                self.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+                                       | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+                break
+            except libvirt.libvirtError as err:
+                if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    break
+                last = str(err.get_error_message())
+                time.sleep(1.0)
+        else:
+            raise LabError(f"{self.name}: cannot destroy/undefine: {last}")
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # ---- agent
@@ -537,6 +544,17 @@ def guest_build(libvirt_daemons: Any) -> GuestBuild:
     return build_guest()
 
 
+@pytest.fixture(scope="module")
+def module_guest(libvirt_conn: Any, guest_build: GuestBuild) -> Iterator[Guest]:
+    """One booted guest shared by a test module (tests that leave its agent running)."""
+    guest = Guest(libvirt_conn, guest_build)
+    try:
+        guest.start()
+        yield guest
+    finally:
+        guest.remove()
+
+
 MakeGuest = Callable[..., Guest]
 
 
@@ -578,6 +596,7 @@ __all__ = [
     "guest_build",
     "make_data_disk",
     "make_guest",
+    "module_guest",
     "recovered_copy",
 ]
 

@@ -14,27 +14,43 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.lab.guest_lab import DATA_MOUNT, GUEST_HOSTNAME, Guest, GuestBuild, debugfs_cat, e2fsck_clean, recovered_copy
+from tests.lab.guest_lab import DATA_MOUNT, GUEST_HOSTNAME, Guest, debugfs_cat, e2fsck_clean, recovered_copy
+from tests.system.backup_helpers import job_running
 
 pytestmark = [pytest.mark.system, pytest.mark.guest]
+
+
+@pytest.fixture
+def guest(module_guest: Guest) -> Guest:
+    """The booted guest this module shares (tests/lab/guest_lab.py)."""
+    return module_guest
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
 
 
 def cli(tool: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(REPO / tool), *args], capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    """Run ./virtnbdbackup or ./virtnbdrestore; a run that hangs fails the test with its thread stacks."""
+    cmd = [sys.executable, str(REPO / tool), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)    # faulthandler prints every thread's stack
+        out, err = proc.communicate()
+        pytest.fail(f"{tool} hung for {timeout:.0f}s: {' '.join(args)}\n{err[-8000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def backup(guest: Guest, folder: Path, level: str, *extra: str, rc: int | None = 0) -> subprocess.CompletedProcess[str]:
-    proc = cli("virtnbdbackup", "-d", guest.name, "-l", level, "-o", str(folder), "-n", *extra)
+    proc = cli("virtnbdbackup", "-d", guest.name, "-l", level, "-o", str(folder), "-n", "--scratchdir", str(guest.dir),
+               *extra, timeout=60)
     if rc is not None:
         assert proc.returncode == rc, f"virtnbdbackup -> {proc.returncode}, wanted {rc}:\n{proc.stderr}"
     return proc
@@ -65,15 +81,6 @@ def guest_file(image: Path, name: str) -> bytes | None:
     return debugfs_cat(image, f"/{name}")
 
 
-@pytest.fixture(scope="module")
-def guest(libvirt_conn: Any, guest_build: GuestBuild) -> Iterator[Guest]:
-    """One booted guest shared by the tests of this module that leave its agent alone."""
-    g = Guest(libvirt_conn, guest_build)
-    try:
-        g.start()
-        yield g
-    finally:
-        g.remove()
 
 
 # --------------------------------------------------------------------------
@@ -203,7 +210,7 @@ def test_hung_agent(make_guest: Any, tmp_path: Path) -> None:
     t0 = time.monotonic()
     proc = backup(g, tmp_path / "b", "full", "--strict", "--agent-timeout", "2", rc=2)
     elapsed = time.monotonic() - t0
-    assert "no answer to guest-info within 2s" in proc.stderr and "crash-consistent" in proc.stderr, proc.stderr
+    assert "no answer to guest-ping within 2s" in proc.stderr and "crash-consistent" in proc.stderr, proc.stderr
     assert elapsed < 30, f"a hung agent held the backup for {elapsed:.0f}s"
     (point,) = dump(tmp_path / "b")
     assert point["consistency"] == "crash"
@@ -228,16 +235,6 @@ def test_killed_agent(make_guest: Any, tmp_path: Path) -> None:
 # SIGTERM while the job runs
 
 
-def _backup_job_running(g: Guest) -> bool:
-    import libvirt
-
-    try:
-        g.dom.backupGetXMLDesc(0)
-    except libvirt.libvirtError:
-        return False
-    return True
-
-
 def test_sigterm_during_job_leaves_guest_thawed(make_guest: Any, tmp_path: Path) -> None:
     g = make_guest(files={"big.bin": os.urandom(16 * MiB)})
     folder = tmp_path / "b"
@@ -247,7 +244,7 @@ def test_sigterm_during_job_leaves_guest_thawed(make_guest: Any, tmp_path: Path)
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while not _backup_job_running(g):
+        while not job_running(g):
             assert proc.poll() is None, f"backup ended before its job was seen: {proc.communicate()}"
             assert time.monotonic() < deadline, "no backup job within 60s"
             time.sleep(0.01)
@@ -260,5 +257,5 @@ def test_sigterm_during_job_leaves_guest_thawed(make_guest: Any, tmp_path: Path)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "frozen for" in err, err
     assert g.fsfreeze_status() == "thawed"
-    assert not _backup_job_running(g), "backup job left running"
+    assert not job_running(g), "backup job left running"
     assert not (folder / "virtnbd.manifest.json").exists() or dump(folder) == []

@@ -12,23 +12,20 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.lab.guest_lab import DATA_MOUNT, GUEST_HOSTNAME, Guest, GuestBuild
+from tests.lab.guest_lab import DATA_MOUNT, GUEST_HOSTNAME, Guest
 
 pytestmark = [pytest.mark.system, pytest.mark.guest]
 
 
-@pytest.fixture(scope="module")
-def guest(libvirt_conn: Any, guest_build: GuestBuild) -> Iterator[Guest]:
-    g = Guest(libvirt_conn, guest_build)
-    try:
-        g.start()
-        yield g
-    finally:
-        g.remove()
+@pytest.fixture
+def guest(module_guest: Guest) -> Guest:
+    """The booted guest this module shares (tests/lab/guest_lab.py)."""
+    return module_guest
+
+
 
 
 def _backup_xml(g: Guest, tag: str) -> str:

@@ -1,6 +1,7 @@
 """Decision logic of virtnbd.virt.agent with a scripted fake domain (the real guest: tests/system/test_freeze*.py)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -29,7 +30,7 @@ class FakeDom:
 
     def __init__(self, *, channel: str | None = "connected", state: int = libvirt.VIR_DOMAIN_RUNNING,
                  freeze: int | Exception = 1, thaw_failures: int = 0, info: Exception | None = None,
-                 info_delay: float = 0.0, stale_frozen: int = 0) -> None:
+                 info_delay: float = 0.0, stale_frozen: int = 0, ping: Exception | None = None) -> None:
         self.channel = channel
         self._state = state
         self.freeze = freeze
@@ -37,6 +38,7 @@ class FakeDom:
         self.info = info
         self.info_delay = info_delay
         self.stale_frozen = stale_frozen
+        self.ping = ping
         self.calls: list[str] = []
 
     def name(self) -> str:
@@ -49,6 +51,12 @@ class FakeDom:
         state = f" state='{self.channel}'" if self.channel else ""
         channel = "" if self.channel is None else CHANNEL.format(state=state)
         return f"<domain><name>fake</name><devices>{channel}</devices></domain>"
+
+    def agent_command(self, command: str, timeout: int) -> str:
+        self.calls.append(f"agent {json.loads(command)['execute']} {timeout}")
+        if self.ping is not None:
+            raise self.ping
+        return '{"return": {}}'
 
     def guestInfo(self, types: int, _flags: int) -> dict[str, Any]:
         self.calls.append("guestInfo")
@@ -86,8 +94,9 @@ class FakeDom:
 
 
 @pytest.fixture(autouse=True)
-def no_retry_delay(monkeypatch: pytest.MonkeyPatch) -> None:
+def fake_agent(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(agent, "THAW_RETRY_DELAY", 0.0)
+    monkeypatch.setattr(agent, "_agent_command", lambda dom, command, timeout: dom.agent_command(command, timeout))
 
 
 @pytest.fixture
@@ -119,7 +128,7 @@ def test_options_are_checked() -> None:
 def test_freeze_begin_thaw_in_that_order(logs: pytest.LogCaptureFixture) -> None:
     dom = FakeDom()
     q = run(dom)
-    assert dom.calls == ["guestInfo", "guestInfo", "freeze None", "begin", "thaw"]
+    assert dom.calls == ["agent guest-ping 10", "guestInfo", "guestInfo", "freeze None", "begin", "thaw"]
     assert q.consistency == "filesystem" and q.frozen_filesystems == 1 and q.frozen_seconds > 0
     assert q.guest_info == {"hostname": "g1", "os": {"id": "debian"}, "timezone": {"name": "UTC"},
                             "filesystems": [{"mountpoint": "/", "fstype": "ext4", "name": "vda1", "disks": ["vda"]}]}
@@ -164,13 +173,21 @@ def test_hung_agent_times_out(logs: pytest.LogCaptureFixture) -> None:
 def test_unresponsive_agent_gets_no_thaw_probe(logs: pytest.LogCaptureFixture) -> None:
     dom = FakeDom(info=lv_error("Guest agent is not responding", libvirt.VIR_ERR_AGENT_UNRESPONSIVE))
     q = run(dom)
-    assert q.consistency == "crash" and dom.calls == ["guestInfo", "begin"]
+    assert q.consistency == "crash" and dom.calls == ["agent guest-ping 10", "guestInfo", "begin"]
+
+
+def test_ping_timeout_is_passed_to_libvirt(logs: pytest.LogCaptureFixture) -> None:
+    dom = FakeDom(ping=lv_error("Guest agent not available for now", libvirt.VIR_ERR_AGENT_UNRESPONSIVE))
+    q = run(dom, timeout=3)
+    assert dom.calls == ["agent guest-ping 3", "begin"]
+    assert q.consistency == "crash"
+    assert "no answer to guest-ping within 3s" in warnings_of(logs)[0]
 
 
 def test_guest_left_frozen_is_thawed_first(logs: pytest.LogCaptureFixture) -> None:
     dom = FakeDom(stale_frozen=2)
     q = run(dom)
-    assert dom.calls[:2] == ["guestInfo", "thaw"]
+    assert dom.calls[:3] == ["agent guest-ping 10", "guestInfo", "thaw"]
     assert q.consistency == "filesystem"
     assert "was left with 2 frozen filesystem(s)" in warnings_of(logs)[0]
 

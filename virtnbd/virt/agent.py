@@ -27,6 +27,7 @@ from types import FrameType
 from typing import Any, TypeVar
 
 import libvirt
+import libvirt_qemu
 from lxml import etree
 
 from virtnbd import errors
@@ -43,6 +44,8 @@ CONSISTENCIES = (FILESYSTEM, CRASH, PAUSED, OFFLINE)
 
 GUEST_INFO_TYPES = (libvirt.VIR_DOMAIN_GUEST_INFO_OS | libvirt.VIR_DOMAIN_GUEST_INFO_HOSTNAME
                     | libvirt.VIR_DOMAIN_GUEST_INFO_TIMEZONE)
+PING = '{"execute": "guest-ping"}'
+LIBVIRT_GRACE = 5.0         # beyond the agent timeout, for libvirt to get the domain's agent job
 THAW_ATTEMPTS = 3
 THAW_RETRY_DELAY = 1.0
 
@@ -173,6 +176,28 @@ def _flat_to_guest_info(flat: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
+def _agent_command(dom: libvirt.virDomain, command: str, timeout: int) -> str:
+    return str(libvirt_qemu.qemuAgentCommand(dom, command, timeout, 0))
+
+
+def ping(dom: libvirt.virDomain, timeout: int) -> None:
+    """``guest-ping`` with libvirt's own command timeout.
+
+    The official agent APIs (guestInfo, fsFreeze) wait forever for a hung
+    agent and keep the domain's agent job while they wait; that would block
+    every later agent call and even the end of the backup job. A timed-out
+    agent command returns and releases the job. AgentUnavailable when the
+    agent does not answer.
+    """
+    name = dom.name()
+    try:
+        _bounded(lambda: _agent_command(dom, PING, timeout), timeout + LIBVIRT_GRACE, "guest-ping")
+    except TimeoutError as err:
+        raise AgentTimeout(domain=name, reason=str(err)) from err
+    except libvirt.libvirtError as err:
+        raise AgentTimeout(domain=name, reason=f"no answer to guest-ping within {timeout}s ({_reason(err)})") from err
+
+
 def guest_info(dom: libvirt.virDomain, timeout: float) -> dict[str, Any]:
     """OS, hostname, timezone and filesystems as the agent reports them.
 
@@ -271,6 +296,7 @@ def _agent_ready(dom: libvirt.virDomain, options: QuiesceOptions, result: Quiesc
                name)
         return False
     try:
+        ping(dom, options.timeout)
         result.guest_info = guest_info(dom, options.timeout)
     except AgentUnavailable as err:
         if isinstance(err, AgentTimeout) or not _recover_stale_freeze(dom, options.timeout):
@@ -402,6 +428,7 @@ def quiesced(dom: libvirt.virDomain, options: QuiesceOptions) -> Iterator[Quiesc
         log.info("freeze disabled (--no-freeze): the backup of %s is crash-consistent", name)
         if channel_state(dom) == "connected":
             with contextlib.suppress(AgentUnavailable):
+                ping(dom, options.timeout)
                 result.guest_info = guest_info(dom, options.timeout)
         yield result
         return
