@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.libvirt_lab import LabError, run
+from tests.lab.common import LabError, run
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ import dataclasses
 import fcntl
 import logging
 import os
-import random
 import re
 import shutil
 import signal
@@ -37,14 +36,37 @@ from typing import Any
 
 import pytest
 
+from tests.lab.common import KiB, LabError, MiB, require, run
+from tests.lab.diskops import (
+    ALIGN,
+    JOB_SAFE_KINDS,
+    Op,
+    check_qemu_io_output,
+    data_op,
+    discard_op,
+    done_line,
+    pattern_op,
+    qemu_io_command,
+    random_writes,
+    ranges_cover,
+    ranges_of,
+    zero_op,
+)
+from tests.lab.images import (
+    ImageMismatch,
+    assert_bytes_equal,
+    compare_images,
+    describe_bytes_mismatch,
+    describe_mismatch,
+    image_format,
+    virtual_size,
+)
+
 log = logging.getLogger(__name__)
 
-KiB = 1024
-MiB = 1024 * KiB
 URI = "qemu:///system"
 NAME_PREFIX = "vnbdtest-"
 OWNER_PREFIX = "virtnbd test lab, owner "
-QEMU_USER = "libvirt-qemu"
 # QEMU runs as libvirt-qemu (Debian default, /etc/libvirt/qemu.conf): images,
 # data files and socket folders must be reachable by that user. The pytest
 # tmp_path (0700, root) is not, so the lab lives here.
@@ -54,28 +76,10 @@ START_LOCK_FILE = Path("/run/vnbdtest-lab.start.lock")  # held while starting/st
 EMULATOR = "/usr/bin/qemu-system-x86_64"
 DAEMON_LOG_DIR = Path("/var/log/libvirt")
 QEMU_LOG_DIR = DAEMON_LOG_DIR / "qemu"
-ALIGN = 64 * KiB
-JOB_SAFE_KINDS = ("data", "data", "data", "pattern", "zero")
-
-
-class LabError(RuntimeError):
-    """The lab could not do what a test asked (not a product error)."""
-
-
-class ImageMismatch(AssertionError):
-    """An image's bytes differ from the expected (shadow) image."""
 
 
 # --------------------------------------------------------------------------
 # processes
-
-
-def run(cmd: Sequence[str], *, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run a command (no shell), capture text output, raise LabError with stderr on failure."""
-    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False)
-    if check and proc.returncode != 0:
-        raise LabError(f"{' '.join(cmd)} -> exit {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc
 
 
 def have_binaries(*names: str) -> bool:
@@ -222,122 +226,6 @@ def make_lab_dir(prefix: str = "") -> Path:
     sock.mkdir()
     sock.chmod(0o1777)
     return path
-
-
-# --------------------------------------------------------------------------
-# operations
-
-
-@dataclass(frozen=True)
-class Op:
-    """One qemu-io operation. kind: data | pattern | zero | discard."""
-
-    kind: str
-    offset: int
-    length: int
-    pattern: int = 0  # for kind="pattern"
-    seed: int = 0  # for kind="data": bytes = random.Random(seed).randbytes(length)
-
-    def data(self) -> bytes:
-        if self.kind == "data":
-            return random.Random(self.seed).randbytes(self.length)
-        if self.kind == "pattern":
-            return bytes([self.pattern]) * self.length
-        return bytes(self.length)  # zero and discard read back as zeros
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.length
-
-
-def data_op(offset: int, length: int, seed: int) -> Op:
-    return Op("data", offset, length, seed=seed)
-
-
-def pattern_op(offset: int, length: int, pattern: int) -> Op:
-    return Op("pattern", offset, length, pattern=pattern)
-
-
-def zero_op(offset: int, length: int) -> Op:
-    return Op("zero", offset, length)
-
-
-def discard_op(offset: int, length: int) -> Op:
-    return Op("discard", offset, length)
-
-
-def random_writes(
-    seed: int,
-    n: int,
-    size: int,
-    *,
-    align: int = ALIGN,
-    max_blocks: int = 8,
-    kinds: Sequence[str] = ("data", "data", "data", "pattern", "zero", "discard"),
-) -> list[Op]:
-    """``n`` deterministic ops (same seed -> same list) at ``align``-ed offsets inside ``size``.
-
-    While a backup job runs use ``kinds=JOB_SAFE_KINDS`` (QEMU drops discards then).
-    """
-    rng = random.Random(seed)
-    blocks = size // align
-    ops = []
-    for _ in range(n):
-        nblocks = rng.randint(1, min(max_blocks, blocks))
-        start = rng.randrange(0, blocks - nblocks + 1)
-        kind = rng.choice(list(kinds))
-        off, length = start * align, nblocks * align
-        if kind == "data":
-            ops.append(data_op(off, length, rng.getrandbits(32)))
-        elif kind == "pattern":
-            ops.append(pattern_op(off, length, rng.randrange(1, 256)))
-        else:
-            ops.append(Op(kind, off, length))
-    return ops
-
-
-def ranges_of(ops: Sequence[Op]) -> list[tuple[int, int]]:
-    """Union of the byte ranges ops touch, as sorted non-overlapping (offset, length)."""
-    spans = sorted((op.offset, op.end) for op in ops)
-    merged: list[list[int]] = []
-    for start, end in spans:
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    return [(s, e - s) for s, e in merged]
-
-
-def ranges_cover(outer: Sequence[tuple[int, int]], inner: Sequence[tuple[int, int]]) -> bool:
-    """True when every byte of the ``inner`` (offset, length) ranges lies in ``outer``."""
-    merged = ranges_of([Op("zero", off, length) for off, length in outer])
-    for off, length in inner:
-        if length and not any(s <= off and off + length <= s + n for s, n in merged):
-            return False
-    return True
-
-
-def qemu_io_command(op: Op, data_file: Path | None) -> str:
-    if op.kind == "data":
-        assert data_file is not None
-        return f"write -s {data_file} {op.offset} {op.length}"
-    if op.kind == "pattern":
-        return f"write -P {op.pattern:#x} {op.offset} {op.length}"
-    if op.kind == "zero":
-        return f"write -z {op.offset} {op.length}"
-    if op.kind == "discard":
-        return f"discard {op.offset} {op.length}"
-    raise ValueError(f"unknown op kind {op.kind!r}")
-
-
-def _done_line(op: Op) -> str:
-    verb = "discard" if op.kind == "discard" else "wrote"
-    return f"{verb} {op.length}/{op.length} bytes at offset {op.offset}"
-
-
-def check_qemu_io_output(op: Op, cmd: str, out: str) -> None:
-    if _done_line(op) not in out or "failed" in out:
-        raise LabError(f"qemu-io {cmd!r} failed: {out.strip()!r}")
 
 
 # --------------------------------------------------------------------------
@@ -612,7 +500,7 @@ class LabDomain:
         out = self.hmp(f'qemu-io -d {qdev} "{cmd}"')
         if out.strip():
             raise LabError(f"{self.name}: qemu-io -d {qdev} {cmd!r}: {out.strip()}")
-        want = _done_line(op)
+        want = done_line(op)
         deadline = time.monotonic() + wait
         while True:
             with contextlib.suppress(FileNotFoundError), log_path.open("rb") as f:
@@ -746,92 +634,7 @@ def domain_xml(name: str, disks: Sequence[tuple[DiskSpec, Path]]) -> str:
 
 
 # --------------------------------------------------------------------------
-# comparisons
-
-
-def image_format(path: Path | str) -> str:
-    import json
-
-    info = json.loads(run(["qemu-img", "info", "-U", "--output=json", str(path)]).stdout)
-    return str(info["format"])
-
-
-def virtual_size(path: Path | str, fmt: str | None = None) -> int:
-    import json
-
-    cmd = ["qemu-img", "info", "-U", "--output=json"] + (["-f", fmt] if fmt else []) + [str(path)]
-    return int(json.loads(run(cmd).stdout)["virtual-size"])
-
-
-def compare_images(image: Path | str, expected: Path | str, fmt: str | None = None, expected_fmt: str = "raw") -> None:
-    """Raise :class:`ImageMismatch` (with the differing 64 KiB blocks) unless the bytes are identical."""
-    fmt = fmt or image_format(image)
-    size_a, size_b = virtual_size(image, fmt), virtual_size(expected, expected_fmt)
-    if size_a != size_b:
-        raise ImageMismatch(f"{image}: virtual size {size_a} != expected {size_b} ({expected})")
-    cmd = ["qemu-img", "compare", "-U", "-q", "-f", fmt, "-F", expected_fmt, str(image), str(expected)]
-    proc = run(cmd, check=False)
-    if proc.returncode == 0:
-        return
-    if proc.returncode != 1:
-        raise LabError(f"qemu-img compare {image} {expected}: {proc.stderr.strip()}")
-    raise ImageMismatch(f"{image} differs from {expected}: {describe_mismatch(image, fmt, expected, expected_fmt)}")
-
-
-def _read_raw(path: Path | str, fmt: str) -> bytes:
-    if fmt == "raw":
-        return Path(path).read_bytes()
-    tmp = Path(str(path) + f".{uuid.uuid4().hex[:6]}.cmp.raw")
-    try:
-        run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", str(path), str(tmp)])
-        return tmp.read_bytes()
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def describe_mismatch(image: Path | str, fmt: str, expected: Path | str, expected_fmt: str = "raw") -> str:
-    a, b = _read_raw(image, fmt), _read_raw(expected, expected_fmt)
-    return describe_bytes_mismatch(a, b)
-
-
-def describe_bytes_mismatch(got: bytes, want: bytes, block: int = ALIGN, limit: int = 8) -> str:
-    if len(got) != len(want):
-        return f"length {len(got)} != expected {len(want)}"
-    bad = [off for off in range(0, len(got), block) if got[off : off + block] != want[off : off + block]]
-    if not bad:
-        return "identical"
-    first = bad[0]
-    i = next(i for i in range(first, min(first + block, len(got))) if got[i] != want[i])
-    shown = ", ".join(f"{o:#x}" for o in bad[:limit]) + (" ..." if len(bad) > limit else "")
-    return (
-        f"{len(bad)} of {len(got) // block} blocks of {block} differ ({shown}); "
-        f"first byte at {i:#x}: got {got[i]:#04x}, expected {want[i]:#04x}"
-    )
-
-
-def assert_bytes_equal(got: bytes, want: bytes, what: str = "data") -> None:
-    if got != want:
-        raise ImageMismatch(f"{what}: {describe_bytes_mismatch(got, want)}")
-
-
-# --------------------------------------------------------------------------
 # pytest fixtures
-
-
-def require(what: str, tools: Sequence[str], modules: Sequence[str] = (), root: bool = False) -> None:
-    """Skip (a failure in CI, see tests/conftest.py) unless tools, modules and root are there."""
-    import importlib
-
-    missing = [t for t in tools if not shutil.which(t)]
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(f"python module {name}")
-    if missing:
-        pytest.skip(f"{what}: missing {', '.join(missing)}")
-    if root and os.geteuid() != 0:
-        pytest.skip(f"{what}: needs root")
 
 
 def _require_lab() -> None:
@@ -899,7 +702,7 @@ def make_domain(libvirt_conn: Any) -> Iterator[MakeDomain]:
             domain.remove()
 
 
-__all__ = [
+__all__ = [  # re-exported for existing imports: new code may import from common/diskops/images
     "ALIGN",
     "JOB_SAFE_KINDS",
     "KiB",
@@ -912,18 +715,25 @@ __all__ = [
     "Op",
     "ShadowDisk",
     "assert_bytes_equal",
+    "check_qemu_io_output",
     "compare_images",
     "data_op",
+    "describe_bytes_mismatch",
+    "describe_mismatch",
     "discard_op",
+    "image_format",
     "libvirt_conn",
     "libvirt_daemons",
     "make_domain",
     "make_lab_dir",
     "pattern_op",
+    "qemu_io_command",
     "random_writes",
-    "sweep_orphans",
-    "require",
     "ranges_cover",
     "ranges_of",
+    "require",
+    "run",
+    "sweep_orphans",
+    "virtual_size",
     "zero_op",
 ]

@@ -34,16 +34,8 @@ from typing import Any
 
 import pytest
 
-from tests.lab.libvirt_lab import (
-    LabError,
-    MiB,
-    Op,
-    check_qemu_io_output,
-    qemu_io_command,
-    ranges_of,
-    require,
-    run,
-)
+from tests.lab.common import LabError, MiB, require, run
+from tests.lab.diskops import Op, check_qemu_io_output, qemu_io_command, ranges_of
 
 
 @dataclass

@@ -5,18 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.libvirt_lab import (
-    ALIGN,
-    ImageMismatch,
-    MiB,
-    Op,
-    assert_bytes_equal,
-    describe_bytes_mismatch,
-    qemu_io_command,
-    random_writes,
-    ranges_cover,
-    ranges_of,
-)
+from tests.lab.common import MiB
+from tests.lab.diskops import ALIGN, Op, qemu_io_command, random_writes, ranges_cover, ranges_of
+from tests.lab.images import ImageMismatch, assert_bytes_equal, describe_bytes_mismatch
 from tests.lab.nbd_lab import nonzero_segments, write_expected
 
 
