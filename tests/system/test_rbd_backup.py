@@ -141,3 +141,36 @@ def test_missing_parent_snapshot_is_a_clear_error(rbd_domain: RbdDomain, tmp_pat
     assert res.rc == 1
     assert "RBD snapshot virtnbdbackup.0" in res.stderr and "is missing" in res.stderr
     assert snaps(c, rbd_domain.image) == []          # the failed inc took no snapshot that stays
+
+
+def test_restored_domain_runs_on_its_rbd_image(rbd_domain: RbdDomain, libvirt_conn: Any, tmp_path: Path) -> None:
+    """-D with an RBD target: libvirt accepts the network disk (original <auth> kept) and QEMU opens the image."""
+    import libvirt
+    from lxml import etree
+
+    dom, c = rbd_domain.domain, rbd_domain.cluster
+    dom.disk("sda").apply_all(random_writes(seed=7, n=8, size=SIZE, kinds=JOB_SAFE_KINDS))
+    folder = tmp_path / "backup"
+    assert backup(dom, "full", folder, *ceph_args(c)).rc == 0
+    name = f"vnbdtest-r{uuid.uuid4().hex[:8]}"
+    image = f"{rbd_domain.image}-def"
+    restore(folder, "virtnbdbackup.0", "-o", str(tmp_path / "out"), "--target", f"rbd:{c.pool}/{image}",
+            "-D", "-N", name, *ceph_args(c))
+    compare_images(rbd_export(c, c.pool, image, tmp_path / "restored.raw"), dom.disk("sda").shadow, fmt="raw")
+    new = libvirt_conn.lookupByName(name)
+    try:
+        disk = etree.fromstring(new.XMLDesc(0).encode()).find("devices/disk")
+        assert disk.get("type") == "network"
+        source = disk.find("source")
+        assert source.get("protocol") == "rbd" and source.get("name") == f"{c.pool}/{image}"
+        original = etree.fromstring(dom.dom.XMLDesc(0).encode()).find("devices/disk/auth/secret")
+        assert disk.find(".//auth/secret").get("uuid") == original.get("uuid")
+        new.create()
+        status = json.loads(c.rbd("status", "--format", "json", f"{c.pool}/{image}"))
+        assert len(status["watchers"]) == 1            # QEMU of the restored domain has the image open
+        new.destroy()
+    finally:
+        if new.isActive():
+            new.destroy()
+        new.undefineFlags(getattr(libvirt, "VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA", 0))
+        c.rbd("rm", "--no-progress", f"{c.pool}/{image}")
