@@ -271,3 +271,11 @@ def test_signals_are_held_until_the_window_closes() -> None:
         assert got == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, saved)
+
+
+def test_cli_rejects_relative_freeze_mountpoints() -> None:
+    from virtnbd.cli.backup import parse
+
+    with pytest.raises(errors.UsageError, match="absolute guest paths: data"):
+        parse(["-d", "vm", "-o", "/b", "-F", "/,data"])
+    assert parse(["-d", "vm", "-o", "/b", "-F", "/,/var", "-F", "/srv"]).quiesce.mountpoints == ("/", "/var", "/srv")

@@ -101,6 +101,9 @@ def parse(argv: Sequence[str]) -> BackupOptions:
         raise errors.UsageError(reason="--read-size must be between 4K and 32M")
     if args.no_freeze and args.freeze_mountpoint:
         raise errors.UsageError(reason="--no-freeze and -F/--freeze-mountpoint exclude each other")
+    relative = [m for m in _flat(args.freeze_mountpoint) if not m.startswith("/")]
+    if relative:
+        raise errors.UsageError(reason=f"-F/--freeze-mountpoint takes absolute guest paths: {', '.join(relative)}")
     level = None if args.compress in (None, -1) else args.compress
     return BackupOptions(
         domain=args.domain, level=args.level, output=args.output, uri=args.uri,
