@@ -328,12 +328,39 @@ def load(folder: str | os.PathLike[str]) -> CephCluster:
     )
 
 
+TEMP_PREFIX = "vnbd-ceph-"
+OWNER_FILE = "owner.pid"
+
+
+def reap_orphans(parent: str | None = None) -> list[Path]:
+    """Stop and remove temp clusters whose owning process died (a killed test session).
+
+    Only folders this module created (prefix + owner file) are considered, and only
+    daemons whose command line names that folder are stopped.
+    """
+    reaped = []
+    for folder in Path(parent or tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
+        try:
+            owner = int((folder / OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if owner != os.getpid() and not Path(f"/proc/{owner}").exists():
+            stop(folder)
+            shutil.rmtree(folder, ignore_errors=True)
+            reaped.append(folder)
+    return reaped
+
+
 @contextlib.contextmanager
 def running_cluster(memstore_bytes: int = DEFAULT_MEMSTORE_BYTES, folder: str | None = None) -> Iterator[CephCluster]:
     """Start a cluster in a temp folder (or ``folder``), stop it and remove the folder on exit."""
-    root = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="vnbd-ceph-"))
+    if folder is None:
+        reap_orphans()
+    root = Path(folder) if folder else Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
     try:
         cluster = start(root, memstore_bytes)
+        if folder is None:
+            (root / OWNER_FILE).write_text(f"{os.getpid()}\n")
         try:
             yield cluster
         finally:

@@ -47,3 +47,22 @@ def test_cluster_stops_exactly_its_daemons(tmp_path) -> None:  # type: ignore[no
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}") or not ceph_lab._is_ours(pid, folder.resolve())
     assert not folder.exists()
+
+
+def test_orphaned_cluster_of_a_dead_session_is_reaped(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+
+    if not ceph_lab.available():
+        pytest.skip("Ceph daemons not installed")
+    folder = tmp_path / f"{ceph_lab.TEMP_PREFIX}orphan"
+    cluster = ceph_lab.start(folder, memstore_bytes=64 << 20)
+    pids = ceph_lab.running(cluster.folder)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (folder / ceph_lab.OWNER_FILE).write_text(f"{dead.pid}\n")
+    try:
+        assert ceph_lab.reap_orphans(str(tmp_path)) == [folder]
+    finally:
+        ceph_lab.stop(folder)
+    assert not folder.exists()
+    assert all(not ceph_lab._is_ours(pid, folder.resolve()) for pid in pids)
