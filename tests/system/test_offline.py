@@ -36,7 +36,10 @@ def test_offline_inc_between_online_incs(make_domain, tmp_path) -> None:  # type
 
     dom.stop()
     _write_all(dom, 3)                                   # written while off (qemu-io on the image)
+    estimate = ok(dom, "inc", folder, "-p")              # -p offline: measured from the exported bitmap
+    assert estimate["skipped"] and estimate["estimate"]["sdb"] > 0
     summary = ok(dom, "inc", folder)
+    assert 0 < summary["disks"]["sda"]["bytes_read"] <= estimate["estimate"]["sda"]
     assert summary["point"] == "virtnbdbackup.2" and summary["consistency"] == "offline"
     expected["virtnbdbackup.2"] = _snap(dom, "p2")
     # the offline point left the chain as an online one would: metadata + an enabled bitmap per qcow2 disk

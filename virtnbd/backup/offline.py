@@ -49,6 +49,8 @@ from virtnbd.backup import run as backup_run
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backup.plan import Plan, PlannedDisk
 from virtnbd.backupset import manifest as bsmanifest
+from virtnbd.extents import BASE_ALLOCATION, DATA, iter_extents
+from virtnbd.nbdsource import NbdSource
 from virtnbd.virt import bitmaps, checkpoints, connection
 
 log = logging.getLogger(__name__)
@@ -214,6 +216,26 @@ def _undo(dom: libvirt.virDomain, plan: Plan, added: list[tuple[str, str]], defi
             bitmaps.remove(path, name)
         except errors.VirtnbdError as err:
             log.warning("could not remove bitmap %s from %s: %s (the next run does)", name, path, err)
+
+
+# -- size estimate (-p / -T) ---------------------------------------------------------
+
+def estimate(options: BackupOptions, plan: Plan) -> dict[str, int]:
+    """Bytes the run would read per disk: dirty bytes of the parent's bitmap, allocated bytes when whole.
+
+    Online, libvirt measures a checkpoint's dirty size; for a shut-off domain it
+    cannot, so the images are exported and their block status is summed.
+    """
+    check_disks(plan, "")
+    sizes: dict[str, int] = {}
+    with output.work_dir(options.scratchdir) as workdir, exports(plan, workdir) as sockets:
+        for pd in plan.disks:
+            bitmap = _context(plan.parent) if pd.mode == "inc" and plan.parent else None
+            contexts = (BASE_ALLOCATION, bitmap) if bitmap else (BASE_ALLOCATION,)
+            with NbdSource(sockets[pd.target], pd.target, contexts, connections=1, depth=1, buffers=1) as src:
+                found = iter_extents(src.block_status, src.size, bitmap, export=pd.target)
+                sizes[pd.target] = sum(e.length for e in found if bitmap or e.kind == DATA)
+    return sizes
 
 
 # -- the run -----------------------------------------------------------------------

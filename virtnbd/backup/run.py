@@ -359,6 +359,11 @@ def run(options: BackupOptions) -> RunSummary:
     return summary
 
 
+def _offline() -> Any:
+    from virtnbd.backup import offline  # imports this module: load it only when needed
+    return offline
+
+
 def _run_locked(options: BackupOptions, dom: libvirt.virDomain, folder: Path) -> RunSummary:
     name = dom.name()
     uuid = dom.UUIDString()
@@ -383,7 +388,7 @@ def _run_locked(options: BackupOptions, dom: libvirt.virDomain, folder: Path) ->
     if plan.level in ("inc", "diff"):
         _check_parent(dom, plan)
     if options.printonly or options.threshold is not None:
-        summary.estimate = _estimate(dom, plan)
+        summary.estimate = _estimate(dom, plan) if running else _offline().estimate(options, plan)
         if options.printonly:
             for target, size in summary.estimate.items():
                 log.info("%s: about %s to back up (%s)", target, _size(size), plan.level)
@@ -402,9 +407,8 @@ def _run_locked(options: BackupOptions, dom: libvirt.virDomain, folder: Path) ->
             log.warning("%s", verdict.note)
             summary.notes.append(verdict.note)
         if not running:
-            from virtnbd.backup import offline
             log.info("domain %s is shut off: backing up its images read-only with qemu-nbd", name)
-            return offline.execute(options, dom, folder, plan, domain_xml=domain_xml, uuid=uuid, summary=summary,
+            return _offline().execute(options, dom, folder, plan, domain_xml=domain_xml, uuid=uuid, summary=summary,
                                    all_targets=[d.target for d in all_disks])
         _clean_stale(dom, plan, options)
         return _execute(options, dom, folder, plan, domain_xml=domain_xml, uuid=uuid, summary=summary,
