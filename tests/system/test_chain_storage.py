@@ -91,3 +91,29 @@ def test_files_private_by_default_umask_option_and_no_secrets(make_domain) -> No
                           check=False)
     assert hits.stdout == "", hits.stdout
     assert os.path.exists(private / "vmconfig.virtnbdbackup.0.xml")
+
+
+def test_lock_of_live_process_respected_of_dead_one_taken_over(make_domain) -> None:  # type: ignore[no-untyped-def]
+    import signal
+    import sys
+    dom = make_domain(disks=[DiskSpec("sda", "sata", "qcow2", SIZE)])
+    folder = dom.dir / "backup"
+    folder.mkdir(mode=0o700)
+    holder_code = ("import fcntl, os, sys, time\n"
+                   f"fd = os.open({str(folder / '.virtnbdbackup.lock')!r}, os.O_RDWR | os.O_CREAT, 0o600)\n"
+                   "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                   "os.write(fd, f'{os.getpid()}\\n'.encode())\n"
+                   "print('locked', flush=True)\n"
+                   "time.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", holder_code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        line = error_line(fails(dom, "full", folder))
+        assert f"locked by running process {holder.pid}" in line, line
+        assert points(folder) == [] and checkpoint_names(dom) == []
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # the holder died with the lock file still naming it: the next run takes the folder over
+    assert str(holder.pid) in (folder / ".virtnbdbackup.lock").read_text()
+    assert ok(dom, "full", folder)["point"] == "virtnbdbackup.0"
