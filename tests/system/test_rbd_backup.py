@@ -174,3 +174,43 @@ def test_restored_domain_runs_on_its_rbd_image(rbd_domain: RbdDomain, libvirt_co
             new.destroy()
         new.undefineFlags(getattr(libvirt, "VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA", 0))
         c.rbd("rm", "--no-progress", f"{c.pool}/{image}")
+
+
+def test_mixed_domain_qcow2_bitmap_and_rbd_diff(make_domain, libvirt_conn, ceph_cluster, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """sda qcow2 file (libvirt checkpoint bitmap) + sdb raw RBD (snapshots + diff) in one chain."""
+    c = ceph_cluster
+    image = f"vnbdtest-{uuid.uuid4().hex[:8]}"
+    dom = make_domain(disks=[DiskSpec("sda", "sata", "qcow2", SIZE), DiskSpec("sdb", "sata", "raw", SIZE)],
+                      start=False)
+    c.rbd("create", "--size", f"{SIZE // MiB}M", "--object-size", "64K", f"{c.pool}/{image}")
+    try:
+        with ceph_lab.libvirt_secret(libvirt_conn, c) as secret:
+            xml = ceph_lab.swap_disk_to_rbd(libvirt_conn, dom.dom.XMLDesc(0), "sdb",
+                                            ceph_lab.rbd_disk_xml(c, image, "sdb", secret))
+            dom.dom = libvirt_conn.defineXML(xml)
+            dom.start()
+            folder = tmp_path / "backup"
+            expected: dict[str, dict[str, Path]] = {}
+            for step, level in enumerate(["full", "inc", "inc"]):
+                for n, target in enumerate(("sda", "sdb")):
+                    dom.disk(target).apply_all(random_writes(seed=50 + 10 * step + n, n=8, size=SIZE,
+                                                             kinds=JOB_SAFE_KINDS))
+                res = backup(dom, level, folder, *ceph_args(c))
+                assert res.rc == 0, res.stderr
+                assert res.summary is not None
+                expected[res.summary["point"]] = {t: dom.disk(t).snapshot(f"{t}{step}") for t in ("sda", "sdb")}
+                assert "backed up whole" not in res.stderr
+            manifest = json.loads((folder / "virtnbd.manifest.json").read_text())
+            modes = [{d: e["extra"]["mode"] for d, e in p["disks"].items()} for p in manifest["points"]]
+            assert modes == [{"sda": "full", "sdb": "full"}, {"sda": "inc", "sdb": "rbd"}, {"sda": "inc", "sdb": "rbd"}]
+            assert snaps(c, image) == ["virtnbdbackup.0", "virtnbdbackup.1", "virtnbdbackup.2"]
+            for i, (point, images) in enumerate(expected.items()):
+                out = tmp_path / f"r{i}"
+                restore(folder, point, "-o", str(out), "--format", "raw")
+                for target, want in images.items():
+                    compare_images(out / f"{target}.raw", want, fmt="raw")
+            dom.remove()
+    finally:
+        dom.remove()
+        c.rbd("snap", "purge", f"{c.pool}/{image}")
+        c.rbd("rm", "--no-progress", f"{c.pool}/{image}")
