@@ -150,7 +150,8 @@ class CrashRunner:
         ``reset()`` runs before every attempt (e.g. abort the orphaned backup
         job, restore the starting state). ``duration`` defaults to one clean,
         measured run. Returns (kill moment, outcome) pairs for the caller to
-        check what each crash left behind.
+        check what each crash left behind. Run times vary: a moment past the
+        end of a faster run gives ``killed=False``; count the kills that hit.
         """
         if duration is None:
             reset()

@@ -365,11 +365,15 @@ class ShadowDisk:
 
     def bitmaps(self) -> list[str]:
         """Persistent bitmap names in the qcow2 image (as stored on disk)."""
+        return list(self.bitmap_flags())
+
+    def bitmap_flags(self) -> dict[str, list[str]]:
+        """Persistent bitmaps with their flags (``auto``; ``in-use`` = not stored cleanly, broken)."""
         import json
 
         info = json.loads(run(["qemu-img", "info", "-U", "--output=json", str(self.image)]).stdout)
         data = info.get("format-specific", {}).get("data", {})
-        return [b["name"] for b in data.get("bitmaps", [])]
+        return {b["name"]: list(b.get("flags", [])) for b in data.get("bitmaps", [])}
 
     def remove_bitmap(self, name: str) -> None:
         """Delete a persistent bitmap from the image (domain must be off), as an admin might."""
@@ -418,10 +422,26 @@ class LabDomain:
             raise
         return disk
 
-    def stop(self) -> None:
-        """Power off (there is no OS to shut down)."""
-        if self.dom.isActive():
-            self.dom.destroy()
+    def stop(self, wait: float = 60.0) -> None:
+        """Power off cleanly: SIGTERM only, so QEMU stores persistent bitmaps (there is no OS to shut down).
+
+        Plain destroy() escalates to SIGKILL after a few seconds, which on a
+        loaded machine can leave qcow2 bitmaps marked in-use (broken).
+        """
+        import libvirt
+
+        deadline = time.monotonic() + wait
+        while self.dom.isActive():
+            try:
+                self.dom.destroyFlags(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL)
+            except libvirt.libvirtError as err:
+                if not self.dom.isActive():
+                    break
+                if time.monotonic() > deadline:
+                    log.warning("lab: %s ignores SIGTERM (%s); killing it", self.name, err)
+                    self.dom.destroy()
+                    break
+                time.sleep(0.5)
 
     def redefine(self) -> None:
         """Undefine (dropping libvirt's checkpoint metadata, keeping images and bitmaps) and define again.
