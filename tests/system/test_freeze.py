@@ -240,7 +240,7 @@ def test_sigterm_during_job_leaves_guest_thawed(make_guest: Any, tmp_path: Path)
     folder = tmp_path / "b"
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "virtnbdbackup"), "-d", g.name, "-l", "full", "-o", str(folder), "-n",
-         "-z", "19", "--compress-method", "zstd"],
+         "-z", "19", "--compress-method", "zstd", "--scratchdir", str(g.dir)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -259,3 +259,4 @@ def test_sigterm_during_job_leaves_guest_thawed(make_guest: Any, tmp_path: Path)
     assert g.fsfreeze_status() == "thawed"
     assert not job_running(g), "backup job left running"
     assert not (folder / "virtnbd.manifest.json").exists() or dump(folder) == []
+    assert not list(g.dir.glob("virtnbd.*")), "scratch folder left behind"
