@@ -405,6 +405,14 @@ class Guest:
         self.agent_channel = agent_channel
         self.dom = conn.defineXML(guest_xml(self.name, build, self.disk, self.console, agent_channel=agent_channel))
 
+    @classmethod
+    def attach(cls, conn: Any, name: str) -> Guest:
+        """A running guest made earlier (scripts/lab/guest start), for agent commands only."""
+        guest = cls.__new__(cls)
+        guest.conn, guest.name, guest.dom = conn, name, conn.lookupByName(name)
+        guest.agent_channel = True
+        return guest
+
     # ---- life cycle
     def start(self, wait_agent: bool = True, timeout: float = 90.0) -> None:
         self.dom.create()
@@ -514,8 +522,7 @@ class Guest:
 
     def stop_agent(self, how: str = "KILL") -> None:
         """Kill (``KILL``: channel disconnects) or stop (``STOP``: hangs) qemu-ga in the guest."""
-        pid = self.agent("guest-exec", {"path": "/bin/sh", "arg": ["-c", f"sleep 0.3; kill -{how} $(pidof qemu-ga)"]})
-        del pid
+        self.agent("guest-exec", {"path": "/bin/sh", "arg": ["-c", f"sleep 0.3; kill -{how} $(pidof qemu-ga)"]})
         time.sleep(1.0)
 
     def channel_state(self) -> str | None:
@@ -636,12 +643,10 @@ def _cli(argv: Sequence[str]) -> int:
             print(f"{guest.name} running ({time.monotonic() - t0:.1f}s to agent), files in {guest.dir}")
             print(f"remove with: scripts/lab/guest remove {guest.name}")
             return 0
-        dom = conn.lookupByName(args.name)
         if args.cmd == "exec":
-            guest = Guest.__new__(Guest)
-            guest.conn, guest.name, guest.dom = conn, args.name, dom
-            print(guest.sh(args.script), end="")
+            print(Guest.attach(conn, args.name).sh(args.script), end="")
             return 0
+        dom = conn.lookupByName(args.name)
         with contextlib.suppress(libvirt.libvirtError):
             dom.destroy()
         dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
