@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,15 @@ def test_documented_detects_a_missing_option() -> None:
     assert documented("--until", text)
     assert not documented("--output", text)
     assert documented("--output-dir", text)
+
+
+@pytest.mark.parametrize(("command", "module_name"), COMMANDS)
+def test_man_page_renders_without_warnings(command: str, module_name: str) -> None:
+    from tests.lab.common import require
+
+    require("man page check", ("groff",))
+    page = ROOT / "man" / f"{command}.1"
+    if not page.exists():
+        pytest.fail(f"man page man/{command}.1 is missing")
+    proc = subprocess.run(["groff", "-man", "-ww", "-z", str(page)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and not proc.stderr.strip(), f"groff warnings for {command}.1:\n{proc.stderr}"
