@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import logging
 import sys
 import threading
@@ -205,7 +206,7 @@ class BackupRun:
                 info = output.qemu_img_info(pd.disk.path)
                 if info is not None:
                     images[pd.target] = side.save(f"{pd.target}.{point}.qemu-img.json",
-                                                  bsjson(info))
+                                                  _json_bytes(info))
         saved["qemu_img_info"] = images
         boot = domainxml.parse_boot_files(self.domain_xml).present()
         files = {}
@@ -223,8 +224,7 @@ class BackupRun:
         return saved
 
 
-def bsjson(obj: Any) -> bytes:
-    import json
+def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
 
 
