@@ -102,8 +102,8 @@ def rados_conf(options: CephOptions) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def connect(options: CephOptions) -> Iterator[Any]:
-    """A connected ``rados.Rados``; shut down on exit whatever happens."""
+def connect(options: CephOptions, tuning: dict[str, str] | None = None) -> Iterator[Any]:
+    """A connected ``rados.Rados`` (``tuning``: extra client settings); shut down on exit whatever happens."""
     try:
         import rados
     except ImportError as err:
@@ -115,7 +115,8 @@ def connect(options: CephOptions) -> Iterator[Any]:
         if options.keyring is not None:
             _check_readable(options.keyring, "keyring", "--ceph-keyring")
     try:
-        cluster = rados.Rados(conffile=conffile, rados_id=options.client_id, conf=rados_conf(options))
+        cluster = rados.Rados(conffile=conffile, rados_id=options.client_id,
+                              conf={**rados_conf(options), **(tuning or {})})
     except rados.Error as err:
         raise describe(err, options, f"reading {options.conf}") from err
     try:

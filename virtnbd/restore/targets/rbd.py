@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 CHUNK = 4 << 20               # split writes at this size (librbd's default object size)
 MAX_IN_FLIGHT = 16
+# Client settings for a restore: buffers are kept alive until their write completes, so librbd
+# may use them without copying; no write-back cache (it would only add a copy and a dirty limit).
+TUNING = {"rbd_disable_zero_copy_writes": "false", "rbd_cache": "false"}
 
 FEATURES = {
     "layering": "RBD_FEATURE_LAYERING",
@@ -115,7 +118,7 @@ class RbdTarget(TargetBase):
         self._closed = False
         self._stack = contextlib.ExitStack()
         try:
-            cluster = self._stack.enter_context(rbdconn.connect(self.options.ceph))
+            cluster = self._stack.enter_context(rbdconn.connect(self.options.ceph, TUNING))
             self._ioctx = self._stack.enter_context(rbdconn.open_pool(cluster, self.spec.pool, self.options.ceph))
             self._prepare()
         except BaseException:
