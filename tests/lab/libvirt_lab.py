@@ -82,10 +82,6 @@ QEMU_LOG_DIR = DAEMON_LOG_DIR / "qemu"
 # processes
 
 
-def have_binaries(*names: str) -> bool:
-    return all(shutil.which(n) for n in names)
-
-
 def _pids_of(name: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -524,7 +520,8 @@ class LabDomain:
         deadline = time.monotonic() + wait
         while True:
             with contextlib.suppress(FileNotFoundError), log_path.open("rb") as f:
-                f.seek(start)
+                size = os.fstat(f.fileno()).st_size
+                f.seek(start if size >= start else 0)  # virtlogd rotated the log
                 new = f.read().decode(errors="replace")
                 if "failed" in new:
                     raise LabError(f"{self.name}: qemu-io {cmd!r}: {new.strip()}")
