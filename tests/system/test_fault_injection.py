@@ -20,7 +20,7 @@ import pytest
 
 from tests.lab.fault_lab import kill_points
 from tests.lab.libvirt_lab import JOB_SAFE_KINDS, DiskSpec, MiB, random_writes
-from tests.system.backup_helpers import backup_cmd, check_point, env, job_running, leftovers, ok
+from tests.system.backup_helpers import backup, backup_cmd, check_point, env, job_running, leftovers, ok
 from tests.system.chain_helpers import checkpoint_names, points
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
@@ -29,6 +29,25 @@ SIZE = 16 * MiB
 KILLS = 22            # SIGKILLs that really hit a running backup
 MAX_RANDOM = 40
 MANIFEST = "virtnbd.manifest.json"
+
+
+def _wait_unused(path: Path, timeout: float = 10.0) -> None:
+    """Until no process has ``path`` open."""
+    deadline = time.monotonic() + timeout
+    target = str(path)
+    while time.monotonic() < deadline:
+        busy = False
+        for fd in Path("/proc").glob("[0-9]*/fd/*"):
+            try:
+                busy = os.readlink(fd) == target
+            except OSError:
+                continue
+            if busy:
+                break
+        if not busy:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path} still open {timeout}s after the kill")
 
 
 def _write(dom, seed: int) -> None:  # type: ignore[no-untyped-def]
@@ -148,3 +167,52 @@ def test_sigkill_at_random_moments_then_next_backup_exact(make_domain, crash_run
     for point in committed[::4] + committed[-1:]:
         check_point(dom, folder, point, expected[point], tmp_path)
     assert os.path.exists(folder / MANIFEST)
+
+
+def test_killed_offline_runs_then_offline_and_online_runs_exact(make_domain, crash_runner, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL while a shut-off domain is backed up (qemu-nbd, bitmaps added with qemu-img): the next
+    offline run cleans up, and an online run after a start copes with the bitmap QEMU loaded."""
+    dom = make_domain(disks=[DiskSpec("sda", "sata", "qcow2", SIZE)])
+    sda = dom.disk("sda")
+    folder = dom.dir / "backup"
+    crash_runner.env = env()
+    _write(dom, 1)
+    expected = {ok(dom, "full", folder)["point"]: _snap(dom, "full")}
+    dom.stop()
+
+    def bitmap_added(name: str):  # type: ignore[no-untyped-def]
+        return lambda: name in sda.bitmaps()
+
+    kills = 0
+    for step, delay in enumerate((0.05, 0.15, 0.3, None, None), start=2):
+        _write(dom, step)
+        snap = _snap(dom, f"o{step}")
+        before = points(folder)
+        cmd = backup_cmd(dom, "inc", folder)
+        nxt = f"virtnbdbackup.{len(before)}"
+        out = (crash_runner.kill_after(cmd, delay) if delay is not None
+               else crash_runner.kill_when(cmd, bitmap_added(nxt), deadline=30))
+        kills += out.killed
+        _wait_unused(sda.image)        # the killed run's qemu-nbd may take a moment to exit
+        if len(points(folder)) > len(before):
+            expected[points(folder)[-1]] = snap
+        orphan = step == 5 and out.killed and nxt in sda.bitmaps() and len(points(folder)) == len(before)
+        if step == 5:
+            # the domain starts with the killed run's bitmap in its image: the online inc still works
+            assert orphan, "the kill did not leave a bitmap behind"
+            dom.start()
+        _write(dom, 50 + step)
+        res = backup(dom, "inc", folder)
+        assert res.rc == 0 and res.summary is not None, res.stderr
+        summary = res.summary
+        if orphan:
+            assert f"removed bitmap {nxt} that no checkpoint owned" in res.stderr, res.stderr
+        expected[summary["point"]] = _snap(dom, f"after{step}")
+        check_point(dom, folder, summary["point"], expected[summary["point"]], tmp_path)
+        if dom.is_active():
+            dom.stop()
+        assert sorted(sda.bitmaps()) == sorted(p for p in points(folder) if p.startswith("virtnbdbackup."))
+        assert checkpoint_names(dom) == sorted(p for p in points(folder) if p.startswith("virtnbdbackup."))
+    assert kills >= 3
+    for point in points(folder):
+        check_point(dom, folder, point, expected[point], tmp_path)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,42 @@ def whole_if_resized(plan: Plan, parent_point: Any, sizes: Mapping[str, int | No
     return dataclasses.replace(plan, disks=tuple(changed))
 
 
+def _orphan_xml(name: str, target: str) -> str:
+    return (f"<domaincheckpoint><name>{name}</name><creationTime>{int(time.time())}</creationTime>"
+            f"<disks><disk name='{target}' checkpoint='bitmap' bitmap='{name}'/></disks></domaincheckpoint>")
+
+
+def drop_orphan_bitmaps(dom: libvirt.virDomain, plan: Plan) -> list[str]:
+    """Bitmaps of ours that no checkpoint owns in a RUNNING domain (a killed offline run added them).
+
+    QEMU loaded them from the image; creating the checkpoint of that name would
+    fail ("bitmap already exists"). libvirt removes a bitmap only through a
+    checkpoint: define one for it (REDEFINE), then delete it. A fresh chain
+    (full) drops every such bitmap, an inc/diff those above the newest point.
+    Shut-off domains: :func:`virtnbd.backup.offline.clean_leftovers`.
+    """
+    above = -1 if plan.level == "full" else plan.last_index
+    known = set(checkpoints.list_names(dom))
+    dropped = []
+    for pd in plan.disks:
+        if not pd.disk.can_checkpoint or not pd.disk.path or pd.disk.source_type != "file":
+            continue
+        try:
+            found = bitmaps.list_bitmaps(pd.disk.path)
+        except errors.LibvirtError as err:
+            log.debug("%s: cannot list bitmaps: %s", pd.target, err)
+            continue
+        for name in sorted(found):
+            index = checkpoints.index_of(name)
+            if index is None or index <= above or name in known:
+                continue
+            checkpoints.redefine(dom, _orphan_xml(name, pd.target))
+            checkpoints.delete(dom, name)
+            log.warning("%s: removed bitmap %s that no checkpoint owned (left by a killed run)", pd.target, name)
+            dropped.append(name)
+    return dropped
+
+
 def _fix(options: BackupOptions, folder: Path) -> str:
     return (f"start a new chain: virtnbdbackup -d {options.domain} -l full -o NEW_FOLDER, or rerun with "
             f"--fallback-full (moves this chain to {folder}/{archive.PREFIX}<time>/ and starts a new one here)")
@@ -157,6 +194,8 @@ def _fix(options: BackupOptions, folder: Path) -> str:
 def preflight(options: BackupOptions, dom: libvirt.virDomain, folder: Path, manifest: Any, plan: Plan, *,
               running: bool, replan: Replan) -> Verdict:
     """Check (and repair what can be repaired) before an inc/diff; see the module doc."""
+    if running and plan.level != "copy" and not options.printonly:
+        drop_orphan_bitmaps(dom, plan)
     if plan.level not in ("inc", "diff") or manifest is None:
         return Verdict(plan, manifest)
     _redefined, problems = redefine_lost(dom, manifest, folder)
