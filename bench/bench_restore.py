@@ -131,16 +131,17 @@ def build(base: str, *, size: int, data: int, incs: int, change: int, seed: int 
     return paths
 
 
-def timed(argv: list[str], rss_file: str) -> tuple[float, int]:
-    """Wall time and peak RSS (KiB, measured by /usr/bin/time) of one command."""
+def timed(argv: list[str], rss_file: str) -> tuple[float, int, float]:
+    """Wall time, peak RSS (KiB) and CPU seconds (user+sys, measured by /usr/bin/time) of one command."""
     t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss_file, *argv], stdout=subprocess.DEVNULL,
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", rss_file, *argv], stdout=subprocess.DEVNULL,
                           check=False)
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(argv)}")
     with open(rss_file) as f:
-        return elapsed, int(f.read().split()[-1])
+        rss, user, sys_ = f.read().split()[-3:]
+    return elapsed, int(rss), float(user) + float(sys_)
 
 
 def evict(paths: list[str]) -> None:
@@ -185,13 +186,15 @@ def main() -> int:
     out = os.path.join(args.dir, "out")
     results: dict[str, list[float]] = {}
     rss: list[int] = []
+    cpu: dict[str, list[float]] = {}
 
     def run(key: str, argv: list[str], target: str, cold: list[str] | None = None) -> None:
         drop(target)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         if cold:
             evict(cold)
-        secs, peak = timed(argv, os.path.join(args.dir, "rss"))
+        secs, peak, cpu_secs = timed(argv, os.path.join(args.dir, "rss"))
+        cpu.setdefault(key, []).append(cpu_secs)
         if argv[:2] == RESTORE:
             rss.append(peak)
         results.setdefault(key, []).append(secs)
@@ -227,16 +230,24 @@ def main() -> int:
     for k, v in sorted(results.items()):
         print(f"{k:16s} median {statistics.median(v):6.2f} s   (runs: {', '.join(f'{x:.2f}' for x in v)})")
 
+    def best(a: str, b: str) -> str:
+        """Ratio of the fastest runs, and of the median CPU time: both less sensitive to other load."""
+        return (f"best runs {min(results[a]) / min(results[b]):.2f}, "
+                f"CPU {statistics.median(cpu[a]) / statistics.median(cpu[b]):.2f}")
+
     def ratio(a: str, b: str) -> float:
         """Median of the per-repetition ratios (each pair ran back to back)."""
         return statistics.median(x / y for x, y in zip(results[a], results[b], strict=True))
 
-    ratios = [
-        ("restore qcow2 / qemu-img convert raw->qcow2", ratio("restore-qcow2", "convert-qcow2"), 1.25),
-        ("restore raw / qemu-img convert raw->raw", ratio("restore-raw", "convert-raw"), 1.25),
-        (f"restore 1 full + {args.incs} incs / 1 full + 1 inc", ratio("long", "short"), 1.2),
-        ("verify / cat > /dev/null, files not in page cache", ratio("verify-cold", "cat-cold"), 1.5),
+    pairs_used = [
+        ("restore qcow2 / qemu-img convert raw->qcow2", "restore-qcow2", "convert-qcow2", 1.25),
+        ("restore raw / qemu-img convert raw->raw", "restore-raw", "convert-raw", 1.25),
+        (f"restore 1 full + {args.incs} incs / 1 full + 1 inc", "long", "short", 1.2),
+        ("verify / cat > /dev/null, files not in page cache", "verify-cold", "cat-cold", 1.5),
     ]
+    ratios = [(label, ratio(a, b), limit) for label, a, b, limit in pairs_used]
+    for label, a, b, _ in pairs_used:
+        print(f"info: {label}: {best(a, b)}")
     print(f"info: verify / cat with the files in the page cache: {ratio('verify-warm', 'cat-warm'):.2f} "
           f"(python start-up ~0.07 s against cat at memory speed)")
     ok = True
