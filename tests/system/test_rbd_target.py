@@ -173,3 +173,25 @@ def test_overwrite_refuses_an_image_in_use(ceph_cluster: ceph_lab.CephCluster, i
         with pytest.raises(errors.CephError, match="in use"):
             open_target(request(ceph_cluster, image_name, 4 * MiB, overwrite=True))
     assert image_name in images(ceph_cluster) and image_name + ".partial" not in images(ceph_cluster)
+
+
+def test_leftover_partial_of_a_killed_run_is_replaced(ceph_cluster: ceph_lab.CephCluster, image_name: str,
+                                                      tmp_path: Path) -> None:
+    # what a SIGKILLed restore leaves: IMAGE.partial with some data, no IMAGE
+    ceph_cluster.rbd("create", "--size", "4M", f"{ceph_cluster.pool}/{image_name}.partial")
+    with open_target(request(ceph_cluster, image_name, 8 * MiB)) as target:
+        target.write(MiB, b"n" * 4096)
+        target.commit()
+    assert export(ceph_cluster, image_name, tmp_path / "o.raw") == bytes(MiB) + b"n" * 4096 + bytes(7 * MiB - 4096)
+    assert image_name + ".partial" not in images(ceph_cluster)
+
+
+def test_overwrite_with_existing_snapshot_name_is_refused(ceph_cluster: ceph_lab.CephCluster,
+                                                          image_name: str) -> None:
+    with open_target(request(ceph_cluster, image_name, 4 * MiB, snapshot=True, point="virtnbdbackup.1")) as target:
+        target.write(0, b"a" * 4096)
+        target.commit()
+    with pytest.raises(errors.CephError, match="snapshot virtnbdbackup.1 exists already"):
+        open_target(request(ceph_cluster, image_name, 4 * MiB, overwrite=True, snapshot=True,
+                            point="virtnbdbackup.1"))
+    assert image_name in images(ceph_cluster) and image_name + ".partial" not in images(ceph_cluster)
