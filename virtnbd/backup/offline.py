@@ -37,13 +37,12 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import libvirt
 from lxml import etree
 
-from virtnbd import __version__, errors
+from virtnbd import errors
 from virtnbd.backup import output
 from virtnbd.backup import run as backup_run
 from virtnbd.backup.options import BackupOptions
@@ -259,15 +258,7 @@ def execute(options: BackupOptions, dom: libvirt.virDomain, folder: Path, plan: 
             saved_cp = define_checkpoint(dom, plan, all_targets, connection.domain_xml(dom, inactive=True))
             defined = saved_cp is not None
             saved = run_.save_side_files(side, saved_cp)
-            point = bsmanifest.Point(
-                name=plan.point, level=plan.level, parent=plan.parent if plan.level in ("inc", "diff") else None,
-                checkpoint=plan.checkpoint, time=run_.time,
-                disks=MappingProxyType({r.target: r.entry for r in results}),
-                domain_xml=saved["domain_xml"], checkpoint_xml=saved.get("checkpoint_xml"),
-                consistency=CONSISTENCY,
-                extra=MappingProxyType({"qemu_img_info": saved["qemu_img_info"], "boot_files": saved["boot_files"],
-                                        "tool_version": __version__, "skipped_disks": dict(plan.skipped),
-                                        "offline": True, "bytes_read": sum(r.bytes_read for r in results)}))
+            point = run_.point(results, saved, CONSISTENCY, {"offline": True, "libvirt_checkpoint": defined})
             updated = bsmanifest.commit_point(folder, point, dom.name(), uuid)
     except BaseException:
         side.discard()

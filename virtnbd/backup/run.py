@@ -192,6 +192,19 @@ class BackupRun:
                     _drain(futures)
             return [f.result() for f in futures]
 
+    # -- the manifest record ------------------------------------------------------
+    def point(self, results: list[DiskResult], saved: dict[str, Any], consistency: str,
+              extra: dict[str, Any]) -> bsmanifest.Point:
+        """The point to commit (online and offline runs); ``extra`` adds run-type facts."""
+        plan = self.plan
+        return bsmanifest.Point(
+            name=plan.point, level=plan.level, parent=plan.parent if plan.level in ("inc", "diff") else None,
+            checkpoint=plan.checkpoint, time=self.time, disks=MappingProxyType({r.target: r.entry for r in results}),
+            domain_xml=saved["domain_xml"], checkpoint_xml=saved.get("checkpoint_xml"), consistency=consistency,
+            extra=MappingProxyType({"qemu_img_info": saved["qemu_img_info"], "boot_files": saved["boot_files"],
+                                    "tool_version": __version__, "skipped_disks": dict(plan.skipped),
+                                    "bytes_read": sum(r.bytes_read for r in results), **extra}))
+
     # -- side files ---------------------------------------------------------------
     def save_side_files(self, side: output.SideFiles, checkpoint_xml: str | None) -> dict[str, Any]:
         point = self.plan.point
@@ -434,18 +447,9 @@ def _execute(options: BackupOptions, dom: libvirt.virDomain, folder: Path, plan:
                 saved_cp = checkpoints.get_xml(dom, plan.checkpoint) if plan.checkpoint and plan.bitmap_disks else None
                 job.abort()
             saved = run_.save_side_files(side, saved_cp)
-            point = bsmanifest.Point(
-                name=plan.point, level=plan.level, parent=plan.parent if plan.level in ("inc", "diff") else None,
-                checkpoint=plan.checkpoint, time=run_.time,
-                disks=MappingProxyType({r.target: r.entry for r in results}),
-                domain_xml=saved["domain_xml"], checkpoint_xml=saved.get("checkpoint_xml"),
-                consistency=summary.consistency,
-                extra=MappingProxyType({"guest_info": guest_info, "qemu_img_info": saved["qemu_img_info"],
-                                        "boot_files": saved["boot_files"], "tool_version": __version__,
-                                        "skipped_disks": dict(plan.skipped),
-                                        "libvirt_checkpoint": saved_cp is not None,
-                                        "rbd_snapshots": [d.target for d in run_.rbd.disks] if run_.rbd else [],
-                                        "bytes_read": sum(r.bytes_read for r in results)}))
+            point = run_.point(results, saved, summary.consistency, {
+                "guest_info": guest_info, "libvirt_checkpoint": saved_cp is not None,
+                "rbd_snapshots": [d.target for d in run_.rbd.disks] if run_.rbd else []})
             updated = bsmanifest.commit_point(folder, point, dom.name(), uuid)
             committed[0] = True
     except BaseException:
