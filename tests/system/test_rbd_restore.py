@@ -178,3 +178,42 @@ def test_real_domain_chain_restored_into_rbd_at_every_point(make_domain, ceph_cl
         nonzero = sum(1 for pos in range(0, size, 64 << 10) if any(data[pos:pos + (64 << 10)]))
         assert used(ceph_cluster, pool, name) <= nonzero * (64 << 10) < size      # thin: holes stay holes
         out.unlink()
+
+
+def test_sigterm_during_restore_leaves_no_image(ceph_cluster, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SIGTERM while writing: exit 143, the .partial image is removed, no image under the final name."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import rados
+    import rbd
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import bench_restore
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    size, data = 512 * MiB, 320 * MiB
+    content = bench_restore.Content()
+    blocks = [(o, content.block(o, 0)) for o in range(0, data, MiB)]
+    entry = bench_restore.write_stream(str(folder), "full", "virtnbdbackup.0", None, size=size, blocks=blocks)
+    bench_restore.commit(str(folder), "full", "virtnbdbackup.0", None, entry)
+    name = f"vnbdtest-{uuid.uuid4().hex[:8]}"
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, str(repo / "virtnbdrestore"), "-i", str(folder), "-n", "-w", "1",
+                             "--target", f"rbd:rbd/{name}", *ceph_args(ceph_cluster)],
+                            stderr=subprocess.PIPE, text=True)
+    with rados.Rados(conffile=str(ceph_cluster.conf), rados_id=ceph_cluster.client_id) as cluster, \
+            cluster.open_ioctx("rbd") as ioctx:
+        deadline = time.monotonic() + 60
+        while name + ".partial" not in rbd.RBD().list(ioctx) and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert "interrupted by signal SIGTERM" in err
+        left = rbd.RBD().list(ioctx)
+    assert name not in left and name + ".partial" not in left

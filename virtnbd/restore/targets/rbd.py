@@ -154,11 +154,12 @@ class RbdTarget(TargetBase):
                     raise self._fail(f"{self.tmp} is in use (another restore running?)")
                 log.warning("%s: removing %s left by an interrupted restore", self.name, self.tmp)
                 self._rbd.RBD().remove(self._ioctx, self.tmp)
+            # ours from here on: a signal between create/rename and the next line must not leak it
+            self._own_tmp = True
             if self._existing:
                 self._take_existing()
             else:
                 self._create()
-            self._own_tmp = True
             self._image = self._rbd.Image(self._ioctx, self.tmp)
             if self._existing and self._image.size() != self.virtual_size:
                 self._image.resize(self.virtual_size)
