@@ -135,6 +135,6 @@ def test_cli_options(tmp_path: Path) -> None:
 
 def test_preflight_without_problems_keeps_the_plan() -> None:
     plan = _plan(PlannedDisk(QCOW, "inc"), level="full")
-    verdict = consistency.preflight(SimpleNamespace(), None, Path("/nonexistent"), object(), plan,  # type: ignore[arg-type]
-                                    running=True, replan=lambda o, m: plan)
+    verdict = consistency.preflight(SimpleNamespace(printonly=False), None, Path("/nonexistent"),  # type: ignore[arg-type]
+                                    object(), plan, running=False, replan=lambda o, m: plan)
     assert verdict.plan is plan and verdict.note == ""
