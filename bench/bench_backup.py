@@ -108,7 +108,12 @@ class Bench:
 
     def domain(self, specs: list[DiskSpec], images: dict[str, Path]) -> LabDomain:
         name = f"vnbdtest-bench-{uuid.uuid4().hex[:6]}"
-        dom = LabDomain(self.conn, name, make_lab_dir(prefix=f"{name}-"), specs)
+        lab_dir = make_lab_dir(prefix=f"{name}-")
+        try:
+            dom = LabDomain(self.conn, name, lab_dir, specs)
+        except BaseException:
+            shutil.rmtree(lab_dir, ignore_errors=True)
+            raise
         self.domains.append(dom)
         for target, raw in images.items():
             image = dom.disk(target).image
