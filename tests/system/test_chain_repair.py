@@ -190,3 +190,33 @@ def test_disk_added_and_disk_resized_mid_chain(make_domain, tmp_path) -> None:  
     for point in ("virtnbdbackup.0", "virtnbdbackup.1", "virtnbdbackup.2", diff):
         check_restored(folder, point, expected[point], tmp_path)
     assert json.loads((folder / "virtnbd.manifest.json").read_text())["points"][0]["disks"].keys() == {"sda"}
+
+
+def test_disk_shrunk_then_grown_offline_restores_each_size(make_domain, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Shrink, then grow: data beyond the small size must not come back at the later points."""
+    dom = make_domain(disks=[DiskSpec("sda", "sata", "qcow2", SIZE)])
+    sda = dom.disk("sda")
+    folder = dom.dir / "backup"
+    sda.write_data(0, MiB, seed=1)
+    sda.write_data(12 * MiB, 2 * MiB, seed=2)           # lost by the shrink below
+    ok(dom, "full", folder)
+    expected = {"virtnbdbackup.0": _snap(dom, "p0")}
+    dom.stop()
+    sda.resize(8 * MiB)
+    res = ok(dom, "inc", folder)
+    expected[res["point"]] = _snap(dom, "p1")
+    sda.resize(20 * MiB)
+    sda.write_data(18 * MiB, MiB, seed=3)
+    res = ok(dom, "inc", folder)
+    expected[res["point"]] = _snap(dom, "p2")
+    dom.start()
+    sda.write_data(2 * MiB, MiB, seed=4)
+    res = ok(dom, "inc", folder)
+    expected[res["point"]] = _snap(dom, "p3")
+    sizes = [p["disks"]["sda"]["virtual_size"] for p in manifest_points(folder)]
+    assert sizes == [SIZE, 8 * MiB, 20 * MiB, 20 * MiB]
+    modes = [p["disks"]["sda"]["extra"]["mode"] for p in manifest_points(folder)]
+    assert modes == ["full", "full", "full", "inc"]
+    for point, images in expected.items():
+        check_point(dom, folder, point, images, tmp_path)
+        check_restored(folder, point, images, tmp_path)
