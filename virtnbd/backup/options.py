@@ -48,8 +48,8 @@ class BackupOptions:
     umask: int | None = None               # None: files 0600, folders 0700
     # tuning (not on the command line by default)
     read_size: int = 1 << 20               # bytes per NBD read request
-    connections: int = 4                   # NBD connections per disk (when the export allows multi-conn)
-    depth: int = 8                         # reads in flight per connection
+    connections: int = 2                   # NBD connections per disk (when the export allows multi-conn)
+    depth: int = 16                        # reads in flight per connection
     memory: int = 32 << 20                 # bytes of read buffers, shared by the disks copied in parallel
     encode_threads: int = 2
     ceph: CephOptions = field(default_factory=CephOptions)   # raw RBD disks: snapshots + diff for incrementals
