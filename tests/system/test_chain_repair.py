@@ -220,3 +220,37 @@ def test_disk_shrunk_then_grown_offline_restores_each_size(make_domain, tmp_path
     for point, images in expected.items():
         check_point(dom, folder, point, images, tmp_path)
         check_restored(folder, point, images, tmp_path)
+
+
+def test_qemu_crash_loses_bitmaps_detected_then_auto_restarts(make_domain, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """QEMU SIGKILLed (host crash): bitmaps created in that session never reach the image, older ones are
+    left 'in-use'. Offline and online runs refuse to continue the chain; -l auto starts a new one."""
+    import os
+    import signal
+    import time
+    dom = make_domain(disks=[DiskSpec("sda", "sata", "qcow2", SIZE)])
+    folder = dom.dir / "backup"
+    _write(dom, 1)
+    ok(dom, "full", folder)
+    _write(dom, 2)
+    ok(dom, "inc", folder)
+    dom.disk("sda").flush()          # data and qcow2 metadata on disk (the shadow stays true); bitmaps are not
+    pid = int(open(f"/run/libvirt/qemu/{dom.name}.pid").read())
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while dom.is_active() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not dom.is_active()
+    line = error_line(fails(dom, "inc", folder))
+    assert "bitmap virtnbdbackup.1" in line and "--fallback-full" in line, line
+    dom.start()
+    line = error_line(fails(dom, "inc", folder))
+    assert "virtnbdbackup.1 is missing or broken in the running domain" in line, line
+    assert points(folder) == ["virtnbdbackup.0", "virtnbdbackup.1"]
+    _write(dom, 3)
+    res = ok(dom, "auto", folder)
+    assert res["level"] == "full" and res["notes"]
+    check_point(dom, folder, "virtnbdbackup.0", _snap(dom, "c0"), tmp_path)
+    _write(dom, 4)
+    assert ok(dom, "auto", folder)["point"] == "virtnbdbackup.1"
+    check_point(dom, folder, "virtnbdbackup.1", _snap(dom, "c1"), tmp_path)
