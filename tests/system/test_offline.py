@@ -93,3 +93,26 @@ def test_offline_full_starts_a_chain_the_online_inc_continues(make_domain, tmp_p
         check_point(dom, new, point, images, tmp_path)
     check_point(dom, dom.dir / "copy", "copy", expected["virtnbdbackup.0"], tmp_path)
 
+
+
+def test_disk_added_while_off_then_online_inc(make_domain, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    dom = make_domain(disks=[DiskSpec("sda", "sata", "qcow2", SIZE)])
+    folder = dom.dir / "backup"
+    _write_all(dom, 21)
+    ok(dom, "full", folder)
+    expected = {"virtnbdbackup.0": _snap(dom, "a0")}
+    dom.stop()
+    sdb = dom.attach_disk(DiskSpec("sdb", "sata", "qcow2", SIZE))       # config only: the domain is off
+    _write_all(dom, 22)
+    summary = ok(dom, "inc", folder)
+    expected["virtnbdbackup.1"] = _snap(dom, "a1")
+    assert manifest_points(folder)[1]["disks"]["sdb"]["extra"]["mode"] == "full"
+    assert sdb.bitmaps() == ["virtnbdbackup.1"] and summary["consistency"] == "offline"
+    dom.start()
+    _write_all(dom, 23)
+    ok(dom, "inc", folder)
+    expected["virtnbdbackup.2"] = _snap(dom, "a2")
+    assert manifest_points(folder)[2]["disks"]["sdb"]["extra"]["mode"] == "inc"
+    for point, images in expected.items():
+        check_point(dom, folder, point, images, tmp_path)
+    check_restored(folder, "virtnbdbackup.2", expected["virtnbdbackup.2"], tmp_path)
