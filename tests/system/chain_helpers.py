@@ -7,10 +7,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.lab.libvirt_lab import LabDomain, compare_images
+from tests.lab.libvirt_lab import LabDomain, compare_images, random_writes
 from tests.system.backup_helpers import REPO, backup
 
 Expected = dict[str, dict[str, Path]]
+
+
+def write_all(domain: LabDomain, seed: int, n: int, kinds: tuple[str, ...]) -> None:
+    """``n`` deterministic random ops on every disk (a different seed per disk)."""
+    for i, disk in enumerate(domain.disks.values()):
+        disk.apply_all(random_writes(seed=seed * 10 + i, n=n, size=disk.size, kinds=kinds))
+
+
+def snap_all(domain: LabDomain, name: str) -> dict[str, Path]:
+    """The expected image of every disk now (copies of the shadows)."""
+    return {t: d.snapshot(name) for t, d in domain.disks.items()}
 
 
 def points(folder: Path) -> list[str]:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.lab.apply_chain import apply_chain
-from tests.lab.libvirt_lab import DiskSpec, MiB, compare_images, random_writes
+from tests.lab.libvirt_lab import DiskSpec, MiB, compare_images
 from tests.system.backup_helpers import check_point, ok
 from tests.system.chain_helpers import (
     check_restored,
@@ -16,6 +16,8 @@ from tests.system.chain_helpers import (
     fails,
     manifest_points,
     points,
+    snap_all,
+    write_all,
 )
 
 pytestmark = pytest.mark.system
@@ -24,13 +26,9 @@ SIZE = 16 * MiB
 SAFE = ("data", "data", "pattern", "zero")
 
 
-def _write(dom, seed: int, n: int = 6) -> None:  # type: ignore[no-untyped-def]
-    for i, disk in enumerate(dom.disks.values()):
-        disk.apply_all(random_writes(seed=seed * 10 + i, n=n, size=disk.size, kinds=SAFE))
+def _write(dom, seed: int) -> None:  # type: ignore[no-untyped-def]
+    write_all(dom, seed, 6, SAFE)
 
-
-def _snap(dom, name: str):  # type: ignore[no-untyped-def]
-    return {t: d.snapshot(name) for t, d in dom.disks.items()}
 
 
 def test_lost_checkpoint_metadata_is_redefined_from_the_set(make_domain, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -39,10 +37,10 @@ def test_lost_checkpoint_metadata_is_redefined_from_the_set(make_domain, tmp_pat
     expected = {}
     _write(dom, 1)
     ok(dom, "full", folder)
-    expected["virtnbdbackup.0"] = _snap(dom, "p0")
+    expected["virtnbdbackup.0"] = snap_all(dom, "p0")
     _write(dom, 2)
     ok(dom, "inc", folder)
-    expected["virtnbdbackup.1"] = _snap(dom, "p1")
+    expected["virtnbdbackup.1"] = snap_all(dom, "p1")
     dom.stop()                                  # (a running domain keeps its checkpoints in memory)
     dom.redefine()                              # undefine (checkpoint metadata dropped) + define from its XML
     assert checkpoint_names(dom) == []
@@ -50,7 +48,7 @@ def test_lost_checkpoint_metadata_is_redefined_from_the_set(make_domain, tmp_pat
     _write(dom, 3)
     res = ok(dom, "inc", folder)
     assert res["point"] == "virtnbdbackup.2"
-    expected["virtnbdbackup.2"] = _snap(dom, "p2")
+    expected["virtnbdbackup.2"] = snap_all(dom, "p2")
     assert checkpoint_names(dom) == ["virtnbdbackup.0", "virtnbdbackup.1", "virtnbdbackup.2"]
     for point, images in expected.items():
         check_point(dom, folder, point, images, tmp_path)
@@ -61,7 +59,7 @@ def test_lost_checkpoint_metadata_is_redefined_from_the_set(make_domain, tmp_pat
     assert checkpoint_names(dom) == []
     _write(dom, 4)
     assert ok(dom, "inc", folder)["point"] == "virtnbdbackup.3"
-    check_point(dom, folder, "virtnbdbackup.3", _snap(dom, "p3"), tmp_path)
+    check_point(dom, folder, "virtnbdbackup.3", snap_all(dom, "p3"), tmp_path)
 
 
 def test_removed_bitmap_fails_clearly_then_auto_starts_a_new_chain(make_domain, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -72,7 +70,7 @@ def test_removed_bitmap_fails_clearly_then_auto_starts_a_new_chain(make_domain, 
     ok(dom, "full", folder)
     _write(dom, 2)
     ok(dom, "inc", folder)
-    old_p1 = _snap(dom, "p1")
+    old_p1 = snap_all(dom, "p1")
     dom.stop()
     sda.remove_bitmap("virtnbdbackup.1")
     _write(dom, 3)
@@ -94,10 +92,10 @@ def test_removed_bitmap_fails_clearly_then_auto_starts_a_new_chain(make_domain, 
     archived = sorted(folder.glob("chain-*"))
     assert len(archived) == 1
     assert points(archived[0]) == ["virtnbdbackup.0", "virtnbdbackup.1"]
-    expected = {"virtnbdbackup.0": _snap(dom, "n0")}
+    expected = {"virtnbdbackup.0": snap_all(dom, "n0")}
     _write(dom, 4)
     assert ok(dom, "auto", folder)["point"] == "virtnbdbackup.1"
-    expected["virtnbdbackup.1"] = _snap(dom, "n1")
+    expected["virtnbdbackup.1"] = snap_all(dom, "n1")
     for point, images in expected.items():
         check_point(dom, folder, point, images, tmp_path)
     # the moved chain is still a complete, restorable set
@@ -117,11 +115,11 @@ def test_fallback_full_on_an_offline_domain(make_domain, tmp_path) -> None:  # t
     _write(dom, 2)
     res = ok(dom, "inc", folder, "--fallback-full")
     assert res["level"] == "full" and res["consistency"] == "offline" and res["notes"]
-    check_point(dom, folder, "virtnbdbackup.0", _snap(dom, "f0"), tmp_path)
+    check_point(dom, folder, "virtnbdbackup.0", snap_all(dom, "f0"), tmp_path)
     dom.start()
     _write(dom, 3)
     assert ok(dom, "inc", folder)["point"] == "virtnbdbackup.1"
-    check_point(dom, folder, "virtnbdbackup.1", _snap(dom, "f1"), tmp_path)
+    check_point(dom, folder, "virtnbdbackup.1", snap_all(dom, "f1"), tmp_path)
 
 
 def test_foreign_checkpoint_is_never_removed_and_never_blocks(make_domain, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -132,15 +130,15 @@ def test_foreign_checkpoint_is_never_removed_and_never_blocks(make_domain, tmp_p
     dom.dom.checkpointCreateXML(foreign, 0)              # before our chain
     _write(dom, 1)
     ok(dom, "full", folder)
-    expected = {"virtnbdbackup.0": _snap(dom, "p0")}
+    expected = {"virtnbdbackup.0": snap_all(dom, "p0")}
     _write(dom, 2)
     dom.dom.checkpointCreateXML(foreign.replace("other-tool.7", "other-tool.8"), 0)   # in the middle
     ok(dom, "inc", folder)
-    expected["virtnbdbackup.1"] = _snap(dom, "p1")
+    expected["virtnbdbackup.1"] = snap_all(dom, "p1")
     dom.stop()                                           # offline inc and a new chain leave them alone too
     _write(dom, 3)
     ok(dom, "inc", folder)
-    expected["virtnbdbackup.2"] = _snap(dom, "p2")
+    expected["virtnbdbackup.2"] = snap_all(dom, "p2")
     ok(dom, "full", dom.dir / "second-chain")
     # offline, the new chain removed our old bitmaps only: the foreign ones stay in the image
     assert sorted(dom.disk("sda").bitmaps()) == ["other-tool.7", "other-tool.8", "virtnbdbackup.0"]
@@ -151,7 +149,7 @@ def test_foreign_checkpoint_is_never_removed_and_never_blocks(make_domain, tmp_p
     assert "other-tool.7" in names and "other-tool.8" in names, names
     for point, images in expected.items():
         check_point(dom, folder, point, images, tmp_path)
-    check_point(dom, dom.dir / "second-chain", "virtnbdbackup.1", _snap(dom, "s1"), tmp_path)
+    check_point(dom, dom.dir / "second-chain", "virtnbdbackup.1", snap_all(dom, "s1"), tmp_path)
 
 
 def test_disk_added_and_disk_resized_mid_chain(make_domain, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -161,7 +159,7 @@ def test_disk_added_and_disk_resized_mid_chain(make_domain, tmp_path) -> None:  
     expected = {}
     _write(dom, 1)
     ok(dom, "full", folder)
-    expected["virtnbdbackup.0"] = _snap(dom, "p0")
+    expected["virtnbdbackup.0"] = snap_all(dom, "p0")
 
     vdb = dom.attach_disk(DiskSpec("vdb", "virtio", "qcow2", SIZE))     # hot-plugged
     sda.resize(SIZE + 8 * MiB)                                          # blockResize, live
@@ -169,7 +167,7 @@ def test_disk_added_and_disk_resized_mid_chain(make_domain, tmp_path) -> None:  
     sda.write_data(SIZE + MiB, 2 * MiB, seed=77)                        # into the grown area
     res = ok(dom, "inc", folder)
     assert res["point"] == "virtnbdbackup.1"
-    expected["virtnbdbackup.1"] = _snap(dom, "p1")
+    expected["virtnbdbackup.1"] = snap_all(dom, "p1")
     entries = manifest_points(folder)[1]["disks"]
     assert entries["vdb"]["extra"]["mode"] == "full" and entries["sda"]["extra"]["mode"] == "full"
     assert entries["sda"]["virtual_size"] == SIZE + 8 * MiB
@@ -177,12 +175,12 @@ def test_disk_added_and_disk_resized_mid_chain(make_domain, tmp_path) -> None:  
     _write(dom, 3)
     vdb.write_data(0, MiB, seed=5)
     ok(dom, "inc", folder)
-    expected["virtnbdbackup.2"] = _snap(dom, "p2")
+    expected["virtnbdbackup.2"] = snap_all(dom, "p2")
     entries = manifest_points(folder)[2]["disks"]
     assert entries["vdb"]["extra"]["mode"] == "inc" and entries["sda"]["extra"]["mode"] == "inc"
     _write(dom, 4)
     diff = ok(dom, "diff", folder)["point"]
-    expected[diff] = _snap(dom, "p2d")
+    expected[diff] = snap_all(dom, "p2d")
 
     for point, images in expected.items():
         check_point(dom, folder, point, images, tmp_path)
@@ -200,19 +198,19 @@ def test_disk_shrunk_then_grown_offline_restores_each_size(make_domain, tmp_path
     sda.write_data(0, MiB, seed=1)
     sda.write_data(12 * MiB, 2 * MiB, seed=2)           # lost by the shrink below
     ok(dom, "full", folder)
-    expected = {"virtnbdbackup.0": _snap(dom, "p0")}
+    expected = {"virtnbdbackup.0": snap_all(dom, "p0")}
     dom.stop()
     sda.resize(8 * MiB)
     res = ok(dom, "inc", folder)
-    expected[res["point"]] = _snap(dom, "p1")
+    expected[res["point"]] = snap_all(dom, "p1")
     sda.resize(20 * MiB)
     sda.write_data(18 * MiB, MiB, seed=3)
     res = ok(dom, "inc", folder)
-    expected[res["point"]] = _snap(dom, "p2")
+    expected[res["point"]] = snap_all(dom, "p2")
     dom.start()
     sda.write_data(2 * MiB, MiB, seed=4)
     res = ok(dom, "inc", folder)
-    expected[res["point"]] = _snap(dom, "p3")
+    expected[res["point"]] = snap_all(dom, "p3")
     sizes = [p["disks"]["sda"]["virtual_size"] for p in manifest_points(folder)]
     assert sizes == [SIZE, 8 * MiB, 20 * MiB, 20 * MiB]
     modes = [p["disks"]["sda"]["extra"]["mode"] for p in manifest_points(folder)]
@@ -250,7 +248,7 @@ def test_qemu_crash_loses_bitmaps_detected_then_auto_restarts(make_domain, tmp_p
     _write(dom, 3)
     res = ok(dom, "auto", folder)
     assert res["level"] == "full" and res["notes"]
-    check_point(dom, folder, "virtnbdbackup.0", _snap(dom, "c0"), tmp_path)
+    check_point(dom, folder, "virtnbdbackup.0", snap_all(dom, "c0"), tmp_path)
     _write(dom, 4)
     assert ok(dom, "auto", folder)["point"] == "virtnbdbackup.1"
-    check_point(dom, folder, "virtnbdbackup.1", _snap(dom, "c1"), tmp_path)
+    check_point(dom, folder, "virtnbdbackup.1", snap_all(dom, "c1"), tmp_path)

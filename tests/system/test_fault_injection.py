@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from tests.lab.fault_lab import kill_points
-from tests.lab.libvirt_lab import JOB_SAFE_KINDS, DiskSpec, MiB, random_writes
+from tests.lab.libvirt_lab import JOB_SAFE_KINDS, DiskSpec, MiB
 from tests.system.backup_helpers import backup, backup_cmd, check_point, env, job_running, leftovers, ok
-from tests.system.chain_helpers import checkpoint_names, points
+from tests.system.chain_helpers import checkpoint_names, points, snap_all, write_all
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
@@ -51,12 +51,8 @@ def _wait_unused(path: Path, timeout: float = 10.0) -> None:
 
 
 def _write(dom, seed: int) -> None:  # type: ignore[no-untyped-def]
-    for i, disk in enumerate(dom.disks.values()):
-        disk.apply_all(random_writes(seed=seed * 10 + i, n=4, size=SIZE, kinds=JOB_SAFE_KINDS))
+    write_all(dom, seed, 4, JOB_SAFE_KINDS)
 
-
-def _snap(dom, name: str):  # type: ignore[no-untyped-def]
-    return {t: d.snapshot(name) for t, d in dom.disks.items()}
 
 
 def _newer_checkpoint(dom, folder: Path):  # type: ignore[no-untyped-def]
@@ -112,13 +108,13 @@ def test_sigkill_at_random_moments_then_next_backup_exact(make_domain, crash_run
     _write(dom, 1)
     crash_runner.kill_when(backup_cmd(dom, "auto", folder), _newer_checkpoint(dom, folder), deadline=30)
     assert points(folder) == []
-    expected[ok(dom, "auto", folder)["point"]] = _snap(dom, "full")
+    expected[ok(dom, "auto", folder)["point"]] = snap_all(dom, "full")
 
     # measure a clean inc, to spread the random kill moments over its duration
     _write(dom, 2)
     clean = crash_runner.run(backup_cmd(dom, "inc", folder))
     assert clean.returncode == 0, clean.stderr
-    expected[points(folder)[-1]] = _snap(dom, "clean")
+    expected[points(folder)[-1]] = snap_all(dom, "clean")
     moments: list[tuple[str, object]] = [
         ("checkpoint created", _newer_checkpoint), ("data file written", _partial),
         ("manifest commit", _manifest_tmp), ("just committed", _committed)]
@@ -131,7 +127,7 @@ def test_sigkill_at_random_moments_then_next_backup_exact(make_domain, crash_run
         if sum(n for k, n in outcomes.items() if k != "finished") >= KILLS:
             break
         _write(dom, step)
-        snap = _snap(dom, f"k{step}")
+        snap = snap_all(dom, f"k{step}")
         before = points(folder)
         level = "diff" if step % 7 == 0 else "inc"
         cmd = backup_cmd(dom, level, folder)
@@ -152,7 +148,7 @@ def test_sigkill_at_random_moments_then_next_backup_exact(make_domain, crash_run
         # the next backup (aborts the stale job, drops the orphan checkpoint) covers everything
         _write(dom, 100 + step)
         summary = ok(dom, "inc", folder)
-        expected[summary["point"]] = _snap(dom, f"n{step}")
+        expected[summary["point"]] = snap_all(dom, f"n{step}")
         check_point(dom, folder, summary["point"], expected[summary["point"]], tmp_path)
         assert not job_running(dom)
         assert leftovers(folder, dom.dir) == []
@@ -177,7 +173,7 @@ def test_killed_offline_runs_then_offline_and_online_runs_exact(make_domain, cra
     folder = dom.dir / "backup"
     crash_runner.env = env()
     _write(dom, 1)
-    expected = {ok(dom, "full", folder)["point"]: _snap(dom, "full")}
+    expected = {ok(dom, "full", folder)["point"]: snap_all(dom, "full")}
     dom.stop()
 
     def bitmap_added(name: str):  # type: ignore[no-untyped-def]
@@ -186,7 +182,7 @@ def test_killed_offline_runs_then_offline_and_online_runs_exact(make_domain, cra
     kills = 0
     for step, delay in enumerate((0.05, 0.15, 0.3, None, None), start=2):
         _write(dom, step)
-        snap = _snap(dom, f"o{step}")
+        snap = snap_all(dom, f"o{step}")
         before = points(folder)
         cmd = backup_cmd(dom, "inc", folder)
         nxt = f"virtnbdbackup.{len(before)}"
@@ -207,7 +203,7 @@ def test_killed_offline_runs_then_offline_and_online_runs_exact(make_domain, cra
         summary = res.summary
         if orphan:
             assert f"removed bitmap {nxt} that no checkpoint owned" in res.stderr, res.stderr
-        expected[summary["point"]] = _snap(dom, f"after{step}")
+        expected[summary["point"]] = snap_all(dom, f"after{step}")
         check_point(dom, folder, summary["point"], expected[summary["point"]], tmp_path)
         if dom.is_active():
             dom.stop()

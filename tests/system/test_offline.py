@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.lab.libvirt_lab import DiskSpec, MiB, random_writes
+from tests.lab.libvirt_lab import DiskSpec, MiB
 from tests.system.backup_helpers import check_point, ok
-from tests.system.chain_helpers import check_restored, checkpoint_names, manifest_points
+from tests.system.chain_helpers import check_restored, checkpoint_names, manifest_points, snap_all, write_all
 
 pytestmark = pytest.mark.system
 
@@ -13,13 +13,9 @@ SIZE = 16 * MiB
 OFFLINE_KINDS = ("data", "data", "pattern", "zero", "discard")
 
 
-def _write_all(dom, seed: int, n: int = 8) -> None:  # type: ignore[no-untyped-def]
-    for i, disk in enumerate(dom.disks.values()):
-        disk.apply_all(random_writes(seed=seed * 10 + i, n=n, size=SIZE, kinds=OFFLINE_KINDS))
+def _write_all(dom, seed: int) -> None:  # type: ignore[no-untyped-def]
+    write_all(dom, seed, 8, OFFLINE_KINDS)
 
-
-def _snap(dom, name: str):  # type: ignore[no-untyped-def]
-    return {t: d.snapshot(name) for t, d in dom.disks.items()}
 
 
 def test_offline_inc_between_online_incs(make_domain, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -29,10 +25,10 @@ def test_offline_inc_between_online_incs(make_domain, tmp_path) -> None:  # type
     expected = {}
     _write_all(dom, 1)
     assert ok(dom, "full", folder)["point"] == "virtnbdbackup.0"
-    expected["virtnbdbackup.0"] = _snap(dom, "p0")
+    expected["virtnbdbackup.0"] = snap_all(dom, "p0")
     _write_all(dom, 2)
     assert ok(dom, "inc", folder)["point"] == "virtnbdbackup.1"
-    expected["virtnbdbackup.1"] = _snap(dom, "p1")
+    expected["virtnbdbackup.1"] = snap_all(dom, "p1")
 
     dom.stop()
     _write_all(dom, 3)                                   # written while off (qemu-io on the image)
@@ -41,7 +37,7 @@ def test_offline_inc_between_online_incs(make_domain, tmp_path) -> None:  # type
     summary = ok(dom, "inc", folder)
     assert 0 < summary["disks"]["sda"]["bytes_read"] <= estimate["estimate"]["sda"]
     assert summary["point"] == "virtnbdbackup.2" and summary["consistency"] == "offline"
-    expected["virtnbdbackup.2"] = _snap(dom, "p2")
+    expected["virtnbdbackup.2"] = snap_all(dom, "p2")
     # the offline point left the chain as an online one would: metadata + an enabled bitmap per qcow2 disk
     assert checkpoint_names(dom) == ["virtnbdbackup.0", "virtnbdbackup.1", "virtnbdbackup.2"]
     assert sorted(sda.bitmaps()) == ["virtnbdbackup.0", "virtnbdbackup.1", "virtnbdbackup.2"]
@@ -50,14 +46,14 @@ def test_offline_inc_between_online_incs(make_domain, tmp_path) -> None:  # type
 
     _write_all(dom, 4)
     summary = ok(dom, "diff", dom.dir / "backup")      # an offline diff too
-    expected[summary["point"]] = _snap(dom, "p2d")
+    expected[summary["point"]] = snap_all(dom, "p2d")
     dom.start()
     _write_all(dom, 5)
     assert ok(dom, "inc", folder)["point"] == "virtnbdbackup.3"      # online again, continues the chain
-    expected["virtnbdbackup.3"] = _snap(dom, "p3")
+    expected["virtnbdbackup.3"] = snap_all(dom, "p3")
     _write_all(dom, 6)
     assert ok(dom, "inc", folder)["point"] == "virtnbdbackup.4"
-    expected["virtnbdbackup.4"] = _snap(dom, "p4")
+    expected["virtnbdbackup.4"] = snap_all(dom, "p4")
 
     levels = {p["name"]: (p["level"], p["consistency"]) for p in manifest_points(folder)}
     assert [v[1] == "offline" for v in levels.values()] == [False, False, True, True, False, False]
@@ -81,14 +77,14 @@ def test_offline_full_starts_a_chain_the_online_inc_continues(make_domain, tmp_p
     assert copy["consistency"] == "offline"
     summary = ok(dom, "auto", new)                        # empty folder: a full, offline
     assert summary["point"] == "virtnbdbackup.0" and summary["level"] == "full"
-    expected = {"virtnbdbackup.0": _snap(dom, "n0")}
+    expected = {"virtnbdbackup.0": snap_all(dom, "n0")}
     # the old chain's checkpoints and bitmaps are gone, the new chain's are there
     assert checkpoint_names(dom) == ["virtnbdbackup.0"]
     assert sda.bitmaps() == ["virtnbdbackup.0"]
     dom.start()
     _write_all(dom, 14)
     assert ok(dom, "auto", new)["point"] == "virtnbdbackup.1"
-    expected["virtnbdbackup.1"] = _snap(dom, "n1")
+    expected["virtnbdbackup.1"] = snap_all(dom, "n1")
     for point, images in expected.items():
         check_point(dom, new, point, images, tmp_path)
     check_point(dom, dom.dir / "copy", "copy", expected["virtnbdbackup.0"], tmp_path)
@@ -100,18 +96,18 @@ def test_disk_added_while_off_then_online_inc(make_domain, tmp_path) -> None:  #
     folder = dom.dir / "backup"
     _write_all(dom, 21)
     ok(dom, "full", folder)
-    expected = {"virtnbdbackup.0": _snap(dom, "a0")}
+    expected = {"virtnbdbackup.0": snap_all(dom, "a0")}
     dom.stop()
     sdb = dom.attach_disk(DiskSpec("sdb", "sata", "qcow2", SIZE))       # config only: the domain is off
     _write_all(dom, 22)
     summary = ok(dom, "inc", folder)
-    expected["virtnbdbackup.1"] = _snap(dom, "a1")
+    expected["virtnbdbackup.1"] = snap_all(dom, "a1")
     assert manifest_points(folder)[1]["disks"]["sdb"]["extra"]["mode"] == "full"
     assert sdb.bitmaps() == ["virtnbdbackup.1"] and summary["consistency"] == "offline"
     dom.start()
     _write_all(dom, 23)
     ok(dom, "inc", folder)
-    expected["virtnbdbackup.2"] = _snap(dom, "a2")
+    expected["virtnbdbackup.2"] = snap_all(dom, "a2")
     assert manifest_points(folder)[2]["disks"]["sdb"]["extra"]["mode"] == "inc"
     for point, images in expected.items():
         check_point(dom, folder, point, images, tmp_path)
