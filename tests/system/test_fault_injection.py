@@ -10,14 +10,17 @@ while the manifest is committed, right after the commit).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import IN_CI
 from tests.lab.fault_lab import kill_points
 from tests.lab.libvirt_lab import JOB_SAFE_KINDS, DiskSpec, MiB
 from tests.system.backup_helpers import backup, backup_cmd, check_point, env, job_running, leftovers, ok
@@ -74,6 +77,20 @@ def _after_checkpoint(delay: float):  # type: ignore[no-untyped-def]
     return make
 
 
+def _syscall_target(folder: Path, what: str) -> Path:
+    nxt = f"virtnbdbackup.{len([p for p in points(folder) if p.startswith('virtnbdbackup.')])}"
+    # strace -P matches the rename's source: the temp file, renamed once it is complete and fsynced
+    return {"manifest": folder / f".{MANIFEST}.tmp", "data": folder / f"sda.inc.{nxt}.data.partial",
+            "checkpoint xml": folder / "checkpoints" / f".{nxt}.xml.tmp"}[what]
+
+
+def _strace_kill(cmd: list[str], path: Path) -> list[str]:
+    """``cmd`` SIGKILLed by strace at the syscall that renames the temp file ``path`` to its final name."""
+    renames = "rename,renameat,renameat2"
+    return ["strace", "-f", "-qq", "-o", "/dev/null", "-P", str(path), "-e", f"trace={renames}",
+            "-e", f"inject={renames}:signal=SIGKILL", "--", *cmd]
+
+
 def _manifest_tmp(folder: Path):  # type: ignore[no-untyped-def]
     return (folder / f".{MANIFEST}.tmp").exists
 
@@ -118,21 +135,32 @@ def test_sigkill_at_random_moments_then_next_backup_exact(make_domain, crash_run
     moments: list[tuple[str, object]] = [
         ("checkpoint created", _newer_checkpoint), ("data file written", _partial),
         ("manifest commit", _manifest_tmp), ("just committed", _committed)]
+    if shutil.which("strace"):
+        # deterministic kills inside the commit: at the rename of the data file, of the saved
+        # checkpoint XML and of the manifest (temp file written and fsynced, not yet renamed)
+        moments += [("syscall", "data"), ("syscall", "checkpoint xml"), ("syscall", "manifest")]
+    elif IN_CI:
+        pytest.fail("strace is missing (scripts/setup installs it)")
     rng = random.Random(7)
     moments += [("after checkpoint", _after_checkpoint(rng.uniform(0.0, 0.25))) for _ in range(8)]
     # a run's length varies (start-up dominates a small inc): more random moments than needed, stop at enough
     moments += [("time", t) for t in kill_points(seed=6, n=MAX_RANDOM, duration=clean.elapsed, hi=0.85)]
 
     for step, (_label, moment) in enumerate(moments, start=3):
-        if sum(n for k, n in outcomes.items() if k != "finished") >= KILLS:
+        if sum(n for k, n in outcomes.items() if k != "finished" and not k.startswith("at ")) >= KILLS:
             break
         _write(dom, step)
         snap = snap_all(dom, f"k{step}")
         before = points(folder)
-        level = "diff" if step % 7 == 0 else "inc"
+        level = "diff" if step % 7 == 0 and _label != "syscall" else "inc"
         cmd = backup_cmd(dom, level, folder)
         if isinstance(moment, float):
             out = crash_runner.kill_after(cmd, moment)
+        elif isinstance(moment, str):
+            out = crash_runner.run(_strace_kill(cmd, _syscall_target(folder, moment)))
+            assert out.returncode in (-9, 137), f"strace did not kill at the {moment} rename: {out.stderr}"
+            outcomes[f"at {moment} rename"] += 1
+            out = dataclasses.replace(out, killed=True)
         else:
             takes_dom = moment is _newer_checkpoint or getattr(moment, "__name__", "") == "make"
             predicate = moment(dom, folder) if takes_dom else moment(folder)  # type: ignore[operator]
@@ -154,7 +182,7 @@ def test_sigkill_at_random_moments_then_next_backup_exact(make_domain, crash_run
         assert leftovers(folder, dom.dir) == []
         assert checkpoint_names(dom) == sorted(p for p in points(folder) if p.startswith("virtnbdbackup."))
 
-    kills = sum(n for k, n in outcomes.items() if k != "finished")
+    kills = sum(n for k, n in outcomes.items() if k != "finished" and not k.startswith("at "))
     print(f"\nkill outcomes: {dict(outcomes)}")
     assert kills >= KILLS, outcomes
     assert outcomes["before checkpoint"] and outcomes["after checkpoint, before commit"], outcomes
