@@ -106,11 +106,17 @@ def test_compression_probe_pauses_after_a_streak_and_retries() -> None:
 
     raw = EncodedFrame("data", 0, 100, b"h" * 48, b"x" * 100)
     packed = EncodedFrame("data", 0, 100, b"h" * 48, b"x" * 10)
-    probe = CompressionProbe(streak=2, pause=3)
+    probe = CompressionProbe(streak=2, pause=3, max_pause=8)
     assert probe.try_compress()
     probe.compressed(raw)
     probe.compressed(packed)            # a success resets the streak
     probe.compressed(raw)
     assert probe.try_compress()
-    probe.compressed(raw)               # second failure in a row: pause
+    probe.compressed(raw)               # second failure in a row: pause 3
     assert [probe.try_compress() for _ in range(4)] == [False, False, False, True]
+    probe.compressed(raw)               # the probe failed: pause doubles to 6
+    assert [probe.try_compress() for _ in range(7)] == [False] * 6 + [True]
+    probe.compressed(raw)               # 12 -> capped at 8
+    assert [probe.try_compress() for _ in range(9)] == [False] * 8 + [True]
+    probe.compressed(packed)            # compressible again: back to normal
+    assert probe.try_compress() and probe.pause == 3

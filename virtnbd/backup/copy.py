@@ -62,34 +62,47 @@ class CompressionProbe:
     """Stop compressing data that does not compress, and look again now and then.
 
     After ``streak`` frames in a row came out no smaller (stored raw anyway), the
-    next ``pause`` frames are stored raw without trying; then compression is
-    tried again. Incompressible disks then cost no compression CPU.
+    next ``pause`` frames are stored raw without trying; then one frame is tried
+    again. Each probe that fails doubles the pause (up to ``max_pause``); a frame
+    that compresses resets it. Incompressible disks then cost almost no
+    compression CPU, and compressible regions are found again quickly.
     """
 
-    def __init__(self, streak: int = 4, pause: int = 64) -> None:
+    def __init__(self, streak: int = 4, pause: int = 64, max_pause: int = 1024) -> None:
         self.streak = streak
+        self.first_pause = pause
         self.pause = pause
+        self.max_pause = max_pause
         self.failed = 0
         self.skip_left = 0
         self.skipped = 0
+        self.probing = False
 
     def try_compress(self) -> bool:
         if self.skip_left > 0:
             self.skip_left -= 1
             self.skipped += 1
+            if self.skip_left == 0:
+                self.probing = True
             return False
         return True
 
     def compressed(self, frame: EncodedFrame) -> None:
         if frame.kind != DATA:
             return
-        if len(frame.payload) >= frame.length:
-            self.failed += 1
-            if self.failed >= self.streak:
-                self.failed = 0
-                self.skip_left = self.pause
-        else:
+        if len(frame.payload) < frame.length:
             self.failed = 0
+            self.pause = self.first_pause
+            self.probing = False
+            return
+        if self.probing:
+            self.pause = min(self.pause * 2, self.max_pause)
+            self.skip_left = self.pause
+            return
+        self.failed += 1
+        if self.failed >= self.streak:
+            self.failed = 0
+            self.skip_left = self.pause
 
 
 class ParallelFile:
