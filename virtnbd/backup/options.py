@@ -4,19 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from virtnbd.rbdconn import CephOptions
+from virtnbd.virt.agent import QuiesceOptions
 
 LEVELS = ("copy", "full", "inc", "diff", "auto")
 COMPRESS_METHODS = ("lz4", "zstd")
-
-
-@dataclass(frozen=True)
-class Quiesce:
-    """How to make the disks consistent around backupBegin (guest agent / pause)."""
-
-    freeze: bool = True
-    mountpoints: tuple[str, ...] = ()
-    pause: bool = False
-    timeout: int = 10
 
 
 @dataclass(frozen=True)
@@ -59,6 +50,6 @@ class BackupOptions:
         return self.compress_method if self.compress else None
 
     @property
-    def quiesce(self) -> Quiesce:
-        return Quiesce(freeze=self.freeze and not self.no_freeze and not self.pause,
+    def quiesce(self) -> QuiesceOptions:
+        return QuiesceOptions(freeze=self.freeze and not self.no_freeze and not self.pause,
                        mountpoints=self.freeze_mountpoints, pause=self.pause, timeout=self.agent_timeout)

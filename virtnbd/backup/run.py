@@ -34,7 +34,7 @@ from virtnbd.extents import BASE_ALLOCATION, iter_extents
 from virtnbd.nbdsource import NbdSource
 from virtnbd.stream.format import StreamMeta
 from virtnbd.stream.writer import StreamWriter
-from virtnbd.virt import checkpoints, connection, domainxml, xmlbuild
+from virtnbd.virt import agent, checkpoints, connection, domainxml, xmlbuild
 from virtnbd.virt.job import BackupJob, abort_stale
 
 log = logging.getLogger(__name__)
@@ -259,20 +259,8 @@ def _size(n: int) -> str:
 # -- helpers used before the job ------------------------------------------------
 
 def _quiesced(dom: libvirt.virDomain, options: BackupOptions) -> contextlib.AbstractContextManager[Any]:
-    """The guest agent's freeze/thaw (virtnbd.virt.agent), when that module is there."""
-    try:
-        from virtnbd.virt import agent
-    except ImportError:
-        return contextlib.nullcontext(_CrashConsistent())
-    q = options.quiesce
-    return agent.quiesced(dom, agent.QuiesceOptions(freeze=q.freeze, mountpoints=q.mountpoints, pause=q.pause,
-                                                    timeout=q.timeout))
-
-
-@dataclass(frozen=True)
-class _CrashConsistent:
-    consistency: str = "crash"
-    guest_info: Any = field(default_factory=dict)
+    """The guest agent's freeze/thaw (or pause) around the job start."""
+    return agent.quiesced(dom, options.quiesce)
 
 
 def _estimate(dom: libvirt.virDomain, plan: Plan) -> dict[str, int]:
