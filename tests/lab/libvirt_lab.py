@@ -136,9 +136,9 @@ class LabDaemons:
     def ensure(self, wait: float = 30.0) -> None:
         start_fd = self._open(START_LOCK_FILE)
         try:
-            fcntl.flock(start_fd, fcntl.LOCK_EX)
+            _flock_within(start_fd, fcntl.LOCK_EX, START_LOCK_FILE)
             self._users_fd = self._open(LOCK_FILE)
-            fcntl.flock(self._users_fd, fcntl.LOCK_SH)
+            _flock_within(self._users_fd, fcntl.LOCK_SH, LOCK_FILE)
             for name, pidfile in (("virtlogd", "/run/virtlogd.pid"), ("libvirtd", "/run/libvirtd.pid")):
                 if not _pids_of(name):
                     self.started[name] = _start_daemon(name, pidfile)
@@ -155,7 +155,7 @@ class LabDaemons:
             return
         start_fd = self._open(START_LOCK_FILE)
         try:
-            fcntl.flock(start_fd, fcntl.LOCK_EX)
+            _flock_within(start_fd, fcntl.LOCK_EX, START_LOCK_FILE)
             fcntl.flock(self._users_fd, fcntl.LOCK_UN)
             if not self.started:
                 return
@@ -172,6 +172,29 @@ class LabDaemons:
             os.close(self._users_fd)
             self._users_fd = None
             os.close(start_fd)
+
+
+def _flock_within(fd: int, mode: int, path: Path, wait: float = 120.0) -> None:
+    """flock, but give up after ``wait`` seconds with the holders' pids instead of hanging."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise LabError(f"{path} still locked after {wait:.0f}s by pids {_lock_holders(path)}") from None
+            time.sleep(0.2)
+
+
+def _lock_holders(path: Path) -> list[int]:
+    """Pids with ``path`` open (a daemon that inherited a lock fd shows up here)."""
+    holders = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) == str(path) for fd in fd_dir.iterdir()):
+                holders.append(int(fd_dir.parent.name))
+    return holders
 
 
 def _start_daemon(name: str, pidfile: str) -> int:
@@ -667,7 +690,11 @@ def _require_lab() -> None:
 def libvirt_daemons() -> Iterator[LabDaemons]:
     _require_lab()
     daemons = LabDaemons()
-    daemons.ensure()
+    try:
+        daemons.ensure()
+    except LabError as exc:
+        daemons.release()
+        pytest.fail(f"lab daemons: {exc}", pytrace=False)
     try:
         yield daemons
     finally:

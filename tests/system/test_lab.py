@@ -215,3 +215,18 @@ def test_offline_writes_hotplug_resize_redefine(make_domain) -> None:  # type: i
     dom.start()
     assert dom.alias("sdb")
     sda.check_image()
+
+
+def test_running_daemons_hold_no_lab_lock(libvirt_daemons) -> None:  # type: ignore[no-untyped-def]
+    """A daemon started while a lab lock was held must not inherit the lock's fd:
+    it would hold the start lock for its whole life and every later start or
+    stop (scripts/lab/libvirtd, the fixture) would wait for ever."""
+    import os
+
+    from tests.lab.libvirt_lab import LOCK_FILE, START_LOCK_FILE, _lock_holders, _pids_of
+
+    daemons = set(_pids_of("libvirtd") + _pids_of("virtlogd"))
+    assert daemons, "no libvirtd/virtlogd running under the lab fixture"
+    for path in (START_LOCK_FILE, LOCK_FILE):
+        holders = set(_lock_holders(path)) - {os.getpid()}
+        assert not holders & daemons, f"{path} is held open by daemon pids {sorted(holders & daemons)}"
