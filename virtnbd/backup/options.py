@@ -42,6 +42,7 @@ class BackupOptions:
     connections: int = 2                   # NBD connections per disk (when the export allows multi-conn)
     depth: int = 16                        # reads in flight per connection
     memory: int = 32 << 20                 # bytes of read buffers, shared by the disks copied in parallel
+    staging: int = 32 << 20                # bytes of output staging blocks, shared the same way
     encode_threads: int = 2
     ceph: CephOptions = field(default_factory=CephOptions)   # raw RBD disks: snapshots + diff for incrementals
 

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, cast
 import libvirt
 
 from virtnbd import __version__, errors, fsutil, rbdextents
-from virtnbd.backup import consistency, copy, modes, output, recovery
+from virtnbd.backup import consistency, copy, modes, outfile, output, recovery
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backup.plan import Plan, PlannedDisk, make_plan
 from virtnbd.backupset import manifest as bsmanifest
@@ -135,19 +135,16 @@ class BackupRun:
                               extra=MappingProxyType(extra))
             update, close = self.progress.bar(pd.target, src.size)
             try:
-                with fsutil.partial_file(self.folder / name) as f:
-                    out = copy.ParallelFile(f.fileno(), str(self.folder / name))
-                    try:
-                        writer = StreamWriter(cast(BinaryIO, out), meta, path=str(self.folder / name),
-                                              level=opts.compress_level)
-                        status, dirty = rbdextents.status_for(self.rbd, pd, plan.parent, src.block_status, bitmap)
-                        extents = iter_extents(status, src.size, dirty, export=pd.target)
-                        stats = copy.copy_disk(src, writer, extents, pool, read_size=opts.read_size,
-                                               level=opts.compress_level, progress=update, cancel=self.cancel,
-                                               out=out)
-                        totals = writer.finish()
-                    finally:
-                        out.close()
+                partial = str(self.folder / name) + fsutil.PARTIAL_SUFFIX
+                with fsutil.partial_file(self.folder / name), \
+                        outfile.StagedFile(partial, blocks=self.staging_blocks_per_disk()) as out:
+                    writer = StreamWriter(cast(BinaryIO, out), meta, path=str(self.folder / name),
+                                          level=opts.compress_level)
+                    status, dirty = rbdextents.status_for(self.rbd, pd, plan.parent, src.block_status, bitmap)
+                    extents = iter_extents(status, src.size, dirty, export=pd.target)
+                    stats = copy.copy_disk(src, writer, extents, pool, read_size=opts.read_size,
+                                           level=opts.compress_level, progress=update, cancel=self.cancel)
+                    totals = writer.finish()
             finally:
                 close()
             bytes_read = src.counters.bytes_read
@@ -162,10 +159,16 @@ class BackupRun:
     def workers(self) -> int:
         return max(1, self.options.workers or min(len(self.plan.disks), 4))
 
+    def parallel_disks(self) -> int:
+        return max(1, min(self.workers(), len(self.plan.disks)))
+
     def buffers_per_disk(self) -> int:
         """Read buffers per disk: the memory budget split over the disks copied at once."""
-        per_disk = self.options.memory // min(self.workers(), len(self.plan.disks))
-        return max(4, per_disk // self.options.read_size)
+        return max(4, self.options.memory // self.parallel_disks() // self.options.read_size)
+
+    def staging_blocks_per_disk(self) -> int:
+        """Output staging blocks per disk: that budget split the same way."""
+        return max(3, self.options.staging // self.parallel_disks() // outfile.BLOCK)
 
     # -- all disks ----------------------------------------------------------------
     def copy_all(self, socket: str) -> list[DiskResult]:

@@ -69,6 +69,7 @@ class StreamWriter:
         self._f = f
         self._level = level
         self._file_hash = xxhash.xxh3_128()
+        self._file_hashes = bool(getattr(f, "hashes_data", False))   # the file feeds the digest itself
         self._hasher: ThreadPoolExecutor | None = None
         self._pos = 0
         self._next_offset = 0
@@ -106,8 +107,11 @@ class StreamWriter:
     def _write(self, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data``; the whole-file digest of a large payload is computed by a
         helper thread while the write runs (xxhash releases the GIL), and finished before
-        returning, so the caller may reuse its buffer at once."""
-        if len(data) < OVERLAP_HASH_MIN:
+        returning, so the caller may reuse its buffer at once. A file with
+        ``hashes_data`` (copy.WriteBehind) hashes what it writes, in order, itself."""
+        if self._file_hashes:
+            self._write_all(data)
+        elif len(data) < OVERLAP_HASH_MIN:
             self._write_all(data)
             self._file_hash.update(data)
         else:
@@ -185,8 +189,9 @@ class StreamWriter:
             self._f.flush()
         except OSError as err:
             raise errors.StorageError(path=self.path, reason=err.strerror or str(err)) from err
+        file_digest = self._f.hexdigest() if self._file_hashes else self._file_hash.hexdigest()  # type: ignore[attr-defined]
         self._totals = StreamTotals(
             frames=self._frames, data_bytes=self._data_bytes, zero_bytes=self._zero_bytes,
-            stored_bytes=self._pos, digest=digest.hex(), file_digest=self._file_hash.hexdigest())
+            stored_bytes=self._pos, digest=digest.hex(), file_digest=file_digest)
         log.debug("%s: finished, %d frames, %d bytes", self.path, self._frames, self._pos)
         return self._totals

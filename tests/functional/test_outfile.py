@@ -1,0 +1,72 @@
+"""StagedFile: what it writes is exactly what it was given, in both modes, with the digest of the file."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import xxhash
+
+from virtnbd import errors
+from virtnbd.backup.outfile import ALIGN, StagedFile
+
+
+def _pieces(rng: random.Random, total: int) -> list[bytes]:
+    out, size = [], 0
+    while size < total:
+        n = rng.choice([1, 47, 48, ALIGN - 1, ALIGN, 65536, 1 << 20, (1 << 20) + 48, 3 << 20])
+        out.append(rng.randbytes(n))
+        size += n
+    return out
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("seed", [1, 2])
+def test_bytes_and_digest_match_with_flushes_in_between(tmp_path: Path, direct: bool, seed: int) -> None:
+    rng = random.Random(seed)
+    pieces = _pieces(rng, 40 << 20)
+    path = tmp_path / "out.partial"
+    path.touch()
+    expected = bytearray()
+    with StagedFile(str(path), direct=direct, block=1 << 20, blocks=3) as out:
+        for i, piece in enumerate(pieces):
+            assert out.write(memoryview(piece)) == len(piece)
+            expected += piece
+            if i % 7 == 3:           # a flush in the middle: padded tail, cut, then filled on
+                out.flush()
+                assert path.stat().st_size == len(expected)
+        out.flush()
+        digest = out.hexdigest()
+    assert out.pos == len(expected)
+    assert path.read_bytes() == bytes(expected)
+    assert digest == xxhash.xxh3_128_hexdigest(bytes(expected))
+
+
+def test_empty_file_and_tiny_tail(tmp_path: Path) -> None:
+    path = tmp_path / "tiny"
+    path.touch()
+    with StagedFile(str(path)) as out:
+        out.flush()
+        assert path.stat().st_size == 0
+        out.write(b"x" * 5)
+        out.flush()
+    assert path.read_bytes() == b"xxxxx"
+
+
+def test_write_error_is_a_storage_error_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "gone"
+    path.touch()
+    out = StagedFile(str(path), direct=False, block=ALIGN, blocks=2)
+    os.close(out.fd)                          # every write now fails with EBADF
+    out.fd = os.open(os.devnull, os.O_RDONLY)
+    with pytest.raises(errors.StorageError, match="gone"):
+        for _ in range(8):
+            out.write(b"y" * ALIGN)
+        out.flush()
+    out.close()
+
+
+def test_block_size_must_be_aligned(tmp_path: Path) -> None:
+    with pytest.raises(errors.UsageError):
+        StagedFile(str(tmp_path / "x"), block=ALIGN + 1)
