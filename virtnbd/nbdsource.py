@@ -39,17 +39,18 @@ class _Buf:
 
     def __init__(self, size: int) -> None:
         self.data = bytearray(size)
-        self.views: dict[int, nbd.Buffer] = {size: nbd.Buffer.from_buffer(self.data)}
+        self.views: dict[tuple[int, int], nbd.Buffer] = {}
 
-    def target(self, length: int) -> nbd.Buffer:
-        """A libnbd buffer of exactly ``length`` bytes over ``data``, made once per length.
+    def target(self, start: int, length: int) -> nbd.Buffer:
+        """A libnbd buffer over ``data[start:start + length]``, made once per (start, length).
 
         libnbd 1.14 reads ``len(buffer)`` bytes and keeps a reference to every
         object it is given: reusing the wrapper keeps that leak from growing.
         """
-        view = self.views.get(length)
+        key = (start, length)
+        view = self.views.get(key)
         if view is None:
-            view = self.views[length] = nbd.Buffer.from_buffer(memoryview(self.data)[:length])
+            view = self.views[key] = nbd.Buffer.from_buffer(memoryview(self.data)[start:start + length])
         return view
 
 
@@ -137,48 +138,74 @@ def _open(socket: str, export: str, contexts: Sequence[str]) -> nbd.NBD:
     return h
 
 
+class _Read:
+    """One chunk being read, perhaps in several requests."""
+
+    __slots__ = ("chunk", "error", "fut", "parts")
+
+    def __init__(self, chunk: Chunk, fut: Future[Chunk], parts: int) -> None:
+        self.chunk = chunk
+        self.fut = fut
+        self.parts = parts              # requests not yet completed
+        self.error: str | None = None   # the first failure
+
+
 class _Connection(threading.Thread):
     """One NBD handle driven by its own thread; requests arrive through a queue."""
 
     def __init__(self, handle: nbd.NBD, export: str, depth: int, *, counters: Counters, lock: threading.Lock,
-                 pool: BufferPool) -> None:
+                 pool: BufferPool, request_size: int) -> None:
         super().__init__(name=f"nbd-{export}", daemon=True)
         self.h = handle
         self.export = export
         self.depth = depth
         self.pool = pool
+        self.request_size = request_size
         self.requests: queue.SimpleQueue[tuple[int, int, Future[Chunk]] | None] = queue.SimpleQueue()
         self.counters = counters
         self.lock = lock
         self.in_flight = 0
         self.failure: BaseException | None = None
 
-    def _complete(self, chunk: Chunk, fut: Future[Chunk], err: object) -> int:
+    def _complete(self, read: _Read, err: object) -> int:
         self.in_flight -= 1
         errnum = getattr(err, "value", 0)
-        if errnum:
-            chunk.release()
-            fut.set_exception(errors.NbdError(export=self.export,
-                                              reason=f"read of {chunk.length} bytes at offset {chunk.offset} "
-                                                     f"failed: {os.strerror(errnum)}"))
-        else:
-            with self.lock:
-                self.counters.bytes_read += chunk.length
-                self.counters.requests += 1
-            fut.set_result(chunk)
+        if errnum and read.error is None:
+            read.error = os.strerror(errnum)
+        read.parts -= 1
+        if read.parts == 0:
+            self._finish(read)
         return 1
 
-    def _issue(self, offset: int, length: int, fut: Future[Chunk]) -> None:
-        buf = self.pool.get()
-        chunk = Chunk(offset, length, buf, self.pool)
-        try:
-            self.h.aio_pread(buf.target(length), offset, completion=lambda err: self._complete(chunk, fut, err))
-        except nbd.Error as err:
+    def _finish(self, read: _Read) -> None:
+        chunk = read.chunk
+        if read.error:
             chunk.release()
-            fut.set_exception(errors.NbdError(export=self.export,
-                                              reason=f"read at offset {offset} failed: {_nbd_reason(err)}"))
+            read.fut.set_exception(errors.NbdError(
+                export=self.export,
+                reason=f"read of {chunk.length} bytes at offset {chunk.offset} failed: {read.error}"))
             return
-        self.in_flight += 1
+        with self.lock:
+            self.counters.bytes_read += chunk.length
+            self.counters.requests += 1
+        read.fut.set_result(chunk)
+
+    def _issue(self, offset: int, length: int, fut: Future[Chunk]) -> None:
+        """Read one chunk into one pooled buffer, in requests of at most ``request_size`` bytes."""
+        buf = self.pool.get()
+        read = _Read(Chunk(offset, length, buf, self.pool), fut, -(-length // self.request_size))
+        for start in range(0, length, self.request_size):
+            size = min(self.request_size, length - start)
+            try:
+                self.h.aio_pread(buf.target(start, size), offset + start,
+                                 completion=lambda err, read=read: self._complete(read, err))
+            except nbd.Error as err:
+                read.parts -= -(-(length - start) // self.request_size)     # these will never complete
+                read.error = read.error or _nbd_reason(err)
+                if read.parts == 0:
+                    self._finish(read)
+                return
+            self.in_flight += 1
 
     def run(self) -> None:
         stopping = False
@@ -227,7 +254,8 @@ class NbdSource:
     """Reads from one export; use as a context manager (connections always closed)."""
 
     def __init__(self, socket: str, export: str, contexts: Sequence[str] = (BASE_ALLOCATION,),
-                 connections: int = 4, depth: int = 8, *, buffers: int = 32, buffer_size: int = 1 << 20) -> None:
+                 connections: int = 4, depth: int = 8, *, buffers: int = 32, buffer_size: int = 1 << 20,
+                 request_size: int = 256 << 10) -> None:
         self.socket = socket
         self.export = export
         self.contexts = tuple(contexts)
@@ -242,6 +270,7 @@ class NbdSource:
         self.multi_conn = False
         self.max_block = 0
         self.pool = BufferPool(max(1, buffers), buffer_size)
+        self.request_size = max(1, min(request_size, buffer_size))
 
     def __enter__(self) -> NbdSource:
         self.open()
@@ -270,7 +299,8 @@ class NbdSource:
         # (a libnbd handle serialises its commands, and reading a read-only export from
         # a second connection is safe even without multi-conn)
         for h in self._handles[1:]:
-            worker = _Connection(h, self.export, self._depth, counters=self.counters, lock=self._lock, pool=self.pool)
+            worker = _Connection(h, self.export, self._depth, counters=self.counters, lock=self._lock, pool=self.pool,
+                                 request_size=self.request_size)
             worker.start()
             self._workers.append(worker)
         log.debug("nbd %s: size %d, multi-conn %s, %d reader connection(s), depth %d",

@@ -36,6 +36,31 @@ def test_reads_match_expected_over_several_connections(nbd_lab) -> None:  # type
         assert expected.count(0) >= len(expected) - data
 
 
+def test_a_chunk_read_in_several_requests_is_exact(nbd_lab) -> None:  # type: ignore[no-untyped-def]
+    server = nbd_lab.sparse_random(16 * MiB, seed=9, percent=60, random_content=True)
+    expected = server.expected.read_bytes()
+    with NbdSource(str(server.sock), server.export, connections=2, depth=5, buffers=6,
+                   buffer_size=256 * 1024, request_size=12 * 1024) as src:   # 22 requests per chunk, uneven tail
+        offsets = list(range(0, 16 * MiB, 256 * 1024))
+        for n in range(0, len(offsets), 6):
+            batch = [(off, src.read(off, 256 * 1024)) for off in offsets[n:n + 6]]
+            for off, fut in batch:
+                chunk = fut.result()
+                assert bytes(chunk.data) == expected[off:off + 256 * 1024], off
+                chunk.release()
+        assert src.counters.requests == len(offsets)
+        assert src.counters.bytes_read == 16 * MiB
+
+
+def test_a_chunk_failing_in_its_last_request_fails_whole(nbd_lab) -> None:  # type: ignore[no-untyped-def]
+    server = nbd_lab.memory(4 * MiB)
+    with NbdSource(str(server.sock), server.export, connections=1, buffers=2,
+                   buffer_size=64 * 1024, request_size=4096) as src:
+        with pytest.raises(errors.NbdError, match=r"offset 4186112"):
+            src.pread(4 * MiB - 8192, 16384)      # the first two requests succeed, the third is beyond the end
+        assert bytes(src.pread(0, 65536)) == bytes(65536)      # the buffer went back, the source still reads
+
+
 def test_read_errors_are_precise(nbd_lab) -> None:  # type: ignore[no-untyped-def]
     server = nbd_lab.memory(4 * MiB)
     with NbdSource(str(server.sock), server.export, connections=2) as src:

@@ -38,13 +38,19 @@ class BackupOptions:
     fallback_full: bool = False            # broken chain: move it to chain-<time>/ and start a new one
     umask: int | None = None               # None: files 0600, folders 0700
     # tuning (not on the command line by default)
-    read_size: int = 1 << 20               # bytes per NBD read request
+    read_size: int = 256 << 10             # bytes per NBD read request
+    frame_size: int = 1 << 20              # bytes per data frame (one read buffer; several requests)
     connections: int = 2                   # NBD connections per disk (when the export allows multi-conn)
-    depth: int = 16                        # reads in flight per connection
+    depth: int = 32                        # read requests in flight per connection
     memory: int = 32 << 20                 # bytes of read buffers, shared by the disks copied in parallel
     staging: int = 32 << 20                # bytes of output staging blocks, shared the same way
     encode_threads: int = 2
     ceph: CephOptions = field(default_factory=CephOptions)   # raw RBD disks: snapshots + diff for incrementals
+
+    @property
+    def buffer_size(self) -> int:
+        """Bytes of one read buffer = the largest data frame."""
+        return max(self.frame_size, self.read_size)
 
     @property
     def method(self) -> str | None:

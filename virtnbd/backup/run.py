@@ -127,7 +127,7 @@ class BackupRun:
         name = naming.data_file(pd.target, plan.level, plan.point)
         with NbdSource(socket, xmlbuild.export_name(pd.target), contexts, connections=opts.connections,
                        depth=opts.depth, buffers=self.buffers_per_disk(),
-                       buffer_size=opts.read_size) as src:
+                       buffer_size=opts.buffer_size, request_size=opts.read_size) as src:
             extra = {"whole_disk": pd.mode == "full", "reason": pd.reason} if plan.level in ("inc", "diff") else {}
             meta = StreamMeta(virtual_size=src.size, disk=pd.target, disk_format=pd.disk.format, level=plan.level,
                               checkpoint=plan.checkpoint, parent=plan.parent if plan.level in ("inc", "diff") else None,
@@ -142,7 +142,7 @@ class BackupRun:
                                           level=opts.compress_level)
                     status, dirty = rbdextents.status_for(self.rbd, pd, plan.parent, src.block_status, bitmap)
                     extents = iter_extents(status, src.size, dirty, export=pd.target)
-                    stats = copy.copy_disk(src, writer, extents, pool, read_size=opts.read_size,
+                    stats = copy.copy_disk(src, writer, extents, pool, read_size=opts.buffer_size,
                                            level=opts.compress_level, progress=update, cancel=self.cancel)
                     totals = writer.finish()
             finally:
@@ -164,7 +164,7 @@ class BackupRun:
 
     def buffers_per_disk(self) -> int:
         """Read buffers per disk: the memory budget split over the disks copied at once."""
-        return max(4, self.options.memory // self.parallel_disks() // self.options.read_size)
+        return max(4, self.options.memory // self.parallel_disks() // self.options.buffer_size)
 
     def staging_blocks_per_disk(self) -> int:
         """Output staging blocks per disk: that budget split the same way."""

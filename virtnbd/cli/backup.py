@@ -70,8 +70,9 @@ def build_parser() -> OneLineParser:
                         "OUTPUT/chain-<time>/ and start a new chain with a full backup (-l auto does this too)")
     p.add_argument("--umask", type=_umask, default=None, metavar="OCTAL",
                    help="umask for backup files and folders (default 077: files 0600, folders 0700)")
-    p.add_argument("--read-size", type=parse_size, default=1 << 20, metavar="SIZE",
-                   help="bytes per NBD read request (default: 1M)")
+    p.add_argument("--read-size", type=parse_size, default=256 << 10, metavar="SIZE",
+                   help="bytes per NBD read request (default: 256K; data frames stay 1M, read in several "
+                        "requests, or SIZE when larger)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     rbdargs.add_ceph_arguments(p.add_argument_group("Ceph (raw RBD disks: incrementals from RBD snapshots + diff)"))
     return p
