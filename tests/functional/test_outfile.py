@@ -70,3 +70,34 @@ def test_write_error_is_a_storage_error_naming_the_file(tmp_path: Path) -> None:
 def test_block_size_must_be_aligned(tmp_path: Path) -> None:
     with pytest.raises(errors.UsageError):
         StagedFile(str(tmp_path / "x"), block=ALIGN + 1)
+
+
+def test_o_direct_refused_at_the_first_write_falls_back_to_the_page_cache(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Some filesystems open with O_DIRECT but fail its writes with EINVAL: the file is still written whole."""
+    from virtnbd.backup import outfile
+
+    real_pwrite = os.pwrite
+    refused = []
+
+    def pwrite(fd: int, data: memoryview, pos: int) -> int:
+        if fcntl_flags(fd) & os.O_DIRECT:
+            refused.append(pos)
+            raise OSError(22, "Invalid argument")
+        return real_pwrite(fd, data, pos)
+
+    monkeypatch.setattr(outfile.os, "pwrite", pwrite)
+    path = tmp_path / "f"
+    path.touch()
+    data = random.Random(3).randbytes(5 * ALIGN + 17)
+    with StagedFile(str(path), block=2 * ALIGN, blocks=2) as out:
+        out.write(data)
+        out.flush()
+        assert not out.direct
+    assert refused == [0]
+    assert path.read_bytes() == data
+
+
+def fcntl_flags(fd: int) -> int:
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_GETFL)

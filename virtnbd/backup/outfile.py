@@ -175,7 +175,7 @@ class StagedFile:
             view = memoryview(buf)[:size]
             done = 0
             while done < size:
-                n = os.pwrite(self.fd, view[done:], pos + done)
+                n = self._pwrite(view[done:], pos + done)
                 if n <= 0:
                     raise OSError(errno.EIO, f"short write at {pos + done}")
                 done += n
@@ -186,6 +186,19 @@ class StagedFile:
         finally:
             if not keep:
                 self._free.put(buf)
+
+    def _pwrite(self, data: memoryview, pos: int) -> int:
+        """One pwrite; a filesystem that opens O_DIRECT but refuses its writes gets the page cache."""
+        try:
+            return os.pwrite(self.fd, data, pos)
+        except OSError as err:
+            if not (self.direct and err.errno == errno.EINVAL):
+                raise
+            log.debug("%s: O_DIRECT write refused (%s), writing through the page cache", self.path, err.strerror)
+        old, self.direct = self.fd, False
+        self.fd = self._open(self.path)
+        os.close(old)
+        return os.pwrite(self.fd, data, pos)
 
     def _hash_block(self, data: memoryview, pos: int) -> None:
         """Feed the digest in file order; a flushed partial block is hashed once, up to its end."""
