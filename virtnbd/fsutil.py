@@ -13,6 +13,12 @@ from virtnbd import errors
 PARTIAL_SUFFIX = ".partial"
 
 
+def partial_path(path: str | os.PathLike[str]) -> Path:
+    """Where :func:`partial_file` writes ``path`` until it is complete."""
+    target = Path(path)
+    return target.with_name(target.name + PARTIAL_SUFFIX)
+
+
 def fsync_dir(folder: str | os.PathLike[str]) -> None:
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -52,7 +58,7 @@ def partial_file(path: str | os.PathLike[str], mode: int = 0o600) -> Iterator[Bi
     fsynced); on any exception the partial file is removed.
     """
     target = Path(path)
-    tmp = target.with_name(target.name + PARTIAL_SUFFIX)
+    tmp = partial_path(target)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     except OSError as err:

@@ -135,7 +135,7 @@ class BackupRun:
                               extra=MappingProxyType(extra))
             update, close = self.progress.bar(pd.target, src.size)
             try:
-                partial = str(self.folder / name) + fsutil.PARTIAL_SUFFIX
+                partial = str(fsutil.partial_path(self.folder / name))
                 with fsutil.partial_file(self.folder / name), \
                         outfile.StagedFile(partial, blocks=self.staging_blocks_per_disk()) as out:
                     writer = StreamWriter(cast(BinaryIO, out), meta, path=str(self.folder / name),
