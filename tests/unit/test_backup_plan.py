@@ -120,3 +120,12 @@ def test_compression_probe_pauses_after_a_streak_and_retries() -> None:
     assert [probe.try_compress() for _ in range(9)] == [False] * 8 + [True]
     probe.compressed(packed)            # compressible again: back to normal
     assert probe.try_compress() and probe.pause == 3
+
+
+def test_encode_threads_follow_the_cpus(monkeypatch):
+    from virtnbd.backup import run
+    monkeypatch.setattr(run.os, "sched_getaffinity", lambda _pid: {0, 1})
+    assert run.encode_thread_count(0) == 3
+    monkeypatch.setattr(run.os, "sched_getaffinity", lambda _pid: set(range(64)))
+    assert run.encode_thread_count(0) == run.MAX_ENCODE_THREADS + 1
+    assert run.encode_thread_count(5) == 5

@@ -43,8 +43,8 @@ class BackupOptions:
     connections: int = 2                   # NBD connections per disk (when the export allows multi-conn)
     depth: int = 32                        # read requests in flight per connection
     memory: int = 32 << 20                 # bytes of read buffers, shared by the disks copied in parallel
-    staging: int = 32 << 20                # bytes of output staging blocks, shared the same way
-    encode_threads: int = 2
+    staging: int = 16 << 20                # bytes of output staging blocks, shared the same way
+    encode_threads: int = 0                # compression threads; 0: one per usable CPU, plus one
     ceph: CephOptions = field(default_factory=CephOptions)   # raw RBD disks: snapshots + diff for incrementals
 
     @property

@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -38,6 +39,17 @@ from virtnbd.virt import agent, checkpoints, connection, domainxml, xmlbuild
 from virtnbd.virt.job import BackupJob, abort_stale
 
 log = logging.getLogger(__name__)
+
+MAX_ENCODE_THREADS = 16     # frames in flight per disk (32 MiB / 1 MiB) keep more than this busy anyway
+
+
+def encode_thread_count(requested: int) -> int:
+    """Compression threads: ``requested``, or (0) one per CPU we may run on plus one
+    to fill the gaps while the others wait for reads (2 CPUs, 1.5 GiB of text with
+    lz4: 1.70 s -> 1.62 s). Frames in flight stay bounded by the read buffers."""
+    if requested > 0:
+        return requested
+    return min(len(os.sched_getaffinity(0)), MAX_ENCODE_THREADS) + 1
 
 
 @dataclass
@@ -175,7 +187,7 @@ class BackupRun:
         opts = self.options
         disks = self.plan.disks
         workers = self.workers()
-        encode_threads = max(1, opts.encode_threads)
+        encode_threads = encode_thread_count(opts.encode_threads)
         with ThreadPoolExecutor(encode_threads, thread_name_prefix="encode") as pool, \
                 ThreadPoolExecutor(workers, thread_name_prefix="disk") as disk_pool:
             futures = [disk_pool.submit(self.copy_one, pd, socket, pool) for pd in disks]

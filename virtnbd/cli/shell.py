@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any, NoReturn, Protocol
 
-from virtnbd import errors
+from virtnbd import allocator, errors
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ def run_main(
         print(_error_line(prog, err), file=sys.stderr)
         return err.exit_code
     counter = configure_logging(prog, getattr(options, "verbose", False))
+    allocator.keep_frame_buffers()
     install_signal_handlers()
     try:
         run(options)

@@ -46,7 +46,7 @@ def compress(data: bytes | memoryview, method: str | None, level: int | None = N
         return data
     if method == "lz4":
         return lz4.frame.compress(data, compression_level=0 if level is None else level,
-                                  store_size=True, content_checksum=False)
+                                  store_size=True, content_checksum=False, block_linked=False)
     if method == "zstd":
         return _zstd_compressor(3 if level is None else level).compress(data)
     raise errors.UsageError(reason=f"unknown compression method {method!r}")
