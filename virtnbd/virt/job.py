@@ -83,11 +83,13 @@ def wait_gone(dom: libvirt.virDomain, timeout: float = 30.0) -> None:
     """abortJob() returns before libvirt has torn the job down (seen with whole-disk exports):
     wait, so the next run (or a user) never meets the job of a run that already ended."""
     deadline = time.monotonic() + timeout
+    pause = 0.002               # usually gone within a few ms: look often first, then back off
     while running_job_xml(dom) is not None:
         if time.monotonic() > deadline:
             log.warning("backup job of %s still listed %.0fs after abort", dom.name(), timeout)
             return
-        time.sleep(0.02)
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
 
 
 def _abort(dom: libvirt.virDomain) -> bool:
