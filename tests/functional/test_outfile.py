@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
 import xxhash
 
 from virtnbd import errors
-from virtnbd.backup.outfile import ALIGN, StagedFile
+from virtnbd.backup.outfile import ALIGN, BLOCK, WRITEBACK_LAG, StagedFile
 
 
 def _pieces(rng: random.Random, total: int) -> list[bytes]:
@@ -101,3 +102,28 @@ def fcntl_flags(fd: int) -> int:
     import fcntl
 
     return fcntl.fcntl(fd, fcntl.F_GETFL)
+
+
+def _resident(path: Path) -> int:
+    """Bytes of ``path`` in the page cache (util-linux fincore)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         check=True, capture_output=True, text=True)
+    return int(out.stdout.split()[0])
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_backup_data_does_not_stay_in_the_page_cache(tmp_path: Path, direct: bool) -> None:
+    chunk = os.urandom(1 << 20)
+    cached = tmp_path / "plain"
+    cached.write_bytes(chunk * 96)
+    assert _resident(cached) >= 90 << 20          # the premise: a plain write stays cached
+    path = tmp_path / "out.partial"
+    path.touch()
+    with StagedFile(str(path), direct=direct) as out:
+        for _ in range(96):
+            out.write(chunk)
+        out.flush()
+        resident = _resident(path)
+        assert out.direct is direct                # this filesystem takes O_DIRECT
+    assert resident <= (0 if direct else WRITEBACK_LAG + 2 * BLOCK)
+    assert path.read_bytes() == chunk * 96
