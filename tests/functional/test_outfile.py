@@ -10,7 +10,7 @@ import pytest
 import xxhash
 
 from virtnbd import errors
-from virtnbd.backup.outfile import ALIGN, BLOCK, WRITEBACK_LAG, StagedFile
+from virtnbd.backup.outfile import ALIGN, BLOCK, WRITEBACK_LAG, StagedFile, WriteMode
 
 
 def _pieces(rng: random.Random, total: int) -> list[bytes]:
@@ -22,7 +22,7 @@ def _pieces(rng: random.Random, total: int) -> list[bytes]:
     return out
 
 
-@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("direct", [True, False, None])
 @pytest.mark.parametrize("seed", [1, 2])
 def test_bytes_and_digest_match_with_flushes_in_between(tmp_path: Path, direct: bool, seed: int) -> None:
     rng = random.Random(seed)
@@ -127,3 +127,51 @@ def test_backup_data_does_not_stay_in_the_page_cache(tmp_path: Path, direct: boo
         assert out.direct is direct                # this filesystem takes O_DIRECT
     assert resident <= (0 if direct else WRITEBACK_LAG + 2 * BLOCK)
     assert path.read_bytes() == chunk * 96
+
+
+class _Alternating:
+    """A write mode that flips every block: O_DIRECT and page-cache writes side by side in one file."""
+
+    def __init__(self) -> None:
+        self.direct = self.adaptive = True
+        self.switches = 0
+        self.calls = 0
+
+    def choose(self, queued: int, blocks: int) -> bool:
+        self.calls += 1
+        return self.calls % 2 == 1
+
+
+def test_blocks_written_both_ways_make_one_exact_file(tmp_path: Path) -> None:
+    data = random.Random(5).randbytes((24 << 20) + 12345)
+    path = tmp_path / "mixed"
+    path.touch()
+    with StagedFile(str(path), block=1 << 20, blocks=3) as out:
+        out.mode = _Alternating()      # type: ignore[assignment]
+        for start in range(0, len(data), 300_000):
+            out.write(data[start:start + 300_000])
+        out.flush()
+        digest = out.hexdigest()
+        assert out.mode.calls > 20
+    assert path.read_bytes() == data
+    assert digest == xxhash.xxh3_128_hexdigest(data)
+
+
+def test_write_mode_keeps_o_direct_while_the_writer_keeps_up() -> None:
+    mode = WriteMode(True, patience=4)
+    for queued in [0, 1, 2, 3, 3, 3, 0, 3, 3, 3, 1] * 10:    # never 4 blocks behind in a row
+        assert mode.choose(queued, 4) is True
+    assert mode.switches == 0
+
+
+def test_write_mode_goes_to_the_page_cache_for_good_when_the_disk_is_behind() -> None:
+    mode = WriteMode(True, patience=4)
+    assert [mode.choose(3, 4) for _ in range(4)] == [True, True, True, False]
+    assert [mode.choose(0, 4) for _ in range(20)] == [False] * 20     # one way
+    assert mode.switches == 1
+
+
+def test_write_mode_not_adaptive_holds_its_mode() -> None:
+    assert all(WriteMode(True, adaptive=False).choose(3, 4) for _ in range(20))
+    cached = WriteMode(False)
+    assert not any(cached.choose(0, 4) for _ in range(20)) and cached.switches == 0

@@ -3,25 +3,25 @@
 A backup writes each byte once and never reads it back. :class:`StagedFile`
 copies what the stream writer hands it into a few page-aligned staging blocks
 (the caller's buffers are free again as soon as :meth:`StagedFile.write`
-returns) and a background thread writes every full block, in one of two ways:
+returns) and a background thread writes every full block, in one of two ways,
+chosen block by block (:class:`WriteMode`):
 
-* ``direct=True``: ``O_DIRECT``. No copy into the page cache: the least CPU,
-  chosen when the backup compresses (CPU-bound; 1.5 GiB of text with lz4 on
-  2 cores: 1.71-1.75 s against 1.67-1.97 s with writeback).
-* ``direct=False``: the page cache with pipelined writeback, as nbdcopy does:
+* ``O_DIRECT``: no copy into the page cache, the least CPU. Best while the
+  writer keeps up, i.e. the backup is bound by the CPU (1.5 GiB of text with
+  lz4 on 2 cores: 1.71-1.75 s against 1.67-1.97 s with writeback).
+* the page cache with pipelined writeback, as nbdcopy does:
   ``sync_file_range`` starts each block's writeback at once, waits for the one
   ``WRITEBACK_LAG`` behind and drops its pages. More writes reach the disk at a
-  time than one O_DIRECT write after the other, for ~0.3 CPU-s per 1.5 GiB;
-  chosen for uncompressed backups, which are bound by the disk (1.5 GiB:
-  1.00-1.07 s against 1.15-1.27 s with O_DIRECT, measured here). The host's page
-  cache holds at most ``WRITEBACK_LAG`` of the stream at any time.
+  time than one O_DIRECT write after the other, for ~0.3 CPU-s per 1.5 GiB.
+  Best when the writer falls behind, i.e. the disk is the bottleneck (1.5 GiB
+  uncompressed: 1.00-1.07 s against 1.15-1.27 s with O_DIRECT, measured here).
+  The host's page cache holds at most ``WRITEBACK_LAG`` of the stream.
 
 Where the filesystem refuses ``O_DIRECT`` (tmpfs, some network filesystems)
-the file falls back to the second way. The last, partial block is written
-padded to the alignment and the file then cut to its length. The whole-file
-digest is computed here, as the data is staged (the caller writes in file
-order), so the writer thread does nothing but write (StreamWriter sees
-``hashes_data``).
+every block takes the second way. The last, partial block is written padded to
+the alignment and the file then cut to its length. The whole-file digest is
+computed here, as the data is staged (the caller writes in file order), so the
+writer thread does nothing but write (StreamWriter sees ``hashes_data``).
 """
 from __future__ import annotations
 
@@ -65,23 +65,59 @@ def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
 _SYNC_FILE_RANGE = _sync_file_range()
 
 
+class WriteMode:
+    """O_DIRECT for the next block, or the page cache, from the writer's backlog.
+
+    A stream starts with O_DIRECT. While the writer keeps up, the backup is
+    bound by the CPU and O_DIRECT saves the copy into the page cache. When all
+    but one staging block are queued for ``patience`` blocks in a row, the disk
+    is the bottleneck: the rest of the stream goes through the page cache with
+    pipelined writeback, which gets more writes to the disk at a time. The
+    switch is one way: with writeback the writer catches up in bursts, so its
+    backlog no longer tells the two cases apart (switching back and forth was
+    tried: 21 switches per 1.5 GiB and no gain). ``adaptive=False`` keeps the
+    first mode.
+    """
+
+    def __init__(self, direct: bool, *, adaptive: bool = True, patience: int = 4) -> None:
+        self.direct = direct
+        self.adaptive = adaptive and direct
+        self.patience = patience
+        self.switches = 0
+        self._streak = 0
+
+    def choose(self, queued: int, blocks: int) -> bool:
+        """Mode of the block handed over while ``queued`` of ``blocks`` wait to be written."""
+        if not self.adaptive:
+            return self.direct
+        self._streak = self._streak + 1 if queued >= blocks - 1 else 0
+        if self._streak >= self.patience:
+            self.direct = self.adaptive = False
+            self.switches += 1
+        return self.direct
+
+
 class StagedFile:
     """Write-only, sequential file for StreamWriter; use as a context manager.
 
-    ``path`` must exist (``fsutil.partial_file`` created it); it is opened a
-    second time here, with ``O_DIRECT`` where the filesystem allows it. The
-    owner of the first descriptor fsyncs and renames the file afterwards.
+    ``path`` must exist (``fsutil.partial_file`` created it); it is opened again
+    here, through the page cache and (where the filesystem allows it) with
+    ``O_DIRECT``. The owner of the first descriptor fsyncs and renames the file
+    afterwards. ``direct``: None chooses per block (:class:`WriteMode`), True
+    always O_DIRECT, False always the page cache.
     """
 
     hashes_data = True
 
-    def __init__(self, path: str, *, direct: bool = True, block: int = BLOCK, blocks: int = BLOCKS) -> None:
+    def __init__(self, path: str, *, direct: bool | None = None, block: int = BLOCK, blocks: int = BLOCKS) -> None:
         if block % ALIGN or block <= 0 or blocks < 2:
             raise errors.UsageError(reason=f"staging block {block} must be a positive multiple of {ALIGN}")
         self.path = path
         self.block = block
-        self.direct = direct
-        self.fd = self._open(path)
+        self.blocks = blocks
+        self.mode = WriteMode(direct is not False, adaptive=direct is None)
+        self.fd = self._open(os.O_WRONLY)
+        self._fd_direct = self._open_direct() if direct is not False else -1
         self._hash = xxhash.xxh3_128()
         self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
         for _ in range(blocks):
@@ -93,20 +129,29 @@ class StagedFile:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="write")
         self._inflight: collections.deque[Future[None]] = collections.deque()
 
-    def _open(self, path: str) -> int:
-        flags = os.O_WRONLY
-        if self.direct:
-            try:
-                return os.open(path, flags | os.O_DIRECT)
-            except OSError as err:
-                if err.errno != errno.EINVAL:
-                    raise fsutil.storage_error(path, err) from err
-                log.debug("%s: no O_DIRECT here (%s), writing through the page cache", path, err.strerror)
-                self.direct = False
+    def _open(self, flags: int) -> int:
         try:
-            return os.open(path, flags)
+            return os.open(self.path, flags)
         except OSError as err:
-            raise fsutil.storage_error(path, err) from err
+            raise fsutil.storage_error(self.path, err) from err
+
+    def _open_direct(self) -> int:
+        try:
+            return os.open(self.path, os.O_WRONLY | os.O_DIRECT)
+        except OSError as err:
+            if err.errno != errno.EINVAL:
+                raise fsutil.storage_error(self.path, err) from err
+            log.debug("%s: no O_DIRECT here (%s), writing through the page cache", self.path, err.strerror)
+            self._no_direct()
+            return -1
+
+    def _no_direct(self) -> None:
+        self.mode.direct = self.mode.adaptive = False
+
+    @property
+    def direct(self) -> bool:
+        """Whether the next block is to be written with O_DIRECT."""
+        return self._fd_direct >= 0 and self.mode.direct
 
     def __enter__(self) -> StagedFile:
         return self
@@ -155,12 +200,15 @@ class StagedFile:
         return self._hash.hexdigest()
 
     def close(self) -> None:
-        """Wait for the writer thread (errors are left to flush) and close our descriptor."""
+        """Wait for the writer thread (errors are left to flush) and close our descriptors."""
         self._pool.shutdown(wait=True)
-        if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-            self.fd = -1
+        log.debug("%s: %d bytes, O_DIRECT %s, %d write mode switch(es)", self.path, self.pos,
+                  "available" if self._fd_direct >= 0 else "not used", self.mode.switches)
+        for fd in (self.fd, self._fd_direct):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.fd = self._fd_direct = -1
 
     # -- blocks ----------------------------------------------------------------
     def _take_block(self) -> mmap.mmap:
@@ -181,7 +229,8 @@ class StagedFile:
         """
         while self._inflight and self._inflight[0].done():
             self._check(self._inflight.popleft())
-        fut = self._pool.submit(self._write_block, buf, size, self._block_pos, keep)
+        direct = self._fd_direct >= 0 and self.mode.choose(len(self._inflight), self.blocks)
+        fut = self._pool.submit(self._write_block, buf, size, self._block_pos, keep, direct)
         self._inflight.append(fut)
         if keep:                  # the block is filled on after the flush: wait for its write
             self._check(self._inflight.pop())
@@ -194,34 +243,36 @@ class StagedFile:
             raise err
 
     # -- the writer thread -----------------------------------------------------------
-    def _write_block(self, buf: mmap.mmap, size: int, pos: int, keep: bool) -> None:
+    def _write_block(self, buf: mmap.mmap, size: int, pos: int, keep: bool, direct: bool) -> None:
         try:
             view = memoryview(buf)[:size]
             done = 0
             while done < size:
-                n = self._pwrite(view[done:], pos + done)
+                n, direct = self._pwrite(view[done:], pos + done, direct)
                 if n <= 0:
                     raise OSError(errno.EIO, f"short write at {pos + done}")
                 done += n
             view.release()
-            if not self.direct:
+            if not direct:
                 self._writeback(pos, pos + size)
         finally:
             if not keep:
                 self._free.put(buf)
 
-    def _pwrite(self, data: memoryview, pos: int) -> int:
-        """One pwrite; a filesystem that opens O_DIRECT but refuses its writes gets the page cache."""
-        try:
-            return os.pwrite(self.fd, data, pos)
-        except OSError as err:
-            if not (self.direct and err.errno == errno.EINVAL):
-                raise
-            log.debug("%s: O_DIRECT write refused (%s), writing through the page cache", self.path, err.strerror)
-        old, self.direct = self.fd, False
-        self.fd = self._open(self.path)
-        os.close(old)
-        return os.pwrite(self.fd, data, pos)
+    def _pwrite(self, data: memoryview, pos: int, direct: bool) -> tuple[int, bool]:
+        """One pwrite -> (bytes, whether it was O_DIRECT). A filesystem that opens
+        O_DIRECT but refuses its writes (EINVAL) gets the page cache from then on."""
+        if direct and self._fd_direct >= 0:
+            try:
+                return os.pwrite(self._fd_direct, data, pos), True
+            except OSError as err:
+                if err.errno != errno.EINVAL:
+                    raise
+                log.debug("%s: O_DIRECT write refused (%s), writing through the page cache", self.path, err.strerror)
+            fd, self._fd_direct = self._fd_direct, -1
+            self._no_direct()
+            os.close(fd)
+        return os.pwrite(self.fd, data, pos), False
 
     def _writeback(self, start: int, end: int) -> None:
         """Page-cache mode: start writing ``[start, end)`` out now; wait for what is

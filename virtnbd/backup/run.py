@@ -149,8 +149,7 @@ class BackupRun:
             try:
                 partial = str(fsutil.partial_path(self.folder / name))
                 with fsutil.partial_file(self.folder / name), \
-                        outfile.StagedFile(partial, blocks=self.staging_blocks_per_disk(),
-                                           direct=opts.method is not None) as out:
+                        outfile.StagedFile(partial, blocks=self.staging_blocks_per_disk()) as out:
                     writer = StreamWriter(cast(BinaryIO, out), meta, path=str(self.folder / name),
                                           level=opts.compress_level)
                     status, dirty = rbdextents.status_for(self.rbd, pd, plan.parent, src.block_status, bitmap)
