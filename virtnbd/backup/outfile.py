@@ -3,8 +3,8 @@
 A backup writes each byte once and never reads it back. :class:`StagedFile`
 copies what the stream writer hands it into a few page-aligned staging blocks
 (the caller's buffers are free again as soon as :meth:`StagedFile.write`
-returns) and a background thread writes every full block, in one of two ways,
-chosen block by block (:class:`WriteMode`):
+returns) and a background thread writes every full block, in one of two ways
+(:class:`WriteMode`: the first, until the disk turns out to be the bottleneck):
 
 * ``O_DIRECT``: no copy into the page cache, the least CPU. Best while the
   writer keeps up, i.e. the backup is bound by the CPU (1.5 GiB of text with
