@@ -2,15 +2,39 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from virtnbd import errors
 
 PARTIAL_SUFFIX = ".partial"
+
+SFR_WAIT_BEFORE, SFR_WRITE, SFR_WAIT_AFTER = 1, 2, 4     # sync_file_range flags, <fcntl.h>
+
+
+def _load_sync_file_range() -> Callable[..., int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return cast(Callable[..., int], fn)
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+
+
+def sync_file_range(fd: int, offset: int, nbytes: int, flags: int) -> None:
+    """Linux sync_file_range(2) (the os module lacks it); a no-op where libc has none.
+
+    Errors are left to the file's fsync, which reports failed writeback."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, nbytes, flags)
 
 
 def partial_path(path: str | os.PathLike[str]) -> Path:

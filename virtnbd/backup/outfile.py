@@ -27,15 +27,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import errno
 import logging
 import mmap
 import os
 import queue
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import cast
 
 import xxhash
 
@@ -47,22 +44,6 @@ ALIGN = 4096                    # O_DIRECT alignment of offsets, lengths and buf
 BLOCK = 4 << 20                 # bytes per staging block (and per write)
 BLOCKS = 8                      # staging blocks: one filling, the others being written
 WRITEBACK_LAG = 4 * BLOCK       # page-cache mode: wait for the writeback this far behind, drop those pages
-
-SFR_WAIT_BEFORE, SFR_WRITE, SFR_WAIT_AFTER = 1, 2, 4     # <fcntl.h>
-
-
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's sync_file_range (Linux; the os module lacks it), or None."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
-    fn.restype = ctypes.c_int
-    return cast(Callable[[int, int, int, int], int], fn)
-
-
-_SYNC_FILE_RANGE = _sync_file_range()
 
 
 class WriteMode:
@@ -280,12 +261,10 @@ class StagedFile:
 
         Errors are left to the owner's fsync, which reports failed writeback."""
         upto = end - WRITEBACK_LAG
-        if _SYNC_FILE_RANGE is not None:
-            _SYNC_FILE_RANGE(self.fd, start, end - start, SFR_WRITE)
-            if upto > self._written_back:
-                _SYNC_FILE_RANGE(self.fd, self._written_back, upto - self._written_back,
-                                 SFR_WAIT_BEFORE | SFR_WRITE | SFR_WAIT_AFTER)
+        fsutil.sync_file_range(self.fd, start, end - start, fsutil.SFR_WRITE)
         if upto > self._written_back:
+            fsutil.sync_file_range(self.fd, self._written_back, upto - self._written_back,
+                                   fsutil.SFR_WAIT_BEFORE | fsutil.SFR_WRITE | fsutil.SFR_WAIT_AFTER)
             with contextlib.suppress(OSError):
                 os.posix_fadvise(self.fd, self._written_back, upto - self._written_back, os.POSIX_FADV_DONTNEED)
             self._written_back = upto

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import threading
-from typing import Any
 
-from virtnbd import errors
+from virtnbd import errors, fsutil
 from virtnbd.fsutil import PARTIAL_SUFFIX, fsync_dir, storage_error
 from virtnbd.restore.targets import TargetBase, TargetRequest
 
@@ -25,27 +23,10 @@ def refuse_existing(path: str) -> None:
 
 
 WRITEBACK_EVERY = 64 << 20
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _load_sync_file_range() -> Any:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_sync_file_range = _load_sync_file_range()
-
 
 def start_writeback(fd: int) -> None:
     """Start writing the file's dirty pages now (no wait), so the final fsync has little left to do."""
-    if _sync_file_range is not None:
-        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+    fsutil.sync_file_range(fd, 0, 0, fsutil.SFR_WRITE)
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
