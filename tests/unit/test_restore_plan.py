@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from virtnbd.restore.plan import Layer, collapse
+from virtnbd.restore.plan import Layer, collapse, windows
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,26 @@ def test_collapse_matches_byte_replay(layers):
     assert plan.virtual_size == layers[-1].virtual_size
     assert _render(plan) == _replay(layers)
     assert plan.data_bytes + plan.zero_bytes == plan.virtual_size
+
+
+@settings(max_examples=300, deadline=None)
+@given(chains(), st.integers(1, 40))
+def test_small_windows_give_the_same_map(layers, budget):
+    """Windows of a few index entries (split frames, refilled batches) give the same bytes."""
+    plan = collapse(layers, entry_budget=budget)
+    assert _render(plan) == _replay(layers)
+    assert plan.extents == collapse(layers).extents
+
+
+def test_windows_hold_a_bounded_number_of_entries():
+    """A 200-frame chain planned with a budget of 64 entries: a window holds at most its share."""
+    layers = [_layer(0, 4000, [("data", i * 20, 10) for i in range(200)])]
+    layers += [_layer(i, 4000, [("data", i * 20 + 5, 10) for i in range(0, 200, 3)]) for i in range(1, 4)]
+    wins = list(windows(layers, entry_budget=64))
+    assert len(wins) > 10
+    assert max(len(w.data) for w in wins) <= 2 * 64
+    assert wins[0].start == 0 and wins[-1].end == 4000
+    assert all(a.end == b.start for a, b in zip(wins, wins[1:], strict=False))
 
 
 def test_newest_wins_and_gaps_are_zero():

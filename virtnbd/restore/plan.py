@@ -1,24 +1,46 @@
-"""Collapse a chain of stream files into ONE final extent map (newest wins).
+"""Collapse a chain of stream files into the final extent map, one bounded window at a time.
 
-Input: the frame lists of every stream file of one disk, root first, with the
-virtual size of each point. Output: a sorted, gap-free list of :class:`Extent`
-covering ``[0, virtual_size)`` of the point being restored, each either zero or
-a slice of one data frame of one file. Applying that map writes every byte of
-the result exactly once, whatever the chain length.
+Input: per stream file of one disk (root first) its index as batches of
+``(is_data, offset, length, pos)`` in offset order, with the virtual size of
+each point. Output: a sequence of :class:`Window` objects covering
+``[0, virtual_size)`` of the point being restored, in disk order; each holds
+the zero ranges and the data pieces (slices of one data frame of one file)
+of its part of the disk. Applying every window writes every byte of the
+result exactly once, whatever the chain length.
 
-Algorithm: walk the layers newest first keeping the set of disk ranges already
-decided (``covered``, sorted disjoint intervals). A frame contributes only its
-parts not yet covered; then the layer's frames are merged into ``covered``.
-Each layer is one linear sweep, so the cost is O(frames in the chain).
+Windows: every layer keeps one batch of index entries (``entry_budget``
+entries shared by all layers). A window ends at the smallest end of any
+layer's buffered entries, so everything before it is known in every layer;
+the layers' entries in the window are merged by one sort of a few sorted runs and
+swept once with a heap of the active frames (newest layer wins). Memory is
+``entry_budget`` entries plus one window's pieces, whatever the number of
+frames, points or the disk size; planning cost is O(frames read x log layers).
+A window holding entries of only one layer skips the sweep (a full backup).
+
 Ranges no layer mentions are zero (the root is a full/copy: what it does not
 list reads as zero). A layer's data is clipped to the smallest virtual size of
 any newer point, so a shrink followed by a grow does not resurrect old data.
+
+:func:`collapse` keeps the older whole-chain interface (a list of
+:class:`Extent`) on top of the same windows, for tests and small tools.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import bisect
+import heapq
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Protocol
+
+IndexEntry = tuple[bool, int, int, int]          # is_data, disk offset, length, file position
+Entry = tuple[int, int, int, int, int, bool]     # start, end (clipped), pos, frame offset, frame length, is_data
+Piece = tuple[int, int, int, Entry]              # start, end, layer index, entry (a data frame)
+Batches = Callable[[int], Iterator[Sequence[IndexEntry]]]
+
+ENTRY_BUDGET = 32768                               # index entries buffered for all layers of one disk
+_START = itemgetter(0)
+INF = 1 << 127
 
 
 class FrameLike(Protocol):
@@ -34,12 +56,171 @@ class FrameLike(Protocol):
 
 @dataclass(frozen=True)
 class Layer:
-    """The frames of one stream file (one point of one disk)."""
+    """One stream file (one point of one disk): its frames in memory, or a way to read its index in batches."""
 
     path: str
     point: str
     virtual_size: int
-    frames: Sequence[FrameLike]
+    frames: Sequence[FrameLike] = ()
+    batches: Batches | None = field(default=None, compare=False)
+
+    def index(self, batch: int) -> Iterator[Sequence[IndexEntry]]:
+        if self.batches is not None:
+            return self.batches(batch)
+        return _chunks(((f.kind == "data", f.offset, f.length, f.pos) for f in self.frames), batch)
+
+
+def _chunks(entries: Iterable[IndexEntry], batch: int) -> Iterator[Sequence[IndexEntry]]:
+    chunk: list[IndexEntry] = []
+    for entry in entries:
+        chunk.append(entry)
+        if len(chunk) >= batch:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+@dataclass(frozen=True)
+class Window:
+    start: int
+    end: int
+    zeros: list[tuple[int, int]]      # (start, end) ranges that read as zero, coalesced
+    data: list[Piece]                 # in disk order
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(p[1] - p[0] for p in self.data)
+
+    @property
+    def zero_bytes(self) -> int:
+        return sum(e - s for s, e in self.zeros)
+
+
+class _Cursor:
+    """One layer's entries, one batch at a time, clipped to the layer's size limit."""
+
+    __slots__ = ("batches", "buf", "done", "i", "limit")
+
+    def __init__(self, batches: Iterator[Sequence[IndexEntry]], limit: int) -> None:
+        self.batches = batches
+        self.limit = limit
+        self.buf: list[Entry] = []
+        self.i = 0
+        self.done = False
+
+    def fill(self) -> None:
+        lim = self.limit
+        while self.i >= len(self.buf) and not self.done:
+            nxt = next(self.batches, None)
+            if nxt is None:
+                self.done = True
+                self.buf, self.i = [], 0
+                return
+            self.buf = [(off, min(off + ln, lim), pos, off, ln, data) for data, off, ln, pos in nxt if off < lim]
+            self.i = 0
+            if len(self.buf) < len(nxt):
+                self.done = True        # sorted: every later entry is beyond the limit too
+
+    def horizon(self) -> int:
+        return self.buf[-1][1] if self.i < len(self.buf) else INF
+
+    def take(self, w1: int) -> list[Entry]:
+        buf, i = self.buf, self.i
+        j = bisect.bisect_left(buf, w1, lo=i, key=_START)
+        taken = buf[i:j]
+        self.i = j
+        if taken and taken[-1][1] > w1:                  # straddles the window end: split it
+            s, e, pos, off, ln, data = taken[-1]
+            taken[-1] = (s, w1, pos, off, ln, data)
+            self.i = j - 1
+            buf[j - 1] = (w1, e, pos, off, ln, data)
+        return taken
+
+
+def windows(layers: Sequence[Layer], virtual_size: int | None = None,
+            entry_budget: int = ENTRY_BUDGET) -> Iterator[Window]:
+    """The final map of the newest layer, window by window, in disk order."""
+    if not layers:
+        raise ValueError("collapse needs at least one layer")
+    size = layers[-1].virtual_size if virtual_size is None else virtual_size
+    batch = max(16, entry_budget // len(layers))
+    cursors, limit = [], size
+    for layer in reversed(layers):
+        limit = min(limit, layer.virtual_size)
+        cursors.append(_Cursor(layer.index(batch), limit))
+    cursors.reverse()
+    w0 = 0
+    while w0 < size:
+        for c in cursors:
+            c.fill()
+        w1 = min(*(c.horizon() for c in cursors), size)
+        runs = [(idx, got) for idx, c in enumerate(cursors) if (got := c.take(w1))]
+        yield _sweep(runs, w0, w1)
+        w0 = w1
+
+
+def _sweep(runs: list[tuple[int, list[Entry]]], w0: int, w1: int) -> Window:
+    zeros: list[tuple[int, int]] = []
+    data: list[Piece] = []
+    if len(runs) == 1:
+        _single(runs[0][0], runs[0][1], w0, w1, zeros, data)
+        return Window(w0, w1, zeros, data)
+    events = sorted((e[0], -layer, e) for layer, entries in runs for e in entries)
+    heap: list[tuple[int, int, Entry]] = []
+    cur = w0
+    for start, neg, entry in events:
+        if start > cur:
+            _emit(heap, cur, start, zeros, data)
+            cur = start
+        heapq.heappush(heap, (neg, entry[1], entry))
+    _emit(heap, cur, w1, zeros, data)
+    return Window(w0, w1, zeros, data)
+
+
+def _zero(zeros: list[tuple[int, int]], start: int, end: int) -> None:
+    if zeros and zeros[-1][1] == start:
+        zeros[-1] = (zeros[-1][0], end)
+    else:
+        zeros.append((start, end))
+
+
+def _single(layer: int, entries: list[Entry], w0: int, w1: int,  # noqa: PLR0917
+            zeros: list[tuple[int, int]], data: list[Piece]) -> None:
+    cur = w0
+    for e in entries:
+        if e[0] > cur:
+            _zero(zeros, cur, e[0])
+        if e[5]:
+            data.append((e[0], e[1], layer, e))
+        else:
+            _zero(zeros, e[0], e[1])
+        cur = e[1]
+    if cur < w1:
+        _zero(zeros, cur, w1)
+
+
+def _emit(heap: list[tuple[int, int, Entry]], cur: int, stop: int,
+          zeros: list[tuple[int, int]], data: list[Piece]) -> None:
+    """Owners of ``[cur, stop)``: the newest active entry at each point (no entry starts inside)."""
+    while cur < stop:
+        while heap and heap[0][1] <= cur:
+            heapq.heappop(heap)
+        if not heap:
+            _zero(zeros, cur, stop)
+            return
+        neg, end, entry = heap[0]
+        seg = min(end, stop)
+        if not entry[5]:
+            _zero(zeros, cur, seg)
+        elif data and data[-1][3] is entry and data[-1][1] == cur:
+            data[-1] = (data[-1][0], seg, -neg, entry)
+        else:
+            data.append((cur, seg, -neg, entry))
+        cur = seg
+
+
+# -- whole-chain interface -----------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -91,93 +272,20 @@ class Plan:
         return sorted(groups.values(), key=lambda g: g[2][0].start)
 
 
-Interval = tuple[int, int]
-
-
-def _uncovered(covered: list[Interval], idx: int, start: int, end: int) -> tuple[list[Interval], int]:
-    """Parts of [start, end) outside ``covered``; ``idx`` is a monotone cursor into it."""
-    while idx < len(covered) and covered[idx][1] <= start:
-        idx += 1
-    pieces: list[Interval] = []
-    pos = start
-    j = idx
-    while pos < end and j < len(covered) and covered[j][0] < end:
-        cs, ce = covered[j]
-        if cs > pos:
-            pieces.append((pos, cs))
-        pos = max(pos, ce)
-        j += 1
-    if pos < end:
-        pieces.append((pos, end))
-    return pieces, idx
-
-
-def _merge(a: list[Interval], b: Iterable[Interval]) -> list[Interval]:
-    """Union of two sorted interval lists, adjacent intervals coalesced."""
-    out: list[Interval] = []
-    ib = iter(b)
-    nb = next(ib, None)
-    ia = 0
-    while ia < len(a) or nb is not None:
-        if nb is None or (ia < len(a) and a[ia][0] <= nb[0]):
-            cur = a[ia]
-            ia += 1
-        else:
-            cur = nb
-            nb = next(ib, None)
-        if out and cur[0] <= out[-1][1]:
-            if cur[1] > out[-1][1]:
-                out[-1] = (out[-1][0], cur[1])
-        else:
-            out.append(cur)
-    return out
-
-
-def collapse(layers: Sequence[Layer], disk: str = "", virtual_size: int | None = None) -> Plan:
-    """Build the final extent map of the newest layer (the point being restored)."""
-    if not layers:
-        raise ValueError("collapse needs at least one layer")
-    size = layers[-1].virtual_size if virtual_size is None else virtual_size
-    limit = size
-    covered: list[Interval] = []
-    found: list[Extent] = []
-    for index in range(len(layers) - 1, -1, -1):
-        layer = layers[index]
-        limit = min(limit, layer.virtual_size)
-        ranges: list[Interval] = []
-        cursor = 0
-        for frame in layer.frames:
-            start, end = frame.offset, min(frame.offset + frame.length, limit)
-            if end <= start:
-                continue
-            ranges.append((start, end))
-            pieces, cursor = _uncovered(covered, cursor, start, end)
-            for ps, pe in pieces:
-                if frame.kind == "data":
-                    found.append(Extent(ps, pe - ps, index, frame))
-                else:
-                    found.append(Extent(ps, pe - ps, None, None))
-        ranges.sort()
-        covered = _merge(covered, ranges)
-    found.sort(key=lambda e: e.start)
-    return Plan(disk=disk, virtual_size=size, layers=tuple(layers), extents=tuple(_fill_and_coalesce(found, size)))
-
-
-def _fill_and_coalesce(found: list[Extent], size: int) -> list[Extent]:
+def collapse(layers: Sequence[Layer], disk: str = "", virtual_size: int | None = None,
+             entry_budget: int = ENTRY_BUDGET) -> Plan:
+    """The whole final extent map in memory (built from :func:`windows`; for small chains and tests)."""
+    size = layers[-1].virtual_size if virtual_size is None and layers else (virtual_size or 0)
+    frames = [{f.pos: f for f in layer.frames} for layer in layers]
     out: list[Extent] = []
-
-    def add(ext: Extent) -> None:
-        if out and ext.is_zero and out[-1].is_zero and out[-1].end == ext.start:
-            out[-1] = Extent(out[-1].start, out[-1].length + ext.length, None, None)
-        else:
-            out.append(ext)
-
-    pos = 0
-    for ext in found:
-        if ext.start > pos:
-            add(Extent(pos, ext.start - pos, None, None))
-        add(ext)
-        pos = ext.end
-    if pos < size:
-        add(Extent(pos, size - pos, None, None))
-    return out
+    for win in windows(layers, virtual_size, entry_budget):
+        found = [Extent(s, e - s, None, None) for s, e in win.zeros]
+        found += [Extent(s, e - s, layer, frames[layer][entry[2]]) for s, e, layer, entry in win.data]
+        found.sort(key=lambda x: x.start)
+        for ext in found:
+            last = out[-1] if out else None
+            if last is not None and last.end == ext.start and last.layer == ext.layer and last.frame is ext.frame:
+                out[-1] = Extent(last.start, last.length + ext.length, ext.layer, ext.frame)
+            else:
+                out.append(ext)
+    return Plan(disk=disk, virtual_size=size, layers=tuple(layers), extents=tuple(out))

@@ -6,14 +6,17 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import Any
 
 from virtnbd import errors
 from virtnbd.restore import config, dump, verify
-from virtnbd.restore.apply import apply_plan
+from virtnbd.restore import plan as plan_mod
+from virtnbd.restore.apply import Engine, Stopped, apply_windows
 from virtnbd.restore.options import RestoreOptions
-from virtnbd.restore.plan import Layer, Plan, collapse
+from virtnbd.restore.plan import Layer, Plan, collapse, windows
 from virtnbd.restore.source import (
     DiskChain,
     Selection,
@@ -77,14 +80,42 @@ def restore(selection: Selection, options: RestoreOptions) -> list[RestoredDisk]
             os.makedirs(options.output, exist_ok=True)
         except OSError as err:
             raise errors.StorageError(path=options.output, reason=err.strerror or str(err)) from err
-    done: list[RestoredDisk] = []
-    for chain in selection.disks:
-        spec = specs.get(chain.disk) or target_spec(_need_output(options.output, chain.disk), chain.disk,
-                                                    options.format)
-        done.append(restore_disk(chain, options, spec))
+    jobs = [(chain, specs.get(chain.disk) or target_spec(_need_output(options.output, chain.disk), chain.disk,
+                                                         options.format)) for chain in selection.disks]
+    done = restore_disks(jobs, options)
     if options.adjust_config or options.define:
         config.write_for_restore(selection, done, options)
     return done
+
+
+def restore_disks(jobs: Sequence[tuple[DiskChain, str]], options: RestoreOptions) -> list[RestoredDisk]:
+    """Restore the disks in parallel (up to ``-w`` at once) on one shared engine and memory budget.
+
+    The first failure stops the other disks between batches; a stopped or failed disk's
+    target is aborted (its partial file removed), so the only images left under their final
+    names are disks that completed. The first real error (not a "stopped") is raised.
+    """
+    parallel = max(1, min(options.worker, len(jobs)))
+    budget = plan_mod.ENTRY_BUDGET // parallel
+    with Engine(options.worker) as engine, ThreadPoolExecutor(parallel, thread_name_prefix="disk") as disks:
+        futures = [disks.submit(_guarded, engine, chain, options, spec, budget) for chain, spec in jobs]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        if any(f.done() and f.exception() is not None for f in futures):
+            engine.stop.set()
+        wait(futures)
+    failures = [f.exception() for f in futures if f.exception() is not None]
+    real = [e for e in failures if not isinstance(e, Stopped)]
+    if real or failures:
+        raise (real or failures)[0]  # type: ignore[misc]
+    return [f.result() for f in futures]
+
+
+def _guarded(engine: Engine, chain: DiskChain, options: RestoreOptions, spec: str, budget: int) -> RestoredDisk:
+    try:
+        return restore_disk(chain, options, spec, engine, budget)
+    except BaseException:
+        engine.stop.set()
+        raise
 
 
 def _need_output(output: str | None, disk: str) -> str:
@@ -93,42 +124,62 @@ def _need_output(output: str | None, disk: str) -> str:
     return output
 
 
-def build_plan(chain: DiskChain, stack: contextlib.ExitStack) -> tuple[Plan, list]:
-    """Open every file of the chain, check it, and collapse it (nothing written yet)."""
+def open_layers(chain: DiskChain, stack: contextlib.ExitStack) -> tuple[list[Layer], list]:
+    """Open every file of the chain and check it (nothing read beyond headers, nothing written)."""
     readers = [stack.enter_context(opened(cf)) for cf in chain.files]
     for cf, reader in zip(chain.files, readers, strict=True):
         check_against_entry(cf, reader)
     check_links(chain.files, [r.meta for r in readers])
     layers = []
     for cf, reader in zip(chain.files, readers, strict=True):
-        try:
-            frames = reader.frames()
-        except errors.FormatError as err:
-            raise describe(err, chain.files) from err
-        layers.append(Layer(cf.path, cf.point, reader.meta.virtual_size, frames))
-    return collapse(layers, disk=chain.disk), readers
+        batches = getattr(reader, "index_batches", None)
+        if batches is not None:
+            layers.append(Layer(cf.path, cf.point, reader.meta.virtual_size, batches=batches))
+        else:
+            layers.append(Layer(cf.path, cf.point, reader.meta.virtual_size, frames=_frames(reader, chain)))
+    return layers, readers
 
 
-def restore_disk(chain: DiskChain, options: RestoreOptions, spec: str) -> RestoredDisk:
+def _frames(reader: Any, chain: DiskChain) -> Any:
+    try:
+        return reader.frames()
+    except errors.FormatError as err:
+        raise describe(err, chain.files) from err
+
+
+def build_plan(chain: DiskChain, stack: contextlib.ExitStack) -> tuple[Plan, list]:
+    """The whole extent map in memory (small chains, tools); restores use windows."""
+    layers, readers = open_layers(chain, stack)
+    try:
+        return collapse(layers, disk=chain.disk), readers
+    except errors.FormatError as err:
+        raise describe(err, chain.files) from err
+
+
+def restore_disk(chain: DiskChain, options: RestoreOptions, spec: str, engine: Engine | None = None,
+                 entry_budget: int = plan_mod.ENTRY_BUDGET) -> RestoredDisk:
+    if engine is None:
+        with Engine(options.worker) as own:
+            return restore_disk(chain, options, spec, own, entry_budget)
     started = time.monotonic()
     point = chain.files[-1].point
     with contextlib.ExitStack() as stack:
-        plan, readers = build_plan(chain, stack)
-        log.info("%s: restoring point %s (%d file(s), %s data) to %s", chain.disk, point, len(chain.files),
-                 _size(plan.data_bytes), spec)
-        request = TargetRequest(spec=spec, format=options.format, virtual_size=plan.virtual_size,
+        layers, readers = open_layers(chain, stack)
+        size = layers[-1].virtual_size
+        log.info("%s: restoring point %s (%d file(s)) to %s", chain.disk, point, len(chain.files), spec)
+        request = TargetRequest(spec=spec, format=options.format, virtual_size=size,
                                 preallocate=options.preallocate, workers=options.worker,
                                 image_info=chain.image_info, extra={"rbd": options.rbd, "point": point})
-        with open_target(request) as target, _progress(options, plan.virtual_size, chain.disk) as tick:
+        with open_target(request) as target, _progress(options, size, chain.disk) as tick:
             try:
-                apply_plan(plan, readers, target, workers=options.worker, progress=tick)
+                result = apply_windows(windows(layers, entry_budget=entry_budget), readers, target, engine, tick)
             except errors.FormatError as err:
                 raise describe(err, chain.files) from err
             target.commit()
     seconds = time.monotonic() - started
     log.info("%s: wrote %s in %.1f s -> %s", chain.disk, _size(target.bytes_written), seconds, spec)
     return RestoredDisk(disk=chain.disk, point=point, target=spec, format=options.format,
-                        virtual_size=plan.virtual_size, data_bytes=plan.data_bytes,
+                        virtual_size=size, data_bytes=result.data_bytes,
                         bytes_written=target.bytes_written, chain_length=len(chain.files), seconds=seconds)
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from types import TracebackType
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 import xxhash
 
@@ -20,6 +20,7 @@ from virtnbd.stream import format as fmt
 from virtnbd.stream.format import FrameRef, StreamMeta, StreamTotals
 
 LEGACY_PROBE = 64
+INDEX_BATCH = 8192
 
 
 def open_stream(source: str | os.PathLike[str] | BinaryIO, path: str | None = None,
@@ -149,6 +150,28 @@ class _Source:
             raise errors.FormatError(path=self.path, offset=self.pos, reason=err.strerror or str(err)) from err
 
 
+class _IndexDigest:
+    """The index a sequential pass expects, kept as one digest per 128 KiB of entries (not per frame)."""
+
+    CHUNK = 4096 * fmt.INDEX_ENTRY.size
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.digests: list[bytes] = []
+        self._pending = bytearray()
+
+    def add(self, kind: int, offset: int, length: int, pos: int) -> None:
+        self._pending += fmt.INDEX_ENTRY.pack(kind, offset, length, pos)
+        self.count += 1
+        if len(self._pending) >= self.CHUNK:
+            self.finish()
+
+    def finish(self) -> None:
+        if self._pending:
+            self.digests.append(fmt.checksum(self._pending))
+            self._pending = bytearray()
+
+
 class StreamReader:
     """Reader of one virtnbd stream; a context manager.
 
@@ -242,6 +265,13 @@ class StreamReader:
         return list(self._frames)
 
     def _load_index(self) -> list[FrameRef]:
+        names = fmt.KIND_NAMES
+        return [FrameRef(names[kind], offset, length, pos)
+                for batch in self.index_batches(INDEX_BATCH, raw_kind=True) for kind, offset, length, pos in batch]
+
+    def _index_location(self) -> tuple[int, int, int]:
+        """Check the footer, the end frame and the index checksum (reading the index in
+        bounded chunks); return ``(index_pos, count, end_pos)``."""
         self._need_seek()
         size = self._file_size()
         min_size = self._data_start + fmt.FRAME.size + fmt.END_PAYLOAD.size + fmt.FOOTER.size
@@ -258,23 +288,62 @@ class StreamReader:
         end = fmt.unpack_frame(self._pread(end_pos, fmt.FRAME.size, "end frame"), self.path, end_pos)
         if end.kind != fmt.KIND_END:
             raise errors.FormatError(path=self.path, offset=end_pos, reason="index footer does not point at end frame")
-        entries = self._pread(index_pos, count * fmt.INDEX_ENTRY.size, "index")
-        if fmt.checksum(end.checksum + entries + footer[:24]) != index_check:
+        hasher = xxhash.xxh3_128(end.checksum)
+        step = INDEX_BATCH * fmt.INDEX_ENTRY.size
+        for at in range(index_pos, footer_pos, step):
+            hasher.update(self._pread(at, min(step, footer_pos - at), "index"))
+        hasher.update(footer[:24])
+        if hasher.digest() != index_check:
             raise errors.FormatError(path=self.path, offset=index_pos, reason="index checksum mismatch")
-        return self._parse_index(entries, index_pos, end_pos)
+        return index_pos, count, end_pos
 
-    def _parse_index(self, entries: bytes, index_pos: int, end_pos: int) -> list[FrameRef]:
-        refs: list[FrameRef] = []
+    def index_batches(self, batch: int = 4096, raw_kind: bool = False) -> Iterator[list[tuple[Any, int, int, int]]]:
+        """The index in offset order, ``batch`` entries at a time, each checked as it is read:
+        ``(is_data, offset, length, pos)`` (``(kind code, ...)`` with ``raw_kind``).
+
+        The whole index's checksum is checked before the first batch; memory is one batch.
+        """
+        index_pos, count, end_pos = self._index_location()
+        size, esize, data = self.meta.virtual_size, fmt.INDEX_ENTRY.size, fmt.KIND_DATA
         next_offset, next_pos = 0, self._data_start
-        for i, (kind, offset, length, pos) in enumerate(fmt.INDEX_ENTRY.iter_unpack(entries)):
-            where = index_pos + i * fmt.INDEX_ENTRY.size
-            name = fmt.KIND_NAMES.get(kind)
-            if (name is None or length <= 0 or offset < next_offset or pos < next_pos
-                    or offset + length > self.meta.virtual_size or pos + fmt.FRAME.size > end_pos):
-                raise errors.FormatError(path=self.path, offset=where, reason="invalid index entry")
-            refs.append(FrameRef(name, offset, length, pos))
-            next_offset, next_pos = offset + length, pos + fmt.FRAME.size
-        return refs
+        for first in range(0, count, batch):
+            raw = self._pread(index_pos + first * esize, min(batch, count - first) * esize, "index")
+            out: list[tuple[Any, int, int, int]] = []
+            for kind, offset, length, pos in fmt.INDEX_ENTRY.iter_unpack(raw):
+                if (kind not in fmt.KIND_NAMES or length <= 0 or offset < next_offset or pos < next_pos
+                        or offset + length > size or pos + fmt.FRAME.size > end_pos):
+                    where = index_pos + (first + len(out)) * esize
+                    raise errors.FormatError(path=self.path, offset=where, reason="invalid index entry")
+                out.append((kind if raw_kind else kind == data, offset, length, pos))
+                next_offset, next_pos = offset + length, pos + fmt.FRAME.size
+            yield out
+
+    def read_batch(self, frames: Sequence[tuple[int, int, int]]) -> list[bytes | bytearray | memoryview]:
+        """The verified disk bytes of several data frames ``(pos, offset, length)`` that lie close
+        together in the file, read with one ``pread`` (from the first header to the end of the last
+        frame at most: frames between them are read and skipped)."""
+        self._need_seek()
+        first = frames[0][0]
+        last_pos, _, last_len = frames[-1]
+        span = last_pos + fmt.FRAME.size + last_len - first
+        try:
+            buf = os.pread(self._fd, span, first) if self._fd is not None else self._pread(first, span, "frames")
+        except OSError as err:
+            raise errors.FormatError(path=self.path, offset=first, reason=err.strerror or str(err)) from err
+        view = memoryview(buf)
+        out: list[bytes | bytearray | memoryview] = []
+        decode, flags, size = self.codec.decode, self.codec.frame_flags, fmt.FRAME.size
+        for pos, offset, length in frames:
+            rel = pos - first
+            head = fmt.unpack_frame(bytes(view[rel:rel + size]), self.path, pos, flags)
+            if head.kind != fmt.KIND_DATA or head.offset != offset or head.length != length:
+                raise errors.FormatError(path=self.path, offset=pos, reason="frame header does not match the index")
+            payload = view[rel + size:rel + size + head.stored]
+            if len(payload) != head.stored:
+                raise errors.FormatError(path=self.path, offset=pos + size + len(payload),
+                                         reason="truncated frame payload")
+            out.append(decode(head, payload, self.path, pos))
+        return out
 
     def read(self, ref: FrameRef) -> bytes:
         """The disk bytes of one frame, checksum-verified (zeros for a zero frame)."""
@@ -348,7 +417,7 @@ class StreamReader:
         decode, stored_checksum, flags = self.codec.decode, self.codec.stored_checksum, self.codec.frame_flags
         buf = bytearray()
         chain = self._header_check
-        refs: list[FrameRef] = []
+        index = _IndexDigest()
         data_bytes = zero_bytes = payload_bytes = 0
         next_offset = 0
         while True:
@@ -360,7 +429,7 @@ class StreamReader:
                 raise errors.FormatError(path=self.path, offset=pos, reason="frame out of order or beyond disk size")
             next_offset = head.offset + head.length
             ref = FrameRef(fmt.KIND_NAMES[head.kind], head.offset, head.length, pos)
-            refs.append(ref)
+            index.add(head.kind, head.offset, head.length, pos)
             if head.kind == fmt.KIND_DATA:
                 data_bytes += head.length
                 payload_bytes += head.stored
@@ -381,24 +450,30 @@ class StreamReader:
         digest = fmt.chain_step(chain, payload)
         if digest != head.checksum:
             raise errors.FormatError(path=self.path, offset=end_pos, reason="chained digest mismatch")
-        if fmt.END_PAYLOAD.unpack(payload) != (len(refs), data_bytes, zero_bytes, payload_bytes):
+        if fmt.END_PAYLOAD.unpack(payload) != (index.count, data_bytes, zero_bytes, payload_bytes):
             raise errors.FormatError(path=self.path, offset=end_pos, reason="end frame totals do not match frames")
-        self._check_trailer(src, refs, end_pos, digest)
+        self._check_trailer(src, index, end_pos, digest)
         hash_ = src.hash
-        self._totals = StreamTotals(len(refs), data_bytes, zero_bytes, src.pos, digest.hex(),
+        self._totals = StreamTotals(index.count, data_bytes, zero_bytes, src.pos, digest.hex(),
                                     hash_.hexdigest() if hash_ is not None else "")
 
-    def _check_trailer(self, src: _Source, refs: list[FrameRef], end_pos: int, digest: bytes) -> None:
+    def _check_trailer(self, src: _Source, index: _IndexDigest, end_pos: int, digest: bytes) -> None:
         index_pos = src.pos
-        entries = src.read(len(refs) * fmt.INDEX_ENTRY.size, "index")
-        expected = b"".join(fmt.INDEX_ENTRY.pack(fmt.KIND_CODES[r.kind], r.offset, r.length, r.pos) for r in refs)
-        if entries != expected:
-            diff = next(i for i in range(len(expected)) if entries[i] != expected[i])
-            raise errors.FormatError(path=self.path, offset=index_pos + diff, reason="index does not match frames")
+        hasher = xxhash.xxh3_128(digest)
+        index.finish()
+        left = index.count * fmt.INDEX_ENTRY.size
+        for i, want in enumerate(index.digests):
+            entries = src.read(min(_IndexDigest.CHUNK, left), "index")
+            left -= len(entries)
+            hasher.update(entries)
+            if fmt.checksum(entries) != want:
+                raise errors.FormatError(path=self.path, offset=index_pos + i * _IndexDigest.CHUNK,
+                                         reason="index does not match frames")
         footer_pos = src.pos
         footer = src.read(fmt.FOOTER.size, "index footer")
-        counts = fmt.FOOTER.pack(end_pos, index_pos, len(refs), fmt.NO_CHECKSUM, fmt.INDEX_MAGIC)
-        check = fmt.checksum(digest + entries + counts[:24])
+        counts = fmt.FOOTER.pack(end_pos, index_pos, index.count, fmt.NO_CHECKSUM, fmt.INDEX_MAGIC)
+        hasher.update(counts[:24])
+        check = hasher.digest()
         if footer != counts[:24] + check + fmt.INDEX_MAGIC:
             raise errors.FormatError(path=self.path, offset=footer_pos, reason="index footer mismatch")
         if not src.at_end():
@@ -415,7 +490,8 @@ class StreamReader:
             pass
         if self._seekable:
             self._frames = None
-            self.frames()
+            for _ in self.index_batches(INDEX_BATCH):   # entry checks, one batch in memory at a time
+                pass
         if self._totals is None:  # pragma: no cover - _scan always sets it or raises
             raise errors.FormatError(path=self.path, offset=0, reason="stream not verified")
         return self._totals
