@@ -31,9 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from tests.lab import scale_sets  # noqa: E402
 from virtnbd.backupset import manifest, naming  # noqa: E402
-from virtnbd.stream.format import StreamMeta  # noqa: E402
-from virtnbd.stream.writer import StreamWriter  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -71,16 +70,7 @@ class Content:
 
 def write_stream(folder: str, level: str, point: str, parent: str | None, *, size: int,
                  blocks: list[tuple[int, bytes]]) -> manifest.DiskEntry:
-    file = naming.data_file("sda", level, point)
-    meta = StreamMeta(virtual_size=size, disk="sda", disk_format="qcow2", level=level, checkpoint=point,
-                      parent=parent, time="2026-11-22T00:00:00+00:00", compression=None, tool_version="bench")
-    path = os.path.join(folder, file)
-    with open(path, "wb") as f:
-        w = StreamWriter(f, meta, path)
-        for offset, data in blocks:
-            w.write_data(offset, data)
-        totals = w.finish()
-    return manifest.disk_entry(meta, file, totals)
+    return scale_sets.write_stream(folder, "sda", level, point, parent, size, blocks, disk_format="qcow2")
 
 
 def commit(folder: str, level: str, point: str, parent: str | None, entry: manifest.DiskEntry) -> None:

@@ -35,10 +35,11 @@ def block_bytes(point: int, index: int, block: int) -> bytes:
     return struct.pack("<QQ", point + 1, index) * (block // 16)
 
 
-def _stream(folder: str, disk: str, level: str, point: str, parent: str | None, size: int,  # noqa: PLR0917
-            blocks: list[tuple[int, bytes]]) -> manifest.DiskEntry:
+def write_stream(folder: str, disk: str, level: str, point: str, parent: str | None, size: int,  # noqa: PLR0917
+                 blocks: list[tuple[int, bytes]], disk_format: str = "raw") -> manifest.DiskEntry:
+    """One stream file of ``blocks`` (disk offset, bytes) in offset order; its manifest entry."""
     file = naming.data_file(disk, level, point)
-    meta = StreamMeta(virtual_size=size, disk=disk, disk_format="raw", level=level, checkpoint=point,
+    meta = StreamMeta(virtual_size=size, disk=disk, disk_format=disk_format, level=level, checkpoint=point,
                       parent=parent, time="2026-12-05T00:00:00+00:00", compression=None, tool_version="scale")
     path = os.path.join(folder, file)
     with open(path, "wb") as f:
@@ -71,7 +72,7 @@ def build(folder: str, *, size: int, points: int, changes: int, block: int = 409
                 blocks = [(i * block, block_bytes(p, i, block)) for i in chosen]
                 for offset, data in blocks:
                     os.pwrite(fds[d], data, offset)
-                entries[d] = _stream(folder, d, level, point, parent, size, blocks)
+                entries[d] = write_stream(folder, d, level, point, parent, size, blocks)
                 frames += len(blocks)
             manifest.commit_point(folder, manifest.Point(name=point, level=level, parent=parent, checkpoint=point,
                                                          time="2026-12-05T00:00:00+00:00", disks=entries,
@@ -90,7 +91,7 @@ def single_point_copy(src: ScaleSet, folder: str, block: int = 4096, name: str =
     entries, frames = {}, 0
     for d in src.disks:
         blocks = list(_allocated_blocks(src.expected[d], src.size, block))
-        entries[d] = _stream(folder, d, "full", naming.checkpoint_name(0), None, src.size, blocks)
+        entries[d] = write_stream(folder, d, "full", naming.checkpoint_name(0), None, src.size, blocks)
         frames += len(blocks)
     point = naming.checkpoint_name(0)
     manifest.commit_point(folder, manifest.Point(name=point, level="full", parent=None, checkpoint=point,
