@@ -1,15 +1,13 @@
 """Restore memory does not grow with frames or points; parallel multi-disk restore stops cleanly on damage.
 
 The chains are written with the project's StreamWriter (tests/lab/scale_sets.py)
-and restored by the real command in a child process whose peak RSS is read from
-``wait4``. The planner's entry budget is set deliberately small (64 entries) in
+and restored by the real command in a child process that reports its own peak RSS
+(VmHWM). The planner's entry budget is set deliberately small (64 entries) in
 the child, so a chain of 60 000 frames is planned in about a thousand windows.
 """
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -17,19 +15,12 @@ from tests.functional.restore_sets import compare
 from tests.lab import scale_sets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CHILD = ("import sys; from virtnbd.restore import plan; plan.ENTRY_BUDGET = int(sys.argv[1]); "
-         "from virtnbd.cli.restore import main; sys.exit(main(sys.argv[2:]))")
 
 
 def _restore(args: list[str], budget: int = 64) -> tuple[int, int, str]:
     """Run virtnbdrestore in a child; return (exit code, peak RSS in KiB, stderr)."""
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(budget), *args, "--noprogress"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss, err
+    res = scale_sets.run_restore(args, budget, cwd=ROOT)
+    return res.returncode, res.peak_kib, res.stderr
 
 
 def test_restore_memory_does_not_grow_with_frames(tmp_path):

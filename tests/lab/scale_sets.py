@@ -13,6 +13,9 @@ from __future__ import annotations
 import os
 import random
 import struct
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 
 from virtnbd.backupset import manifest, naming
@@ -127,3 +130,38 @@ def sample_ok(image: str, expected: str, size: int, samples: int = 256, seed: in
             if os.pread(a.fileno(), 4096, off) != os.pread(b.fileno(), 4096, off):
                 return False
     return True
+
+
+CHILD = """import sys
+from virtnbd.restore import plan
+if sys.argv[1] != "-":
+    plan.ENTRY_BUDGET = int(sys.argv[1])
+from virtnbd.cli.restore import main
+try:
+    rc = main(sys.argv[2:])
+finally:
+    with open("/proc/self/status") as f:
+        peak = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+    sys.stderr.write(f"\\nVMHWM {peak}\\n")
+sys.exit(rc)
+"""
+
+
+@dataclass(frozen=True)
+class RestoreRun:
+    returncode: int
+    seconds: float
+    peak_kib: int          # VmHWM of the restore process itself (after exec, so not the parent's memory)
+    stderr: str
+
+
+def run_restore(args: list[str], budget: int | None = None, cwd: str | None = None) -> RestoreRun:
+    """virtnbdrestore ``args`` in a child process (planner entry budget ``budget`` when given)."""
+    started = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", CHILD, "-" if budget is None else str(budget), *args,
+                          "--noprogress"], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True, check=False)
+    seconds = time.monotonic() - started
+    lines = res.stderr.rstrip().splitlines()
+    peak = int(lines[-1].split()[1]) if lines and lines[-1].startswith("VMHWM ") else 0
+    return RestoreRun(res.returncode, seconds, peak, "\n".join(lines[:-1] if peak else lines))

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
 MEMORY_BUDGET = 64 << 20
-BATCH_BYTES = 4 << 20          # decoded bytes of one batch (a larger single frame is a batch alone)
+BATCH_BYTES = 1 << 20          # decoded bytes of one batch (a larger single frame is a batch alone)
 BATCH_GAP = 64 << 10           # bytes of other frames a batch may read and skip between two of its frames
 
 FrameJob = tuple[int, int, int, list[tuple[int, int]]]     # pos, frame offset, frame length, (start, end) pieces
