@@ -723,8 +723,8 @@ def make_domain(libvirt_conn: Any) -> Iterator[MakeDomain]:
     made: list[LabDomain] = []
 
     def factory(disks: Sequence[DiskSpec] = (DiskSpec(),), start: bool = True) -> LabDomain:
-        if not 1 <= len(disks) <= 8:
-            raise ValueError("a lab domain has 1-8 disks")
+        if not 1 <= len(disks) <= 16:
+            raise ValueError("a lab domain has 1-16 disks")
         if not libvirt_conn.isAlive():
             pytest.fail(f"connection to libvirtd lost (did it crash? see {DAEMON_LOG_DIR}/libvirtd.log, dmesg)")
         name = f"{NAME_PREFIX}{uuid.uuid4().hex[:8]}"

@@ -132,11 +132,11 @@ def sample_ok(image: str, expected: str, size: int, samples: int = 256, seed: in
     return True
 
 
-CHILD = """import sys
+CHILD = """import importlib, sys
 from virtnbd.restore import plan
 if sys.argv[1] != "-":
     plan.ENTRY_BUDGET = int(sys.argv[1])
-from virtnbd.cli.restore import main
+main = importlib.import_module(sys.argv.pop(2)).main
 try:
     rc = main(sys.argv[2:])
 finally:
@@ -157,9 +157,14 @@ class RestoreRun:
 
 def run_restore(args: list[str], budget: int | None = None, cwd: str | None = None) -> RestoreRun:
     """virtnbdrestore ``args`` in a child process (planner entry budget ``budget`` when given)."""
+    return run_cli("virtnbd.cli.restore", [*args, "--noprogress"], budget, cwd)
+
+
+def run_cli(module: str, args: list[str], budget: int | None = None, cwd: str | None = None) -> RestoreRun:
+    """``module``.main(args) in a child process that reports its own peak RSS."""
     started = time.monotonic()
-    res = subprocess.run([sys.executable, "-c", CHILD, "-" if budget is None else str(budget), *args,
-                          "--noprogress"], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    res = subprocess.run([sys.executable, "-c", CHILD, "-" if budget is None else str(budget), module, *args],
+                         cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          text=True, check=False)
     seconds = time.monotonic() - started
     lines = res.stderr.rstrip().splitlines()
