@@ -98,11 +98,15 @@ def restore_disks(jobs: Sequence[tuple[DiskChain, str]], options: RestoreOptions
     parallel = max(1, min(options.worker, len(jobs)))
     budget = plan_mod.ENTRY_BUDGET // parallel
     with Engine(options.worker) as engine, ThreadPoolExecutor(parallel, thread_name_prefix="disk") as disks:
-        futures = [disks.submit(_guarded, engine, chain, options, spec, budget) for chain, spec in jobs]
-        wait(futures, return_when=FIRST_EXCEPTION)
-        if any(f.done() and f.exception() is not None for f in futures):
-            engine.stop.set()
-        wait(futures)
+        try:
+            futures = [disks.submit(_guarded, engine, chain, options, spec, budget) for chain, spec in jobs]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            if any(f.done() and f.exception() is not None for f in futures):
+                engine.stop.set()
+            wait(futures)
+        except BaseException:
+            engine.stop.set()            # a signal in this thread: every disk stops and aborts its target
+            raise
     failures = [f.exception() for f in futures if f.exception() is not None]
     real = [e for e in failures if not isinstance(e, Stopped)]
     if real or failures:

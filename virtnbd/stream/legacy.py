@@ -30,7 +30,7 @@ import xxhash
 
 from virtnbd import errors
 from virtnbd.stream.format import FrameRef, StreamMeta, StreamTotals
-from virtnbd.stream.reader import StreamReader
+from virtnbd.stream.reader import ByFrames, StreamReader
 
 FRAME_LEN = 40
 TERM = b"\r\n"
@@ -77,7 +77,7 @@ class _Entry:
     compressed: bool
 
 
-class LegacyStreamReader(StreamReader):
+class LegacyStreamReader(ByFrames, StreamReader):
     """A virtnbdbackup sparse stream behind the StreamReader interface (seekable files only)."""
 
     def __init__(self, f: BinaryIO, path: str = "<stream>", owns: bool = False) -> None:  # noqa: PLR0915
@@ -353,7 +353,7 @@ class LegacyStreamReader(StreamReader):
         self.close()
 
 
-class RawImageReader(StreamReader):
+class RawImageReader(ByFrames, StreamReader):
     """A plain raw image (virtnbdbackup saves raw-format disks so, as ``<dev>.copy.data``).
 
     Same interface: the whole image as data frames of ``chunk`` bytes. A raw

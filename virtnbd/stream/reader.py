@@ -150,6 +150,26 @@ class _Source:
             raise errors.FormatError(path=self.path, offset=self.pos, reason=err.strerror or str(err)) from err
 
 
+class ByFrames:
+    """Batch access for readers whose index is a list of frames (virtnbdbackup streams, raw images):
+    ``index_batches`` chunks ``frames()``, ``read_batch`` reads frame by frame."""
+
+    def frames(self) -> list[FrameRef]:
+        raise NotImplementedError
+
+    def read(self, ref: FrameRef) -> bytes:
+        raise NotImplementedError
+
+    def index_batches(self, batch: int = 4096, raw_kind: bool = False) -> Iterator[list[tuple[Any, int, int, int]]]:
+        refs = self.frames()
+        for first in range(0, len(refs), batch):
+            yield [(fmt.KIND_CODES[r.kind] if raw_kind else r.kind == "data", r.offset, r.length, r.pos)
+                   for r in refs[first:first + batch]]
+
+    def read_batch(self, frames: Sequence[tuple[int, int, int]]) -> list[bytes | bytearray | memoryview]:
+        return [self.read(FrameRef("data", offset, length, pos)) for pos, offset, length in frames]
+
+
 class _IndexDigest:
     """The index a sequential pass expects, kept as one digest per 128 KiB of entries (not per frame)."""
 
