@@ -43,8 +43,8 @@ import libvirt
 from lxml import etree
 
 from virtnbd import errors
+from virtnbd.backup import diskrun as backup_run
 from virtnbd.backup import output
-from virtnbd.backup import run as backup_run
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backup.plan import Plan, PlannedDisk
 from virtnbd.backupset.api import BackupSet

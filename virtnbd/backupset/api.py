@@ -30,7 +30,8 @@ from virtnbd.backupset import naming
 from virtnbd.backupset.manifest import DiskEntry, Manifest, Point
 from virtnbd.backupset.store import LocalStore, Store, open_store
 from virtnbd.stream.codec import Stage
-from virtnbd.stream.reader import StreamReader, open_stream
+from virtnbd.stream.detect import open_stream
+from virtnbd.stream.reader import StreamReader
 
 
 class BackupSet(Protocol):

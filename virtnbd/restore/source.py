@@ -20,7 +20,8 @@ from virtnbd import errors
 from virtnbd.backupset import chain as chain_mod
 from virtnbd.backupset.api import BackupSet, open_set
 from virtnbd.backupset.store import LocalStore
-from virtnbd.stream.reader import StreamReader, open_stream
+from virtnbd.stream.detect import open_stream
+from virtnbd.stream.reader import StreamReader
 
 log = logging.getLogger(__name__)
 
