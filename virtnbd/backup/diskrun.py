@@ -22,15 +22,16 @@ from typing import Any
 
 import libvirt
 
-from virtnbd import __version__, rbdextents
+from virtnbd import __version__
 from virtnbd.backup import copy, output
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backup.plan import Plan, PlannedDisk
 from virtnbd.backupset import manifest as bsmanifest
 from virtnbd.backupset import outfile
 from virtnbd.backupset.api import BackupSet
-from virtnbd.extents import BASE_ALLOCATION, iter_extents
-from virtnbd.nbdsource import NbdSource
+from virtnbd.source import rbdextents
+from virtnbd.source.extents import BASE_ALLOCATION, iter_extents
+from virtnbd.source.nbdsource import NbdSource
 from virtnbd.stream.format import StreamMeta
 from virtnbd.stream.writer import StreamWriter
 from virtnbd.virt import domainxml, xmlbuild

@@ -48,8 +48,8 @@ from virtnbd.backup import output
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backup.plan import Plan, PlannedDisk
 from virtnbd.backupset.api import BackupSet
-from virtnbd.extents import BASE_ALLOCATION, DATA, iter_extents
-from virtnbd.nbdsource import NbdSource
+from virtnbd.source.extents import BASE_ALLOCATION, DATA, iter_extents
+from virtnbd.source.nbdsource import NbdSource
 from virtnbd.virt import bitmaps, checkpoints, connection
 
 log = logging.getLogger(__name__)

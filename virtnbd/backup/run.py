@@ -17,12 +17,13 @@ from typing import Any
 
 import libvirt
 
-from virtnbd import errors, rbdextents
+from virtnbd import errors
 from virtnbd.backup import consistency, modes, offline, output, recovery
 from virtnbd.backup.diskrun import BackupRun, RunSummary, report, size_text
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backup.plan import Plan, PlannedDisk, make_plan
 from virtnbd.backupset.api import BackupSet, create_set
+from virtnbd.source import rbdextents
 from virtnbd.virt import agent, checkpoints, connection, domainxml, xmlbuild
 from virtnbd.virt.job import BackupJob, abort_stale
 
