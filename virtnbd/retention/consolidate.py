@@ -22,9 +22,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, BinaryIO, cast
 
-from virtnbd import __version__, errors, fsutil
+from virtnbd import __version__, errors
 from virtnbd.backupset import manifest as bsmanifest
 from virtnbd.backupset import naming
+from virtnbd.backupset.api import BackupSet, open_set
 from virtnbd.backupset.manifest import DiskEntry, Manifest, Point
 from virtnbd.restore.plan import Extent, Plan
 from virtnbd.restore.run import build_plan
@@ -36,6 +37,19 @@ from virtnbd.stream.writer import StreamWriter, encode_data
 log = logging.getLogger(__name__)
 
 AHEAD = 16          # extents being decoded/encoded ahead of the writer
+STAGING_BLOCKS = 4  # the set's staged writer (O_DIRECT / pipelined writeback), 16 MiB
+
+
+def _stream_set(folder: Path) -> BackupSet:
+    """The set to consolidate: only kinds with a consolidation here (stream sets; qcow2 sets: next)."""
+    bset = open_set(folder)
+    if bset.kind not in CONSOLIDATES:
+        raise errors.BackupSetError(path=str(folder), reason=f"{bset.kind} sets cannot be consolidated "
+                                                             f"(kinds that can: {', '.join(CONSOLIDATES)})")
+    return bset
+
+
+CONSOLIDATES = ("stream",)
 
 
 @dataclass(frozen=True)
@@ -82,9 +96,10 @@ def _frames(plan: Plan, readers: Sequence[Any], pool: ThreadPoolExecutor) -> Ite
             submit(nxt)
 
 
-def write_full(folder: Path, chain: DiskChain, target: Point, merged: Sequence[str], workers: int) -> DiskEntry:
+def write_full(bset: BackupSet, chain: DiskChain, target: Point, merged: Sequence[str], workers: int) -> DiskEntry:
     """Write the synthetic full stream of one disk; returns its manifest entry (file not listed yet)."""
     name = naming.synthetic_full_file(chain.disk, target.name)
+    path = bset.store.describe(name)
     with contextlib.ExitStack() as stack:
         plan, readers = build_plan(chain, stack)
         newest = readers[-1].meta
@@ -92,9 +107,9 @@ def write_full(folder: Path, chain: DiskChain, target: Point, merged: Sequence[s
                           level="full", checkpoint=target.checkpoint, parent=None, time=target.time,
                           compression=newest.compression, tool_version=__version__,
                           extra=MappingProxyType({"consolidated_from": list(merged)}))
-        with fsutil.partial_file(folder / name) as f, \
+        with bset.create_data(name, STAGING_BLOCKS) as f, \
                 ThreadPoolExecutor(max(1, workers), thread_name_prefix="consolidate") as pool:
-            writer = StreamWriter(cast(BinaryIO, f), meta, path=str(folder / name))
+            writer = StreamWriter(cast(BinaryIO, f), meta, path=path)
             for fut in _frames(plan, readers, pool):
                 writer.add(fut.result())
             totals = writer.finish()
@@ -137,7 +152,8 @@ def consolidate(folder: Path, target: str, drop: Sequence[str] = (), workers: in
 
     The caller holds the set's lock and ran :func:`journal.recover` first.
     """
-    manifest = bsmanifest.load(folder)
+    bset = _stream_set(folder)
+    manifest = bset.manifest()
     if manifest is None:
         raise errors.BackupSetError(path=str(folder), reason="no manifest: not a virtnbd backup set")
     merged, others = merge_range(manifest, target, drop)
@@ -150,7 +166,7 @@ def consolidate(folder: Path, target: str, drop: Sequence[str] = (), workers: in
     still |= layout.point_files(point) - {d.file for d in point.disks.values()}   # side files the full keeps
     old_files = set().union(*(layout.point_files(p) for p in merged + others)) - still - new_files
     journal.begin(folder, new_files | old_files, f"consolidate {', '.join(names)} into a full at {target}")
-    disks = {chain.disk: write_full(folder, chain, point, names, workers) for chain in selection.disks}
+    disks = {chain.disk: write_full(bset, chain, point, names, workers) for chain in selection.disks}
     now = dt.datetime.now(dt.UTC).astimezone().isoformat(timespec="seconds")
     full = replace(point, level="full", parent=None, disks=MappingProxyType(disks),
                    extra=MappingProxyType({**point.extra, "consolidated": {"from": names, "at": now}}))
