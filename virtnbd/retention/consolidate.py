@@ -158,6 +158,9 @@ def consolidate(folder: Path, target: str, drop: Sequence[str] = (), workers: in
         raise errors.BackupSetError(path=str(folder), reason="no manifest: not a virtnbd backup set")
     merged, others = merge_range(manifest, target, drop)
     point = merged[-1]
+    if len(merged) == 1 and point.level == "full" and not others:
+        log.info("%s: %s is already a full: nothing to consolidate", folder, target)
+        return Result(target, (), (), _stored(manifest.points), _stored(manifest.points))
     names = [p.name for p in merged]
     selection = select(str(folder), target, None)
     new_files = {naming.synthetic_full_file(d.disk, target) for d in selection.disks}

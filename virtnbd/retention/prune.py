@@ -17,8 +17,10 @@ archived chain is removed while the newest point of the current chain fails it.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -176,12 +178,26 @@ def run(path: str, policy: Policy, *, merge: bool, dry_run: bool, workers: int =
     root = layout.locate(path)
     if dry_run:
         return plan(root, policy, merge)
-    with _lock(root.path):
+    with _lock(root.path), _run_log(root.path):
         journal.recover_root(root.path)
         root = layout.locate(path)
         plans = plan(root, policy, merge)
         apply(root, plans, workers)
     return plans
+
+
+@contextlib.contextmanager
+def _run_log(root: Path) -> Iterator[None]:
+    """Every decision and removal also goes to ``prune.<stamp>.log`` in the root (kept with the backups)."""
+    handler = logging.FileHandler(root / f"prune.{time.strftime('%Y%m%d-%H%M%S')}.log", encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
 
 
 def _lock(folder: Path) -> AbstractContextManager[None]:
@@ -192,7 +208,7 @@ def _lock(folder: Path) -> AbstractContextManager[None]:
 def consolidate_until(path: str, target: str, workers: int = 4) -> consolidate.Result:
     """``--consolidate POINT``: merge a chain up to POINT into a synthetic full (after verifying its newest point)."""
     root = layout.locate(path)
-    with _lock(root.path):
+    with _lock(root.path), _run_log(root.path):
         journal.recover_root(root.path)
         chains = layout.locate(path).chains
         chain = next((c for c in chains if c.folder == Path(path) or (not c.archived and root.path == Path(path))),
