@@ -115,7 +115,12 @@ def _before(points: Sequence[Point], target: str | None) -> set[str]:
 # -- execution ---------------------------------------------------------------------
 
 def _verified(chain: Chain, workers: int) -> bool:
+    """The newest point verifies: a record younger than ``verifylog.TRUSTED`` or a fresh verify of its chain."""
     newest = chain.manifest.points[-1].name
+    recent = verifylog.recent_ok(chain.folder, newest)
+    if recent is not None:
+        log.info("%s: newest point %s verified at %s", chain.folder, newest, recent.time)
+        return True
     result = verifylog.verify_point(chain.folder, newest, workers)
     if not result.ok:
         log.error("%s: newest point %s failed verification: %s", chain.folder, newest, result.error)

@@ -18,6 +18,7 @@ from virtnbd import errors, fsutil
 log = logging.getLogger(__name__)
 
 FILE = "virtnbd.verify.json"
+TRUSTED = dt.timedelta(hours=24)    # an ok record younger than this is not verified again before a prune
 
 
 @dataclass(frozen=True)
@@ -64,3 +65,16 @@ def verify_point(folder: Path, point: str, workers: int = 4) -> Result:
         result = Result(point, now, False, str(err))
     record(folder, result)
     return result
+
+
+def recent_ok(folder: Path, point: str, now: dt.datetime | None = None) -> Result | None:
+    """The point's ok record when younger than :data:`TRUSTED` (None: verify it)."""
+    found = load(folder).get(point)
+    if found is None or not found.ok:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(found.time)
+    except ValueError:
+        return None
+    now = now or dt.datetime.now(dt.UTC)
+    return found if when.tzinfo is not None and dt.timedelta(0) <= now - when < TRUSTED else None
