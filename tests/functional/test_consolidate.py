@@ -57,3 +57,21 @@ def test_a_diff_that_needs_a_merged_point_blocks_consolidation(tmp_path: Path) -
         consolidate(Path(b.folder), "virtnbdbackup.4")
     m = manifest.load(b.folder)
     assert m is not None and len(m.points) == 6
+
+
+def test_a_damaged_merged_point_stops_consolidation_and_changes_nothing(tmp_path: Path) -> None:
+    b = _chain(tmp_path, 4)
+    path = Path(b.folder) / "sda.inc.virtnbdbackup.2.data"
+    m = manifest.load(b.folder)
+    assert m is not None
+    with open(path, "r+b") as f:                     # flip a byte inside the first data frame's payload
+        f.seek(path.stat().st_size // 3)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(errors.VirtnbdError):
+        consolidate(Path(b.folder), "virtnbdbackup.3")
+    after = manifest.load(b.folder)
+    assert after is not None and after.points == m.points
+    left = os.listdir(b.folder)
+    assert not [f for f in left if "journal" in f or f.endswith(".partial") or ".full.virtnbdbackup" in f], left

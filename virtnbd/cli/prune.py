@@ -70,8 +70,10 @@ def parse(argv: Sequence[str]) -> PruneOptions:
         raise errors.UsageError(reason="give one of: --keep-* rules, --consolidate POINT, --status")
     if args.worker < 1:
         raise errors.UsageError(reason="--worker must be at least 1")
-    if args.dry_run and args.status:
+    if args.dry_run and policy.empty:
         raise errors.UsageError(reason="--dry-run goes with --keep-* rules")
+    if args.merge and policy.empty:
+        raise errors.UsageError(reason="--merge goes with --keep-* rules")
     return PruneOptions(input=args.input, policy=policy, status=args.status, consolidate=args.consolidate,
                         merge=args.merge, dry_run=args.dry_run, json=args.json, worker=args.worker,
                         verbose=args.verbose, strict=args.strict)

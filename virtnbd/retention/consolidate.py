@@ -169,11 +169,15 @@ def consolidate(folder: Path, target: str, drop: Sequence[str] = (), workers: in
     still |= layout.point_files(point) - {d.file for d in point.disks.values()}   # side files the full keeps
     old_files = set().union(*(layout.point_files(p) for p in merged + others)) - still - new_files
     journal.begin(folder, new_files | old_files, f"consolidate {', '.join(names)} into a full at {target}")
-    disks = {chain.disk: write_full(bset, chain, point, names, workers) for chain in selection.disks}
-    now = dt.datetime.now(dt.UTC).astimezone().isoformat(timespec="seconds")
-    full = replace(point, level="full", parent=None, disks=MappingProxyType(disks),
-                   extra=MappingProxyType({**point.extra, "consolidated": {"from": names, "at": now}}))
-    updated = bsmanifest.rewrite(folder, manifest, (full, *keep))
+    try:
+        disks = {chain.disk: write_full(bset, chain, point, names, workers) for chain in selection.disks}
+        now = dt.datetime.now(dt.UTC).astimezone().isoformat(timespec="seconds")
+        full = replace(point, level="full", parent=None, disks=MappingProxyType(disks),
+                       extra=MappingProxyType({**point.extra, "consolidated": {"from": names, "at": now}}))
+        updated = bsmanifest.rewrite(folder, manifest, (full, *keep))
+    except BaseException:
+        journal.recover(folder)       # roll back: the manifest still lists the old points
+        raise
     for p in merged[:-1]:
         log.info("point %s merged into the synthetic full at %s", p.name, target)
     for p in others:
