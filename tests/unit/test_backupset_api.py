@@ -94,3 +94,32 @@ def test_open_set_errors(tmp_path: Path) -> None:
         api.open_set(tmp_path)
     with pytest.raises(errors.UsageError, match="unknown kind"):
         api.create_set(tmp_path, "tape")
+
+
+def _stream_point(bset: api.BackupSet, name: str, level: str, parent: str | None,
+                  layout: list[tuple[str, int, bytes | int]]) -> Point:
+    file = bset.data_name("sda", level, name)
+    m = meta(None, size=1 << 20, level=level, checkpoint=name, parent=parent)
+    with bset.create_data(file) as f, StreamWriter(f, m, path=bset.store.describe(file)) as w:
+        for kind, off, val in layout:
+            w.write_data(off, val) if kind == "data" else w.write_zero(off, val)  # type: ignore[arg-type]
+        totals = w.finish()
+    return Point(name=name, level=level, parent=parent, checkpoint=name, time=m.time,
+                 disks={"sda": manifest.disk_entry(m, file, totals)})
+
+
+def test_disk_view_reads_any_range_at_any_point_newest_layer_wins(tmp_path: Path) -> None:
+    bset = api.create_set(tmp_path)
+    full = [("data", 0, b"A" * 8192), ("zero", 8192, 8192), ("data", 16384, b"B" * 4096),
+            ("zero", 20480, (1 << 20) - 20480)]
+    inc = [("data", 4096, b"C" * 4096), ("zero", 16384, 2048)]
+    bset.commit(_stream_point(bset, "virtnbdbackup.0", "full", None, full), "vm", UUID)   # type: ignore[arg-type]
+    bset.commit(_stream_point(bset, "virtnbdbackup.1", "inc", "virtnbdbackup.0", inc), "vm", UUID)  # type: ignore[arg-type]
+    with api.open_disk(api.open_set(tmp_path), None, "sda") as view:
+        assert view.read_range(0, 20480) == b"A" * 4096 + b"C" * 4096 + bytes(10240) + b"B" * 2048
+        assert view.read_range(4000, 200) == b"A" * 96 + b"C" * 104
+    with api.open_disk(api.open_set(tmp_path), "virtnbdbackup.0", "sda") as view:
+        assert view.read_range(4096, 4096) == b"A" * 4096
+        assert view.read_range(16384, 4096) == b"B" * 4096
+        with pytest.raises(errors.UsageError):
+            view.read_range((1 << 20) - 1, 2)

@@ -16,8 +16,8 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 from virtnbd import errors
-from virtnbd.extents import DATA, Extent, split
-from virtnbd.nbdsource import Chunk, NbdSource
+from virtnbd.source.extents import DATA, Extent, split
+from virtnbd.source.nbdsource import Chunk, NbdSource
 from virtnbd.stream.codec import Codec
 from virtnbd.stream.format import EncodedFrame
 from virtnbd.stream.writer import StreamWriter

@@ -43,13 +43,13 @@ import libvirt
 from lxml import etree
 
 from virtnbd import errors
+from virtnbd.backup import diskrun as backup_run
 from virtnbd.backup import output
-from virtnbd.backup import run as backup_run
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backup.plan import Plan, PlannedDisk
 from virtnbd.backupset.api import BackupSet
-from virtnbd.extents import BASE_ALLOCATION, DATA, iter_extents
-from virtnbd.nbdsource import NbdSource
+from virtnbd.source.extents import BASE_ALLOCATION, DATA, iter_extents
+from virtnbd.source.nbdsource import NbdSource
 from virtnbd.virt import bitmaps, checkpoints, connection
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,8 @@ from virtnbd.backupset import naming
 from virtnbd.backupset.manifest import DiskEntry, Manifest, Point
 from virtnbd.backupset.store import LocalStore, Store, open_store
 from virtnbd.stream.codec import Stage
-from virtnbd.stream.reader import StreamReader, open_stream
+from virtnbd.stream.detect import open_stream
+from virtnbd.stream.reader import StreamReader
 
 
 class BackupSet(Protocol):
@@ -179,3 +180,69 @@ def create_set(location: str | os.PathLike[str], kind: str = "stream") -> Backup
     store = open_store(location)
     store.prepare()
     return entry[1](store)
+
+
+class DiskView:
+    """One disk as it was at a point: random reads over its chain of streams, newest layer wins.
+
+    For map/mount-style readers: no restore, no plan of the whole disk; each
+    ``read_range`` looks up only the frames it needs (``frames_in``, binary search).
+    """
+
+    def __init__(self, readers: list[StreamReader], virtual_size: int) -> None:
+        self.readers = readers            # root first
+        self.virtual_size = virtual_size
+
+    def __enter__(self) -> DiskView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        """Bytes ``offset .. offset+length`` of the disk at the point (checksum-verified)."""
+        if offset < 0 or length < 0 or offset + length > self.virtual_size:
+            raise errors.UsageError(reason=f"range {offset}+{length} outside the disk (0..{self.virtual_size})")
+        out = bytearray(length)
+        todo = [(offset, offset + length)]
+        for reader in reversed(self.readers):
+            todo = [gap for lo, hi in todo for gap in _fill(reader, out, offset, lo, hi)]
+            if not todo:
+                break
+        return bytes(out)
+
+
+def _fill(reader: StreamReader, out: bytearray, base: int, lo: int, hi: int) -> list[tuple[int, int]]:
+    """Copy what ``reader`` holds of ``lo..hi`` into ``out`` (at ``base``); the gaps it leaves."""
+    gaps, cur = [], lo
+    for ref in reader.frames_in(lo, hi - lo):
+        start, end = max(lo, ref.offset), min(hi, ref.offset + ref.length)
+        if start > cur:
+            gaps.append((cur, start))
+        if ref.kind == "data":
+            out[start - base:end - base] = memoryview(reader.read(ref))[start - ref.offset:end - ref.offset]
+        cur = end
+    if cur < hi:
+        gaps.append((cur, hi))
+    return gaps
+
+
+def open_disk(bset: BackupSet, until: str | None, disk: str) -> DiskView:
+    """``disk`` at point ``until`` (None: the newest) of any kind of set."""
+    points = bset.chain(until)
+    layers = chain_mod.disk_layers(points, disk)
+    if not layers:
+        raise errors.UsageError(reason=f"disk {disk!r} not in point {points[-1].name}")
+    readers: list[StreamReader] = []
+    try:
+        for _point, entry in layers:
+            readers.append(bset.open_data(entry))
+    except BaseException:
+        for reader in readers:
+            reader.close()
+        raise
+    return DiskView(readers, layers[-1][1].virtual_size)

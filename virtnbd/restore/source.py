@@ -20,7 +20,8 @@ from virtnbd import errors
 from virtnbd.backupset import chain as chain_mod
 from virtnbd.backupset.api import BackupSet, open_set
 from virtnbd.backupset.store import LocalStore
-from virtnbd.stream.reader import StreamReader, open_stream
+from virtnbd.stream.detect import open_stream
+from virtnbd.stream.reader import StreamReader
 
 log = logging.getLogger(__name__)
 
@@ -147,22 +148,8 @@ def chain_file(bset: BackupSet, point: Any, entry: Any) -> ChainFile:
 
 
 def _disk_chain(bset: BackupSet, points: Sequence[Any], disk: str) -> DiskChain:
-    files: list[ChainFile] = []
-    for point in points:
-        entry = point.disks.get(disk)
-        if entry is None:
-            if files:
-                raise errors.ChainError(reason=f"point {point.name} has no stream for disk {disk} "
-                                               f"although an earlier point has")
-            continue
-        level = entry.level or point.level
-        if level in ("copy", "full") or (entry.extra or {}).get("mode") == "full":
-            files = []  # a full point, or a disk read whole in an inc/diff (new, resized), starts afresh
-        elif not files:
-            raise errors.ChainError(reason=f"disk {disk}: chain starts with {level} point {point.name}, "
-                                           "no full backup before it")
-        files.append(chain_file(bset, point, entry))
-    return DiskChain(disk=disk, files=tuple(files), image_info=image_info_of(bset, points[-1], disk))
+    files = tuple(chain_file(bset, point, entry) for point, entry in chain_mod.disk_layers(list(points), disk))
+    return DiskChain(disk=disk, files=files, image_info=image_info_of(bset, points[-1], disk))
 
 
 def select_sequence(paths: Sequence[str], disk: str | None) -> Selection:
