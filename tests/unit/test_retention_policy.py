@@ -106,3 +106,9 @@ def test_a_kept_point_needs_its_parents_back_to_the_full() -> None:
 def test_a_missing_parent_is_an_error() -> None:
     with pytest.raises(errors.ChainError):
         needed_by([Link("i1", "inc", "gone")], ["i1"])
+
+
+def test_equal_times_the_later_point_is_newer() -> None:
+    same = parse_time("2026-06-08T10:15:00+00:00")
+    points = [Stamp("archived", same), Stamp("current", same)]
+    assert {n for n, why in decide(points, Policy(last=1)).items() if why} == {"current"}

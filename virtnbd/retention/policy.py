@@ -114,8 +114,9 @@ def parse_time(text: str) -> dt.datetime:
 
 
 def decide(points: Sequence[Stamp], policy: Policy) -> dict[str, tuple[str, ...]]:
-    """Rules that keep each point (empty tuple: no rule keeps it), for every point given."""
-    ordered = sorted(points, key=lambda p: p.time, reverse=True)
+    """Rules that keep each point (empty tuple: no rule keeps it), for every point given (oldest first)."""
+    # newest first; equal times (points taken within one second): the later one in the given order is newer
+    ordered = [p for _, p in sorted(enumerate(points), key=lambda ip: (ip[1].time, ip[0]), reverse=True)]
     reasons: dict[str, list[str]] = {p.name: [] for p in points}
     for p in ordered[:policy.last] if policy.last >= 0 else ordered:
         reasons[p.name].append("last")
