@@ -31,8 +31,9 @@ from virtnbd.restore.plan import Extent, Plan
 from virtnbd.restore.run import build_plan
 from virtnbd.restore.source import DiskChain, select
 from virtnbd.retention import journal, layout
+from virtnbd.stream.codec import Codec
 from virtnbd.stream.format import EncodedFrame, StreamMeta
-from virtnbd.stream.writer import StreamWriter, encode_data
+from virtnbd.stream.writer import StreamWriter
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +62,16 @@ class Result:
     stored_after: int
 
 
-def _frames(plan: Plan, readers: Sequence[Any], pool: ThreadPoolExecutor) -> Iterator[Future[EncodedFrame]]:
+def _frames(plan: Plan, readers: Sequence[Any], codec: Codec,
+            pool: ThreadPoolExecutor) -> Iterator[Future[EncodedFrame]]:
     """Encoded frames of the plan's data extents, in offset order; each source frame decoded once."""
     extents = [e for e in plan.extents if not e.is_zero]
     uses = Counter((e.layer, cast(Any, e.frame).pos) for e in extents)
     decoded: dict[tuple[Any, int], Future[bytes]] = {}
-    method = readers[-1].meta.compression
 
     def encode(ext: Extent, source: Future[bytes]) -> EncodedFrame:
         data = memoryview(source.result())
-        return encode_data(ext.start, data[ext.skip:ext.skip + ext.length], method)
+        return codec.encode_data(ext.start, data[ext.skip:ext.skip + ext.length])
 
     window: deque[tuple[tuple[Any, int], Future[EncodedFrame]]] = deque()
     todo = iter(extents)
@@ -109,8 +110,8 @@ def write_full(bset: BackupSet, chain: DiskChain, target: Point, merged: Sequenc
                           extra=MappingProxyType({"consolidated_from": list(merged)}))
         with bset.create_data(name, STAGING_BLOCKS) as f, \
                 ThreadPoolExecutor(max(1, workers), thread_name_prefix="consolidate") as pool:
-            writer = StreamWriter(cast(BinaryIO, f), meta, path=path)
-            for fut in _frames(plan, readers, pool):
+            writer = StreamWriter(cast(BinaryIO, f), meta, path=path, stages=bset.stages)
+            for fut in _frames(plan, readers, writer.codec, pool):
                 writer.add(fut.result())
             totals = writer.finish()
     old = target.disks.get(chain.disk)
