@@ -52,6 +52,7 @@ class SetBuilder:
         self.checkpoints: list[str] = []
         self.points: list[str] = []
         self.image_info = image_info
+        self.time = "2026-11-22T00:00:00+00:00"   # time of the next point (retention tests set it)
         os.makedirs(folder, exist_ok=True)
 
     # -- guest writes -------------------------------------------------------------
@@ -82,7 +83,7 @@ class SetBuilder:
                clusters: list[int]) -> str:
         file = naming.data_file(self.disk, level, point)
         meta = StreamMeta(virtual_size=self.size, disk=self.disk, disk_format="qcow2", level=level,
-                          checkpoint=checkpoint, parent=parent, time="2026-11-22T00:00:00+00:00",
+                          checkpoint=checkpoint, parent=parent, time=self.time,
                           compression=self.compression, tool_version="test")
         path = os.path.join(self.folder, file)
         with open(path, "wb") as f:

@@ -24,12 +24,13 @@ log = logging.getLogger(__name__)
 
 PREFIX = "chain-"
 MOVING = ".moving"
+REMOVING = ".removing"    # an archived chain prune is deleting (virtnbd.retention.journal)
 
 
 def _keep(name: str) -> bool:
     """Entries that stay in the main folder: the lock and earlier archived chains."""
     return name == output.LOCK_FILE or name.startswith(PREFIX) or (name.startswith(f".{PREFIX}")
-                                                                   and name.endswith(MOVING))
+                                                                   and name.endswith((MOVING, REMOVING)))
 
 
 def _move_all(folder: Path, tmp: Path) -> None:

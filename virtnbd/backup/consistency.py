@@ -20,6 +20,7 @@ and the command that fixes it. Checkpoints that are not ours are never touched.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -30,7 +31,7 @@ from typing import Any
 import libvirt
 
 from virtnbd import errors
-from virtnbd.backup import archive, output
+from virtnbd.backup import archive, output, renew
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backup.plan import Plan, PlannedDisk, chain_points
 from virtnbd.virt import bitmaps, checkpoints, xmlbuild
@@ -198,6 +199,10 @@ def preflight(options: BackupOptions, dom: libvirt.virDomain, folder: Path, mani
         drop_orphan_bitmaps(dom, plan)
     if plan.level not in ("inc", "diff") or manifest is None:
         return Verdict(plan, manifest)
+    reason = renew.due(options.renew, manifest, datetime.datetime.now(datetime.UTC)) \
+        if options.level == "auto" and not options.printonly else None
+    if reason:
+        return _new_chain(options, folder, replan, f"renew: {reason}")
     _redefined, problems = redefine_lost(dom, manifest, folder)
     if not problems:
         problems = bitmap_problems(dom, plan, running)
@@ -208,9 +213,12 @@ def preflight(options: BackupOptions, dom: libvirt.virDomain, folder: Path, mani
     cause = "; ".join(p.cause for p in problems)
     if not (options.level == "auto" or options.fallback_full) or options.printonly:
         raise errors.ChainError(reason=f"cannot continue the chain in {folder}: {cause}; {_fix(options, folder)}")
+    return _new_chain(options, folder, replan, f"chain broken ({cause})")
+
+
+def _new_chain(options: BackupOptions, folder: Path, replan: Replan, why: str) -> Verdict:
     moved = archive.archive(folder, output.stamp())
-    note = (f"chain broken ({cause}): old chain moved to {moved} (restorable with -i there), "
-            f"starting a new chain with a full backup")
+    note = f"{why}: old chain moved to {moved} (restorable with -i there), starting a new chain with a full backup"
     log.warning("%s", note)
     full = dataclasses.replace(options, level="full")
     return Verdict(replan(full, None), None, note)

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from virtnbd.backup.renew import Renew
 from virtnbd.rbdconn import CephOptions
+from virtnbd.retention.policy import Policy
 from virtnbd.virt.agent import QuiesceOptions
 
 LEVELS = ("copy", "full", "inc", "diff", "auto")
@@ -46,6 +48,9 @@ class BackupOptions:
     staging: int = 16 << 20                # bytes of output staging blocks, shared the same way
     encode_threads: int = 0                # compression threads; 0: one per usable CPU, plus one
     ceph: CephOptions = field(default_factory=CephOptions)   # raw RBD disks: snapshots + diff for incrementals
+    keep: Policy | None = None             # retention applied after a committed backup (virtnbdprune rules)
+    merge: bool = False                    # ... consolidating points only kept points need
+    renew: Renew | None = None             # -l auto: new chain after N incs / when the full is that old
 
     @property
     def buffer_size(self) -> int:

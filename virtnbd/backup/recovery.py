@@ -2,6 +2,8 @@
 
 * A half-done move of a broken chain into ``chain-<stamp>/`` is finished
   (:func:`virtnbd.backup.archive.resume`).
+* A prune or consolidation killed half-way is rolled back or finished
+  (:func:`virtnbd.retention.journal.recover_root`).
 * Partial data files (``*.partial``) and temp files of atomic saves
   (``.*.tmp``) are removed: the lock proves no live run writes them, and the
   manifest never lists them, so they hold nothing a restore could use.
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from virtnbd import fsutil
 from virtnbd.backup import archive
+from virtnbd.retention import journal
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ def stale_files(folder: Path) -> list[Path]:
 def recover(folder: Path) -> list[Path]:
     """Bring the folder back to its last committed state; returns what was removed or moved."""
     changed = archive.resume(folder)
+    journal.recover_root(folder)      # a prune/consolidation killed half-way (virtnbd.retention.journal)
     for path in stale_files(folder):
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)

@@ -244,3 +244,29 @@ def commit_point(folder: str | os.PathLike[str], point: Point, domain: str, doma
     updated = replace(current, domain=domain, points=(*current.points, point), folder=os.fspath(base))
     fsutil.save_atomic(manifest_path(base), to_json(updated))
     return updated
+
+
+def _check_chain(points: tuple[Point, ...]) -> None:
+    """Every point valid in order, as if committed one by one (first copy/full, inc parent = newest full/inc)."""
+    built = Manifest(domain="", domain_uuid="", points=())
+    for point in points:
+        _check_new_point(built, point)
+        built = replace(built, points=(*built.points, point))
+
+
+def rewrite(folder: str | os.PathLike[str], previous: Manifest, points: tuple[Point, ...]) -> Manifest:
+    """Replace the folder's points atomically (prune, consolidation), under the caller's lock.
+
+    The manifest on disk must still be ``previous``; the new list must form a
+    valid chain and every file it lists must exist with its recorded size.
+    """
+    base = Path(folder)
+    current = load(base)
+    if current is None or to_json(current) != to_json(previous):
+        raise errors.BackupSetError(path=str(base), reason="the manifest changed while the chain was rewritten")
+    _check_chain(points)
+    for point in points:
+        _check_files(base, point)
+    updated = replace(previous, points=points, folder=os.fspath(base))
+    fsutil.save_atomic(manifest_path(base), to_json(updated))
+    return updated

@@ -55,3 +55,10 @@ def data_file(disk: str, level: str, point_name: str) -> str:
         name = point_name if point_name.startswith("diff.") else f"diff.{point_name}"
         return f"{disk}.{name}{DATA_SUFFIX}"
     raise errors.UsageError(reason=f"unknown backup level {level!r} (use {', '.join(LEVELS)})")
+
+
+def synthetic_full_file(disk: str, point_name: str) -> str:
+    """``sda.full.virtnbdbackup.19.data``: a full made by consolidating a chain up to that point."""
+    _check("disk name", disk)
+    _check("point name", point_name)
+    return f"{disk}.full.{point_name}{DATA_SUFFIX}"

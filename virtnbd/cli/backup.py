@@ -8,9 +8,12 @@ import sys
 from collections.abc import Sequence
 
 from virtnbd import __version__, errors
+from virtnbd.backup import renew
 from virtnbd.backup.options import COMPRESS_METHODS, LEVELS, BackupOptions
-from virtnbd.cli import rbdargs
+from virtnbd.backup.renew import Renew
+from virtnbd.cli import prune, rbdargs
 from virtnbd.cli.shell import OneLineParser, run_main
+from virtnbd.retention.policy import Policy
 
 PROG = "virtnbdbackup"
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
@@ -73,9 +76,21 @@ def build_parser() -> OneLineParser:
     p.add_argument("--read-size", type=parse_size, default=256 << 10, metavar="SIZE",
                    help="bytes per NBD read request (default: 256K; data frames stay 1M, read in several "
                         "requests, or SIZE when larger)")
+    p.add_argument("--renew", type=_renew, default=None, metavar="N|DURATION",
+                   help="-l auto: start a new chain (the old one moves to OUTPUT/chain-<time>/) after N incs "
+                        "or once the full is DURATION old (e.g. 30, 1m, 7d)")
+    prune.add_policy_arguments(p.add_argument_group(
+        "Retention (applied after a committed backup, to every chain of OUTPUT; see virtnbdprune)"))
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     rbdargs.add_ceph_arguments(p.add_argument_group("Ceph (raw RBD disks: incrementals from RBD snapshots + diff)"))
     return p
+
+
+def _renew(text: str) -> Renew:
+    try:
+        return renew.parse(text)
+    except errors.UsageError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _umask(text: str) -> int:
@@ -100,6 +115,8 @@ def parse(argv: Sequence[str]) -> BackupOptions:
         raise errors.UsageError(reason="--agent-timeout must be positive")
     if not 4096 <= args.read_size <= 32 << 20:
         raise errors.UsageError(reason="--read-size must be between 4K and 32M")
+    if args.renew is not None and args.level != "auto":
+        raise errors.UsageError(reason="--renew goes with -l auto")
     if args.no_freeze and args.freeze_mountpoint:
         raise errors.UsageError(reason="--no-freeze and -F/--freeze-mountpoint exclude each other")
     relative = [m for m in _flat(args.freeze_mountpoint) if not m.startswith("/")]
@@ -116,13 +133,25 @@ def parse(argv: Sequence[str]) -> BackupOptions:
         freeze=not args.no_freeze, freeze_mountpoints=_flat(args.freeze_mountpoint), no_freeze=args.no_freeze,
         pause=args.pause, agent_timeout=args.agent_timeout, read_size=args.read_size,
         fallback_full=args.fallback_full, umask=args.umask,
-        ceph=rbdargs.ceph_options(args),
+        ceph=rbdargs.ceph_options(args), keep=_keep(args), merge=args.merge, renew=args.renew,
     )
+
+
+def _keep(args: argparse.Namespace) -> Policy | None:
+    policy = prune.policy_of(args)
+    if policy.empty and args.merge:
+        raise errors.UsageError(reason="--merge goes with --keep-* rules")
+    return None if policy.empty else policy
 
 
 def _run(options: BackupOptions) -> None:
     from virtnbd.backup import run
     summary = run.run(options)
+    if options.keep is not None and summary.point and not summary.skipped:
+        from virtnbd.retention import prune as retention
+        plans = retention.run(options.output, options.keep, merge=options.merge, dry_run=False)
+        summary.notes.extend(f"{d.action} {d.chain}/{d.point}: {d.rule}" for cp in plans for d in cp.decisions
+                             if d.action != "keep")
     if options.json:
         json.dump(summary.as_json(), sys.stdout, indent=1, sort_keys=True)
         sys.stdout.write("\n")

@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Consolidation benchmark: merging a full (1.5 GiB of data) + 20 incs into one full, against restoring
+the newest point of the same chain to a raw file, in the same run.
+
+The chain is the restore benchmark's synthetic "long" set (bench_restore.build: 4 GiB virtual,
+1.5 GiB incompressible data in 1 MiB frames, 20 incs of 32 MiB). Each repetition consolidates a
+fresh copy (the copy is not timed) with ``virtnbdprune --consolidate virtnbdbackup.20``; the newest
+point's verify result is recorded before (untimed), as after a nightly backup + verify, so the
+timed run is the consolidation pass itself.
+
+Ratios printed (target in brackets):
+  consolidate full + 20 incs / restore newest point to raw   [<= 1.25]
+  peak RSS of virtnbdprune --consolidate                      [<= 128 MiB]
+
+Usage: .venv/bin/python bench/bench_consolidate.py [--size GiB] [--data GiB] [--repeat N] [--dir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+from bench_restore import GiB, MiB, build, drop, restore_cmd, timed  # noqa: E402
+
+from virtnbd.retention import verifylog  # noqa: E402
+
+PRUNE = [sys.executable, os.path.join(ROOT, "virtnbdprune")]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=float, default=4.0)
+    ap.add_argument("--data", type=float, default=1.5)
+    ap.add_argument("--incs", type=int, default=20)
+    ap.add_argument("--change", type=int, default=32, help="MiB changed per inc (default 32)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--dir", default="/var/tmp/vnbd-bench-consolidate")
+    args = ap.parse_args()
+    drop(args.dir)
+    os.makedirs(args.dir)
+    t0 = time.perf_counter()
+    paths = build(args.dir, size=int(args.size * GiB), data=int(args.data * GiB), incs=args.incs,
+                  change=args.change * MiB)
+    long = paths["long"]
+    result = verifylog.verify_point(Path(long), f"virtnbdbackup.{args.incs}")
+    assert result.ok, result.error
+    print(f"built and verified the chain in {time.perf_counter() - t0:.1f} s under {args.dir}")
+    work, out, rss_file = os.path.join(args.dir, "work"), os.path.join(args.dir, "out"), os.path.join(args.dir, "rss")
+    times: dict[str, list[float]] = {"consolidate": [], "restore-raw": []}
+    peaks: list[int] = []
+    try:
+        for rep in range(args.repeat):
+            order = ("consolidate", "restore-raw") if rep % 2 == 0 else ("restore-raw", "consolidate")
+            for key in order:
+                drop(work)
+                drop(out)
+                if key == "consolidate":
+                    shutil.copytree(long, work)
+                    os.sync()
+                    argv = [*PRUNE, "-i", work, "--consolidate", f"virtnbdbackup.{args.incs}"]
+                else:
+                    argv = restore_cmd(long, out, "raw", 4)
+                secs, peak, _cpu = timed(argv, rss_file)
+                times[key].append(secs)
+                if key == "consolidate":
+                    peaks.append(peak)
+    finally:
+        drop(args.dir)
+    for k, v in times.items():
+        print(f"{k:12s} median {statistics.median(v):6.2f} s   (runs: {', '.join(f'{x:.2f}' for x in v)})")
+    ratio = statistics.median(a / b for a, b in zip(times["consolidate"], times["restore-raw"], strict=True))
+    rss = max(peaks) / 1024
+    print(f"consolidate full + {args.incs} incs / restore newest to raw: {ratio:.2f}  [<= 1.25] "
+          f"{'ok' if ratio <= 1.25 else 'OVER'}")
+    print(f"peak RSS of the consolidation: {rss:.0f} MiB  [<= 128] {'ok' if rss <= 128 else 'OVER'}")
+    return 0 if ratio <= 1.25 and rss <= 128 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Retention: policies, prune, consolidation, status of backup sets."""

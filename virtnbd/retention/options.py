@@ -1,0 +1,20 @@
+"""The frozen record of what one virtnbdprune run should do (built by cli/prune.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from virtnbd.retention.policy import Policy
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    input: str
+    policy: Policy
+    status: bool = False
+    consolidate: str | None = None     # merge the chain up to this point into a synthetic full
+    merge: bool = False                # policy: merge points only kept points need (else keep them)
+    dry_run: bool = False
+    json: bool = False
+    worker: int = 4
+    verbose: bool = False
+    strict: bool = False
