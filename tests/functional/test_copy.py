@@ -9,8 +9,8 @@ import pytest
 from tests.lab.libvirt_lab import MiB, data_op, pattern_op, zero_op
 from tests.lab.nbd_lab import write_expected
 from virtnbd.backup.copy import copy_disk
-from virtnbd.extents import BASE_ALLOCATION, iter_extents
-from virtnbd.nbdsource import NbdSource
+from virtnbd.source.extents import BASE_ALLOCATION, iter_extents
+from virtnbd.source.nbdsource import NbdSource
 from virtnbd.stream import StreamMeta, StreamWriter, open_stream
 
 pytest.importorskip("nbd")

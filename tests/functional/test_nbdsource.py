@@ -5,8 +5,8 @@ import pytest
 
 from tests.lab.libvirt_lab import MiB, data_op, pattern_op, zero_op
 from virtnbd import errors
-from virtnbd.extents import BASE_ALLOCATION, DATA, iter_extents, split
-from virtnbd.nbdsource import NbdSource
+from virtnbd.source.extents import BASE_ALLOCATION, DATA, iter_extents, split
+from virtnbd.source.nbdsource import NbdSource
 
 pytest.importorskip("nbd")
 

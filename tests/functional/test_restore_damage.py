@@ -10,7 +10,7 @@ from tests.functional.restore_sets import SetBuilder
 from virtnbd.cli.restore import main
 from virtnbd.restore.plan import Layer, collapse
 from virtnbd.stream import format as fmt
-from virtnbd.stream.reader import open_stream
+from virtnbd.stream.detect import open_stream
 
 
 def _set(folder: str) -> SetBuilder:

@@ -123,7 +123,7 @@ def test_compression_probe_pauses_after_a_streak_and_retries() -> None:
 
 
 def test_encode_threads_follow_the_cpus(monkeypatch):
-    from virtnbd.backup import run
+    from virtnbd.backup import diskrun as run
     monkeypatch.setattr(run.os, "sched_getaffinity", lambda _pid: {0, 1})
     assert run.encode_thread_count(0) == 3
     monkeypatch.setattr(run.os, "sched_getaffinity", lambda _pid: set(range(64)))

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from virtnbd import errors
-from virtnbd.extents import (
+from virtnbd.source.extents import (
     BASE_ALLOCATION,
     DATA,
     ZERO,

@@ -4,11 +4,12 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from virtnbd import rbdconn, rbdextents
+from virtnbd import rbdconn
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backup.plan import make_plan
 from virtnbd.backupset import manifest
-from virtnbd.extents import BASE_ALLOCATION, DATA, ZERO, Extent, iter_extents
+from virtnbd.source import rbdextents
+from virtnbd.source.extents import BASE_ALLOCATION, DATA, ZERO, Extent, iter_extents
 from virtnbd.virt.domainxml import Disk
 
 RBD_RAW = Disk("sda", "virtio", "raw", "network", None, protocol="rbd", name="rbd/vm1")

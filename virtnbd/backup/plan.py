@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from virtnbd import errors, rbdextents
+from virtnbd import errors
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backupset import naming
+from virtnbd.source import rbdextents
 from virtnbd.virt.domainxml import Disk
 
 

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 from virtnbd import errors
-from virtnbd.backupset.manifest import Manifest, Point
+from virtnbd.backupset.manifest import DiskEntry, Manifest, Point
 
 _ROOT_LEVELS = ("full", "copy")
 _PARENT_LEVELS = {"inc": ("full", "inc"), "diff": ("full", "inc")}
@@ -74,3 +74,26 @@ def check_files(folder: Path, chain: list[Point]) -> None:
                 raise errors.FormatError(path=str(path), offset=min(size, disk.stored_bytes),
                                          reason=f"point {point.name}: file has {size} bytes, "
                                                 f"the manifest records {disk.stored_bytes}")
+
+
+def disk_layers(points: list[Point], disk: str) -> list[tuple[Point, DiskEntry]]:
+    """The streams of ``disk`` to apply (root first) for the last of ``points`` (a resolved chain).
+
+    A full point, or a disk read whole inside an inc/diff (new, resized), starts afresh.
+    """
+    layers: list[tuple[Point, DiskEntry]] = []
+    for point in points:
+        entry = point.disks.get(disk)
+        if entry is None:
+            if layers:
+                raise errors.ChainError(reason=f"point {point.name} has no stream for disk {disk} "
+                                               f"although an earlier point has")
+            continue
+        level = entry.level or point.level
+        if level in ("copy", "full") or (entry.extra or {}).get("mode") == "full":
+            layers = []
+        elif not layers:
+            raise errors.ChainError(reason=f"disk {disk}: chain starts with {level} point {point.name}, "
+                                           "no full backup before it")
+        layers.append((point, entry))
+    return layers

@@ -20,7 +20,7 @@ from virtnbd import errors
 from virtnbd.backupset.manifest import DiskEntry, Manifest, Point
 from virtnbd.backupset.naming import checkpoint_number
 from virtnbd.stream import legacy as legacy_stream
-from virtnbd.stream.reader import open_stream
+from virtnbd.stream.detect import open_stream
 
 log = logging.getLogger(__name__)
 

@@ -13,35 +13,12 @@ file opener for the requested format. Every target:
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Protocol, Self
+from collections.abc import Callable
 
 from virtnbd import errors
+from virtnbd.restore.targets.base import Target, TargetBase, TargetRequest, scheme_of
 
-
-class Target(Protocol):
-    bytes_written: int
-    name: str                 # final name (path, or rbd:pool/image) for messages
-
-    def write(self, offset: int, data: bytes | memoryview) -> None: ...
-    def zero(self, offset: int, length: int) -> None: ...
-    def commit(self) -> None: ...
-    def abort(self) -> None: ...
-    def __enter__(self) -> Self: ...
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None: ...
-
-
-@dataclass(frozen=True)
-class TargetRequest:
-    spec: str                              # output file path, or "<scheme>:..." (e.g. rbd:pool/image)
-    format: str                            # "qcow2" | "raw" (file targets)
-    virtual_size: int
-    preallocate: bool = False
-    workers: int = 4
-    image_info: Mapping[str, Any] = field(default_factory=dict)  # `qemu-img info` JSON saved at backup time
-    extra: Mapping[str, Any] = field(default_factory=dict)       # scheme-specific options (ceph conf, ...)
+__all__ = ["Opener", "Target", "TargetBase", "TargetRequest", "open_target", "register", "scheme_of"]
 
 
 Opener = Callable[[TargetRequest], Target]
@@ -51,13 +28,6 @@ _OPENERS: dict[str, Opener] = {}
 def register(scheme: str, opener: Opener) -> None:
     """Make ``open_target`` send specs ``<scheme>:...`` to ``opener``."""
     _OPENERS[scheme] = opener
-
-
-def scheme_of(spec: str) -> str | None:
-    head, sep, _ = spec.partition(":")
-    if sep and head.isalnum() and len(head) > 1 and "/" not in head:
-        return head
-    return None
 
 
 def open_target(request: TargetRequest) -> Target:
@@ -81,23 +51,3 @@ def open_target(request: TargetRequest) -> Target:
         from virtnbd.restore.targets.qcow2 import Qcow2Target
         return Qcow2Target(request)
     raise errors.UsageError(reason=f"unknown output format {request.format!r} (qcow2 or raw)")
-
-
-class TargetBase:
-    """Shared context-manager behaviour: abort on exception, never commit implicitly."""
-
-    bytes_written = 0
-    name = ""
-
-    def commit(self) -> None:
-        raise NotImplementedError
-
-    def abort(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        if et is not None:
-            self.abort()

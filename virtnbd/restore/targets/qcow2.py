@@ -26,7 +26,7 @@ from typing import Any
 
 from virtnbd import errors
 from virtnbd.fsutil import fsync_dir, storage_error
-from virtnbd.restore.targets import TargetBase, TargetRequest
+from virtnbd.restore.targets.base import TargetBase, TargetRequest
 from virtnbd.restore.targets.raw import refuse_existing, temp_name
 
 log = logging.getLogger(__name__)

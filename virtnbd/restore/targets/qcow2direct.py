@@ -24,7 +24,7 @@ from typing import Any
 
 from virtnbd import errors
 from virtnbd.fsutil import storage_error
-from virtnbd.restore.targets import TargetRequest
+from virtnbd.restore.targets.base import TargetRequest
 from virtnbd.restore.targets.raw import FileTarget, pwrite_all
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import threading
 
 from virtnbd import errors, fsutil
 from virtnbd.fsutil import PARTIAL_SUFFIX, fsync_dir, storage_error
-from virtnbd.restore.targets import TargetBase, TargetRequest
+from virtnbd.restore.targets.base import TargetBase, TargetRequest
 
 log = logging.getLogger(__name__)
 

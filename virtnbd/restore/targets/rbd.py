@@ -27,7 +27,7 @@ from typing import Any
 
 from virtnbd import errors, rbdconn
 from virtnbd.fsutil import PARTIAL_SUFFIX
-from virtnbd.restore.targets import TargetBase, TargetRequest
+from virtnbd.restore.targets.base import TargetBase, TargetRequest
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from types import TracebackType
 import nbd
 
 from virtnbd import errors
-from virtnbd.extents import BASE_ALLOCATION
+from virtnbd.source.extents import BASE_ALLOCATION
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ class NbdSource:
                   self.export, self.size, self.multi_conn, len(self._workers), self._depth)
 
     def block_status(self, offset: int, count: int) -> Mapping[str, Sequence[tuple[int, int]]]:
-        """{context: [(length, flags), ...]} from ``offset``; see :mod:`virtnbd.extents`."""
+        """{context: [(length, flags), ...]} from ``offset``; see :mod:`virtnbd.source.extents`."""
         answer: dict[str, list[tuple[int, int]]] = {}
 
         def callback(ctx: str, _off: int, entries: list[int], _err: object) -> int:

@@ -16,7 +16,7 @@ included too, harmlessly), and the bytes are read from the job's NBD export,
 which shows the disk exactly as it was when the job started. Data and zero are
 told apart by the export's ``base:allocation``, as for bitmap incrementals.
 
-The engine hook: the changed extents are presented to :func:`virtnbd.extents.iter_extents`
+The engine hook: the changed extents are presented to :func:`virtnbd.source.extents.iter_extents`
 as one more block-status context (:data:`DIRTY_CONTEXT`) next to ``base:allocation``.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 
 from virtnbd import errors, rbdconn
 from virtnbd.backupset import naming
-from virtnbd.extents import STATE_DIRTY, StatusFn
+from virtnbd.source.extents import STATE_DIRTY, StatusFn
 
 log = logging.getLogger(__name__)
 
