@@ -8,7 +8,7 @@ import pytest
 
 from tests.lab import rgw_lab
 from virtnbd import errors
-from virtnbd.s3store import S3Options, S3Store, S3Url, part_size_for
+from virtnbd.backupset.s3store import S3Options, S3Store, S3Url, part_size_for
 
 pytestmark = [pytest.mark.system, pytest.mark.ceph]
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from virtnbd import errors
 
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 SCHEME = "s3://"
 MIN_PART = 8 << 20            # S3 minimum is 5 MiB (all parts but the last)
 MAX_PARTS = 10_000
+PARTS_PER_STEP = 1000       # part size doubles every 1000 parts (8 MiB parts: 8 GiB, then 16 MiB ...)
 LOCK_NAME = ".virtnbd.lock"
 LOCK_TTL = 6 * 3600           # a lock older than this (owner gone quiet) may be broken
 
@@ -143,13 +144,11 @@ class S3Store:
     def __init__(self, url: str | S3Url, options: S3Options | None = None, client: Any = None) -> None:
         self.url = url if isinstance(url, S3Url) else S3Url.parse(url)
         self.options = options or S3Options()
+        self.location = str(self.url)
         self.client = client or make_client(self.options)
         self.requests = RequestCounter()
         self.requests.attach(self.client)
 
-    @property
-    def location(self) -> str:
-        return str(self.url)
 
     def where(self, name: str) -> str:
         return f"{self.url}/{name}" if name else str(self.url)
@@ -167,9 +166,6 @@ class S3Store:
         with self._call(""):
             # a GET, not HEAD: a HEAD error has no body, so no code to tell a wrong secret from a missing bucket
             self.client.list_objects_v2(Bucket=self.url.bucket, Prefix=self.url.key(""), MaxKeys=1)
-
-    def exists(self, name: str) -> bool:
-        return self.size(name) is not None
 
     def size(self, name: str) -> int | None:
         from botocore import exceptions as bx
@@ -208,7 +204,7 @@ class S3Store:
         with self._call(name), _if_none_match(self.client, if_absent):
             self.client.put_object(**args)
 
-    def remove(self, names: list[str]) -> None:
+    def remove_many(self, names: list[str]) -> None:
         for start in range(0, len(names), 1000):
             chunk = [{"Key": self.url.key(n)} for n in names[start:start + 1000]]
             with self._call(names[start]):
@@ -218,7 +214,7 @@ class S3Store:
                 where = self.where(self._name(first["Key"]))
                 raise errors.StorageError(path=where, reason=first.get("Message", "delete failed"))
 
-    def open_read(self, name: str) -> RangedObject:
+    def open_ranged(self, name: str) -> RangedObject:
         size = self.size(name)
         if size is None:
             raise errors.StorageError(path=self.where(name), reason="no such object")
@@ -249,7 +245,7 @@ class S3Store:
         return aborted
 
     @contextlib.contextmanager
-    def lock(self, reason: str) -> Iterator[None]:
+    def lock(self, reason: str = "backup") -> Iterator[None]:
         """Refuse a second run on this prefix: a lock object only one writer can create."""
         record = {"pid": os.getpid(), "host": socket.gethostname(), "reason": reason,
                   "expires": time.time() + LOCK_TTL}
@@ -258,7 +254,7 @@ class S3Store:
             yield
         finally:
             with contextlib.suppress(errors.StorageError):
-                self.remove([LOCK_NAME])
+                self.remove_many([LOCK_NAME])
 
     def _take_lock(self, data: bytes) -> None:
         try:
@@ -272,7 +268,7 @@ class S3Store:
             raise errors.LockedError(path=str(self.url), pid=holder.get("pid", "?"),
                                      reason=f"on {holder.get('host', '?')}: {holder.get('reason', '')}")
         log.warning("%s: breaking an expired lock of pid %s on %s", self.url, holder.get("pid"), holder.get("host"))
-        self.remove([LOCK_NAME])
+        self.remove_many([LOCK_NAME])
         self.put(LOCK_NAME, data, if_absent=True)
 
     def _lock_holder(self) -> dict[str, Any]:
@@ -354,6 +350,8 @@ class Upload:
         while len(self._buf) >= self.part_size:
             self._send(bytes(self._buf[:self.part_size]))
             del self._buf[:self.part_size]
+            if len(self._parts) % PARTS_PER_STEP == 0:   # unknown final size: grow so 10 000 parts reach TiBs
+                self.part_size *= 2
         return len(data)
 
     def flush(self) -> None:
@@ -446,3 +444,69 @@ class RangedObject(io.RawIOBase):
         buffer[:len(data)] = data
         self._pos += len(data)
         return len(data)
+
+
+class BufferedObject(io.BufferedReader):
+    """Sequential reads through a large buffer (few GETs), plus the raw object's thread-safe pread."""
+
+    def __init__(self, raw: RangedObject, buffer_size: int = 8 << 20) -> None:
+        super().__init__(raw, buffer_size)
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return self.raw.pread(length, offset)  # type: ignore[attr-defined, no-any-return]
+
+
+class _Defaults:
+    options = S3Options()
+
+
+def configure(options: S3Options) -> None:
+    """Endpoint, profile, CA bundle and timeouts for the s3:// stores this process opens (set by the CLI)."""
+    _Defaults.options = options
+
+
+class ObjectStore(S3Store):
+    """The :class:`~virtnbd.backupset.store.Store` of a set at ``s3://BUCKET/PREFIX``."""
+
+    def exists(self) -> bool:
+        """The prefix holds objects (a set or a root of sets)."""
+        with self._call(""):
+            out = self.client.list_objects_v2(Bucket=self.url.bucket, Prefix=self.url.key(""), MaxKeys=1)
+        return bool(out.get("KeyCount"))
+
+    def prepare(self) -> None:
+        self.check_bucket()
+
+    def describe(self, name: str) -> str:
+        return self.where(name)
+
+    def open_read(self, name: str) -> BinaryIO:
+        return cast(BinaryIO, BufferedObject(self.open_ranged(name)))
+
+    def pread(self, name: str, offset: int, length: int) -> bytes:
+        return self.open_ranged(name).pread(length, offset)
+
+    def read_bytes(self, name: str) -> bytes | None:
+        if self.size(name) is None:
+            return None
+        return self.get(name)
+
+    @contextlib.contextmanager
+    def create(self, name: str, staging_blocks: int = 0) -> Iterator[BinaryIO]:
+        """A multipart upload, completed when the block exits cleanly and aborted otherwise."""
+        with self.upload(name) as up:
+            yield cast(BinaryIO, up)
+            up.commit()
+
+    def replace(self, name: str, data: bytes) -> None:
+        self.put(name, data)
+
+    def list(self) -> list[str]:  # type: ignore[override]
+        return [name for name, _ in self.listing() if "/" not in name]
+
+    def remove(self, name: str) -> None:
+        self.remove_many([name])
+
+
+def open_object_store(location: str) -> ObjectStore:
+    return ObjectStore(location, _Defaults.options)
