@@ -163,10 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/lab/rgw", description="throw-away Ceph + RADOS Gateway (S3)")
     parser.add_argument("action", choices=("start", "stop"))
     parser.add_argument("folder")
+    parser.add_argument("--memstore-bytes", type=int, default=4 << 30,
+                        help="OSD memory (default 4 GiB: benchmarks upload GiBs; a full memstore hangs writes)")
     args = parser.parse_args(argv)
     try:
         if args.action == "start":
-            ep = start(ceph_lab.start(args.folder))
+            ep = start(ceph_lab.start(args.folder, args.memstore_bytes))
             env = "".join(f"export {k}={v}\n" for k, v in ep.env().items())
             env_file = Path(args.folder) / "s3.env"
             env_file.write_text(env)

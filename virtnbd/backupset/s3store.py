@@ -27,6 +27,7 @@ import os
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ MIN_PART = 8 << 20            # S3 minimum is 5 MiB (all parts but the last)
 MAX_PARTS = 10_000
 PARTS_PER_STEP = 1000       # part size doubles every 1000 parts (8 MiB parts: 8 GiB, then 16 MiB ...)
 LOCK_NAME = ".virtnbd.lock"
+BLOCK = 8 << 20              # ranged GETs of stream data: aligned 8 MiB blocks
+CACHED_BLOCKS = 4            # per open object (32 MiB)
 LOCK_TTL = 6 * 3600           # a lock older than this (owner gone quiet) may be broken
 
 
@@ -93,6 +96,8 @@ def make_client(options: S3Options) -> Any:
     import boto3
     from botocore.config import Config
 
+    for noisy in ("boto3", "botocore", "urllib3", "s3transfer"):   # their debug lines carry request headers
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     session = boto3.session.Session(profile_name=options.profile, region_name=options.region)
     config = Config(connect_timeout=options.connect_timeout, read_timeout=options.read_timeout,
                     retries={"mode": "standard", "total_max_attempts": options.attempts},
@@ -410,6 +415,9 @@ class RangedObject(io.RawIOBase):
         super().__init__()
         self.store, self.name, self.length = store, name, size
         self._pos = 0
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._loading: dict[int, Future[bytes]] = {}
 
     def readable(self) -> bool:
         return True
@@ -426,10 +434,51 @@ class RangedObject(io.RawIOBase):
         return self._pos
 
     def pread(self, length: int, offset: int) -> bytes:
-        """Up to ``length`` bytes at ``offset`` (fewer only at the end), like os.pread."""
+        """Up to ``length`` bytes at ``offset`` (fewer only at the end), like os.pread.
+
+        Small reads are served from aligned ``BLOCK`` sized ranged GETs kept in a tiny cache
+        (readers go through a stream mostly in offset order: one GET per block, not per frame).
+        """
         end = min(offset + length, self.length)
         if end <= offset:
             return b""
+        first, last = offset // BLOCK, (end - 1) // BLOCK
+        if last - first > 1:
+            return self._get(offset, end)
+        blocks = [self._block(i) for i in range(first, last + 1)]
+        joined = blocks[0] if len(blocks) == 1 else b"".join(blocks)
+        start = offset - first * BLOCK
+        return joined[start:start + end - offset]
+
+    def _block(self, index: int) -> bytes:
+        with self._lock:
+            if index in self._cache:
+                self._cache.move_to_end(index)
+                return self._cache[index]
+            waiter = self._loading.get(index)
+            if waiter is None:
+                waiter = self._loading[index] = Future()
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            return waiter.result()
+        try:
+            data = self._get(index * BLOCK, min((index + 1) * BLOCK, self.length))
+        except BaseException as err:
+            waiter.set_exception(err)
+            with self._lock:
+                del self._loading[index]
+            raise
+        with self._lock:
+            self._cache[index] = data
+            del self._loading[index]
+            while len(self._cache) > CACHED_BLOCKS:
+                self._cache.popitem(last=False)
+        waiter.set_result(data)
+        return data
+
+    def _get(self, offset: int, end: int) -> bytes:
         s = self.store
         with s._call(self.name):
             body = s.client.get_object(Bucket=s.url.bucket, Key=s.url.key(self.name),
