@@ -35,3 +35,4 @@ from tests.lab.nbd_lab import (  # noqa: E402, F401
     nbdkit_sparse_random,
     qemu_nbd_bitmap,
 )
+from tests.lab.rgw_lab import s3_bucket, s3_endpoint  # noqa: E402, F401

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-DAEMONS = ("ceph-mon", "ceph-mgr", "ceph-osd")
+DAEMONS = ("ceph-mon", "ceph-mgr", "ceph-osd", "radosgw")   # radosgw: tests/lab/rgw_lab.py
 DEFAULT_MEMSTORE_BYTES = 1 << 30
 CLIENT_ID = "admin"
 POOL = "rbd"
@@ -96,7 +96,7 @@ def _run(cmd: list[str], timeout: float = 60) -> str:
 
 
 def available() -> bool:
-    return all(shutil.which(tool) for tool in (*DAEMONS, "ceph", "rbd", "monmaptool", "ceph-authtool"))
+    return all(shutil.which(tool) for tool in (*DAEMONS[:3], "ceph", "rbd", "monmaptool", "ceph-authtool"))
 
 
 def _free_port() -> int:
@@ -287,7 +287,7 @@ def _is_ours(pid: int, folder: Path) -> bool:
 def stop(folder: str | os.PathLike[str], timeout: float = 10) -> None:
     """Stop exactly the daemons started under ``folder`` (osd, mgr, mon order)."""
     root = Path(folder).resolve()
-    order = {"osd": 0, "mgr": 1, "mon": 2}
+    order = {"client": -1, "osd": 0, "mgr": 1, "mon": 2}   # client.rgw.x (radosgw) first
     pids = sorted(_pids(root).items(), key=lambda kv: order.get(kv[0].name.split(".")[0], 3))
     for pidfile, pid in pids:
         if _is_ours(pid, root):

@@ -23,6 +23,7 @@ from virtnbd.backup.diskrun import BackupRun, RunSummary, report, size_text
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backup.plan import Plan, PlannedDisk, make_plan
 from virtnbd.backupset.api import BackupSet, create_set
+from virtnbd.backupset.store import LocalStore
 from virtnbd.source import rbdextents
 from virtnbd.virt import agent, checkpoints, connection, domainxml, xmlbuild
 from virtnbd.virt.job import BackupJob, abort_stale
@@ -124,6 +125,9 @@ def run(options: BackupOptions) -> RunSummary:
     with modes.umask(options.umask), connection.connect(options.uri) as conn:
         dom = connection.lookup_domain(conn, options.domain)
         bset = create_set(options.output)
+        if not isinstance(bset.store, LocalStore):
+            raise errors.UsageError(reason=f"{bset.location}: backups are written into a local folder for now; "
+                                           "restore, dump and verify read sets in object storage")
         folder = Path(bset.location)   # recovery and modes still work on the local folder
         with bset.lock():
             recovery.recover(folder)

@@ -98,7 +98,10 @@ class StreamSet:
     def commit(self, point: Point, domain: str, domain_uuid: str) -> Manifest:
         if isinstance(self.store, LocalStore):
             return manifest_mod.commit_point(self.store.root, point, domain, domain_uuid)
-        raise errors.BackupSetError(path=self.location, reason="commit needs a local store")  # s3: next wave
+        updated = manifest_mod.append_point(self.manifest(), point, domain, domain_uuid, where=self.location,
+                                            size_of=self.store.size)
+        self.store.replace(naming.MANIFEST, manifest_mod.to_json(updated))   # one atomic PUT: the commit
+        return updated
 
     def lock(self) -> ContextManager[None]:
         return self.store.lock()

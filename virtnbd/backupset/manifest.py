@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -222,6 +222,25 @@ def _check_files(folder: Path, point: Point) -> None:
         if size != disk.stored_bytes:
             raise errors.BackupSetError(path=str(path), reason=f"point {point.name}: file has {size} bytes, "
                                                                f"entry says {disk.stored_bytes}")
+
+
+def append_point(current: Manifest | None, point: Point, domain: str, domain_uuid: str, *, where: str,
+                 size_of: Callable[[str], int | None]) -> Manifest:
+    """``current`` with ``point`` appended, after the checks of :func:`commit_point`, for any store.
+
+    ``size_of(name)`` is the store's size of an object (None when absent); ``where`` names the set.
+    """
+    current = current or Manifest(domain=domain, domain_uuid=domain_uuid, points=())
+    if current.domain_uuid != domain_uuid:
+        raise errors.BackupSetError(path=where, reason=f"set holds backups of domain {current.domain} "
+                                                       f"({current.domain_uuid}), not {domain} ({domain_uuid})")
+    _check_new_point(current, point)
+    for disk in point.disks.values():
+        size = size_of(disk.file)
+        if "/" in disk.file or size != disk.stored_bytes:
+            reason = f"point {point.name}: object has {size} bytes, entry says {disk.stored_bytes}"
+            raise errors.BackupSetError(path=f"{where}/{disk.file}", reason=reason)
+    return replace(current, domain=domain, points=(*current.points, point))
 
 
 def commit_point(folder: str | os.PathLike[str], point: Point, domain: str, domain_uuid: str) -> Manifest:

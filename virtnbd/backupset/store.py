@@ -155,6 +155,15 @@ def register(scheme: str, opener: Callable[[str], Store]) -> None:
     _STORES[scheme.lower()] = opener
 
 
+def _open_s3(location: str) -> Store:
+    from virtnbd.backupset import s3store  # boto3 is imported only for s3:// locations
+
+    return s3store.open_object_store(location)
+
+
+register("s3", _open_s3)
+
+
 def scheme_of(location: str) -> str | None:
     found = _SCHEME.match(location)
     return found.group(1).lower() if found else None

@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 
 from virtnbd import __version__, errors
-from virtnbd.cli import rbdargs
+from virtnbd.cli import rbdargs, s3args
 from virtnbd.cli.shell import OneLineParser, run_main
 from virtnbd.restore.options import ACTIONS, FORMATS, RestoreOptions
 
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Restore, dump or verify a virtnbd (or virtnbdbackup) backup set.",
         epilog="Exit codes: 0 ok, 1 error, 2 warnings with --strict, 128+N on signal N.",
     )
-    p.add_argument("-i", "--input", required=True, metavar="DIR", help="backup set folder")
+    p.add_argument("-i", "--input", required=True, metavar="DIR", help="backup set folder, or s3://BUCKET/PREFIX")
     p.add_argument("-o", "--output", metavar="OUT", help="output folder for restored images (restore)")
     p.add_argument("-a", "--action", choices=ACTIONS, default="restore",
                    help="restore (default), dump the metadata of every point, or verify every file")
@@ -43,11 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests in flight / files verified at once (default 4)")
     p.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     rbdargs.add_arguments(p)
+    s3args.add_arguments(p)
     return p
 
 
 def parse(argv: Sequence[str]) -> RestoreOptions:
     args = build_parser().parse_args(list(argv))
+    s3args.apply(s3args.s3_options(args))
     if args.worker < 1:
         raise errors.UsageError(reason="--worker must be at least 1")
     sequence: tuple[str, ...] = ()

@@ -215,6 +215,8 @@ class StreamReader:
                     if not more:
                         break
                     data += more
+            elif hasattr(self._f, "pread"):            # object storage: one thread-safe ranged read
+                data = self._f.pread(n, pos)
             else:
                 keep = self._f.tell()
                 self._f.seek(pos)
