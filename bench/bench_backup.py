@@ -140,7 +140,7 @@ class Bench:
             out.unlink(missing_ok=True)
             with out.open("wb") as f:
                 f.truncate(dom.disk(target).size)
-            _drop_caches()
+            _drop_caches(dom)
             started = time.monotonic()
             subprocess.run(["nbdcopy", "--flush", f"nbd+unix:///{target}?socket={sock}", str(out)], check=True)
             return time.monotonic() - started
@@ -152,7 +152,7 @@ class Bench:
         """(wall seconds start to exit, json summary, peak RSS KiB) of one virtnbdbackup run."""
         cmd = [*BACKUP, "-d", dom.name, "-l", level, "-o", str(folder), "-n", "--json", "--no-freeze",
                "--scratchdir", str(dom.dir), *extra]
-        _drop_caches()
+        _drop_caches(dom)
         out_path, err_path = folder.parent / "bench.out", folder.parent / "bench.err"
         with out_path.open("wb") as out, err_path.open("wb") as err:
             started = time.monotonic()
@@ -224,8 +224,28 @@ class Bench:
         shutil.rmtree(raw.parent, ignore_errors=True)
 
 
-def _drop_caches() -> None:
+def _drop_caches(dom: LabDomain) -> None:
+    """Write back dirty pages, then drop the domain's disk images from the page cache
+    (posix_fadvise DONTNEED, only these files), so both runs read from the disk."""
     os.sync()
+    for disk in dom.disks.values():
+        fd = os.open(disk.image, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+RSS_BOUND_MIB = 128
+
+
+def rss_verdict(results: dict) -> bool:
+    """Print the peak RSS of every backup run against the bound README quotes; True when within."""
+    peaks = {k: v["peak_rss_mib"] for k, v in results.items() if "peak_rss_mib" in v}
+    ok = all(v <= RSS_BOUND_MIB for v in peaks.values())
+    for label, mib in peaks.items():
+        print(f"RSS {label}: peak {mib:.0f} MiB (bound <= {RSS_BOUND_MIB}) {'ok' if mib <= RSS_BOUND_MIB else 'OVER'}")
+    return ok
 
 
 def _bench_env() -> dict[str, str]:
@@ -273,7 +293,7 @@ def main() -> int:
         bench.close()
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(bench.results, indent=1))
-    return 0
+    return 0 if rss_verdict(bench.results) else 1
 
 
 if __name__ == "__main__":

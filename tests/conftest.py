@@ -2,24 +2,21 @@
 
 In CI (``CI=true``) a skipped test is a failed test: a green CI must mean the
 real libvirt/QEMU/Ceph/guest tests ran. Locally a missing service skips.
+The rule (every kind of skip: at run time, setup, collection) is in tests/ci_skip_rule.py.
 """
 from __future__ import annotations
 
-import os
+from tests.ci_skip_rule import (  # noqa: F401  (hooks: pytest finds them in this module)
+    in_ci,
+    pytest_collectreport,
+    pytest_make_collect_report,
+    pytest_runtest_logreport,
+    pytest_runtest_makereport,
+    pytest_sessionfinish,
+    pytest_terminal_summary,
+)
 
-import pytest
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
-    outcome = yield
-    report = outcome.get_result()
-    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
-        report.outcome = "failed"
-        report.longrepr = f"skipped in CI is a failure: {report.longrepr}"
-
+IN_CI = in_ci()
 
 # Lab fixtures (tests/lab/*): imported here so every test module can use them.
 # The modules import libvirt/nbd lazily, so unit tests run without them.

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from tests.lab.libvirt_lab import MiB, data_op, pattern_op, zero_op
+from tests.lab.nbd_lab import ServerLog
 from virtnbd import errors
 from virtnbd.source.extents import BASE_ALLOCATION, DATA, iter_extents, split
 from virtnbd.source.nbdsource import NbdSource
@@ -11,13 +12,17 @@ from virtnbd.source.nbdsource import NbdSource
 pytest.importorskip("nbd")
 
 
-def test_reads_match_expected_over_several_connections(nbd_lab) -> None:  # type: ignore[no-untyped-def]
-    server = nbd_lab.sparse_random(64 * MiB, seed=5, percent=30, random_content=True)
+def test_reads_match_expected_over_several_connections(nbd_lab, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The server advertises multi-conn; its log (not our counters) shows the reads spread over
+    three connections and exactly the data extents' bytes served."""
+    log = tmp_path / "nbdkit.log"
+    server = nbd_lab.sparse_random(64 * MiB, seed=5, percent=30, random_content=True, log=log)
     expected = server.expected.read_bytes()
+    start = log.stat().st_size     # the lab's own size probe and nbdcopy of the expected image
     with NbdSource(str(server.sock), server.export, connections=3, depth=4) as src:
         assert src.size == 64 * MiB
-        if src.multi_conn:
-            assert len(src._workers) == 3
+        assert src.multi_conn
+        assert len(src._workers) == 3
         extents = list(split(iter_extents(src.block_status, src.size), 1 * MiB))
         data_extents = [e for e in extents if e.kind == DATA]
         total = 0
@@ -34,6 +39,23 @@ def test_reads_match_expected_over_several_connections(nbd_lab) -> None:  # type
         # what is not listed as data reads as zeros
         data = sum(e.length for e in extents if e.kind == DATA)
         assert expected.count(0) >= len(expected) - data
+    seen = ServerLog.read(log, start)
+    # the first connection asks for the size and the extents; three more read the data
+    assert len(seen.connections) == 4, seen.connections
+    assert len(seen.reading_connections) == 3, seen.reads
+    assert seen.bytes_served == total == data
+    assert _merged((o, n) for _c, o, n in seen.reads) == _merged((e.offset, e.length) for e in data_extents)
+
+
+def _merged(ranges) -> list[tuple[int, int]]:  # type: ignore[no-untyped-def]
+    """(offset, end) intervals of the union; overlapping input would make the byte sums above differ."""
+    out: list[tuple[int, int]] = []
+    for off, length in sorted(ranges):
+        if out and out[-1][1] == off:
+            out[-1] = (out[-1][0], off + length)
+        else:
+            out.append((off, off + length))
+    return out
 
 
 def test_a_chunk_read_in_several_requests_is_exact(nbd_lab) -> None:  # type: ignore[no-untyped-def]

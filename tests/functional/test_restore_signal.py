@@ -43,11 +43,12 @@ def test_sigterm_removes_partial_output(tmp_path, fmt):
                              "-n", "-w", "1", "--format", fmt], stderr=subprocess.PIPE, text=True)
     partial = out / f"sda.{fmt}.partial"
     deadline = time.monotonic() + 60
-    while not partial.exists():
+    # signal once data is being written (not merely once the file exists): an event, not a sleep.
+    # 384 MiB at -w 1 cannot finish between this check and the signal, however loaded the machine.
+    while not (partial.exists() and partial.stat().st_blocks > 0):
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         assert time.monotonic() < deadline
         time.sleep(0.002)
-    time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 128 + signal.SIGTERM, err

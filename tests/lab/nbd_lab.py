@@ -23,6 +23,7 @@ export must read as) and ``expected_bytes()``.
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import subprocess
 import time
@@ -168,12 +169,13 @@ class NbdLab:
         return self.folder / f"nbd-{uuid.uuid4().hex[:8]}.sock"
 
     def nbdkit(self, plugin: str, *args: str, size: int | None = None, expected: Path | None = None,
-               readonly: bool = False) -> NbdServer:
+               readonly: bool = False, filters: Sequence[str] = ()) -> NbdServer:
+        """``filters``: nbdkit filter names (their parameters go into ``args``)."""
         sock = self._sock()
         argv = ["nbdkit", "--foreground", "--exit-with-parent", "--unix", str(sock)]
         if readonly:
             argv.append("--readonly")
-        argv += [plugin, *args]
+        argv += [*(f"--filter={f}" for f in filters), plugin, *args]
         proc = _start(argv, sock)
         server = NbdServer(sock=sock, size=0, expected=expected or self.folder / "none", proc=proc, argv=argv)
         self.servers.append(server)
@@ -211,11 +213,18 @@ class NbdLab:
                            readonly=True)
 
     def sparse_random(self, size: int, seed: int = 1, percent: float = 10, runlength: int = 256 * 1024,
-                      random_content: bool = False) -> NbdServer:
+                      random_content: bool = False, *, log: Path | None = None) -> NbdServer:
+        """``log``: serve through nbdkit's log filter into that file, advertising multi-conn
+        (multi-conn filter), so tests count on the server side what was read and over which
+        connections (:class:`ServerLog`)."""
         args = [f"size={size}", f"seed={seed}", f"percent={percent}", f"runlength={runlength}"]
         if random_content:
             args.append("random-content=true")
-        return self.nbdkit("sparse-random", *args, size=size, readonly=True)
+        filters: tuple[str, ...] = ()
+        if log is not None:
+            filters = ("multi-conn", "log")
+            args += ["multi-conn-mode=unsafe", f"logfile={log}"]
+        return self.nbdkit("sparse-random", *args, size=size, readonly=True, filters=filters)
 
     def qemu_nbd_bitmap(self, size: int, base_ops: Sequence[Op], dirty_ops: Sequence[Op],
                         bitmap: str = "b0") -> NbdServer:
@@ -344,6 +353,41 @@ def nbdkit_sparse_random(nbd_lab: NbdLab) -> Callable[..., NbdServer]:
 @pytest.fixture
 def qemu_nbd_bitmap(nbd_lab: NbdLab) -> Callable[..., NbdServer]:
     return nbd_lab.qemu_nbd_bitmap
+
+
+@dataclass(frozen=True)
+class ServerLog:
+    """What an nbdkit log filter saw after ``start`` (a byte offset into the log file): the
+    server's side of a read, independent of the client's own counters."""
+
+    reads: tuple[tuple[int, int, int], ...]  # (connection, offset, count)
+    connections: frozenset[int]              # connections that connected after start
+
+    @classmethod
+    def read(cls, log: Path, start: int = 0) -> ServerLog:
+        with log.open("rb") as f:
+            f.seek(start)
+            text = f.read().decode()
+        reads, conns = [], set()
+        for line in text.splitlines():
+            m = re.search(r"connection=(\d+) (Read|Connect) ", line)
+            if not m:
+                continue
+            conn = int(m.group(1))
+            if m.group(2) == "Connect":
+                conns.add(conn)
+                continue
+            fields = dict(re.findall(r"(\w+)=(0x[0-9a-f]+)", line))
+            reads.append((conn, int(fields["offset"], 16), int(fields["count"], 16)))
+        return cls(tuple(reads), frozenset(conns))
+
+    @property
+    def bytes_served(self) -> int:
+        return sum(count for _c, _o, count in self.reads)
+
+    @property
+    def reading_connections(self) -> frozenset[int]:
+        return frozenset(c for c, _o, _n in self.reads)
 
 
 def nbdkit_command(plugin: str, *args: str) -> list[str]:

@@ -7,9 +7,7 @@ guest facts and timings the context manager reports.
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,8 +72,9 @@ def test_signal_inside_freeze_window_is_held_until_thawed(guest: Guest, shell_si
     with job.BackupJob(guest.dom) as j, pytest.raises(errors.Interrupted) as caught:
         with agent.quiesced(guest.dom, agent.QuiesceOptions()) as q:
             seen_frozen = guest.fsfreeze_status()
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.05)            # the handler has run by now: it must not have raised
+            # raise_signal runs the Python handler before it returns (PyErr_CheckSignals): no sleep
+            # decides whether the handler ran; it must hold the signal, not raise
+            signal.raise_signal(signal.SIGTERM)
             j.begin(_backup_xml(guest, "sig"))
             began = True
         pytest.fail("Interrupted must be raised when the quiesced block is left")
