@@ -1,0 +1,96 @@
+"""Faults from outside the process (issue 21): another process holds the image, storage fills or turns
+read-only, QEMU dies, the guest powers off, someone else runs a block job. Each test takes a before/after
+inventory (tests/lab/inventory.py) and proves the next run exact by bytes."""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.lab import inventory
+from tests.lab.libvirt_lab import DiskSpec, LabDomain, MiB
+from tests.system.backup_helpers import check_point, ok
+from tests.system.chain_helpers import checkpoint_names, error_line, fails, snap_all, write_all
+
+pytestmark = pytest.mark.system
+
+SIZE = 16 * MiB
+SAFE = ("data", "data", "pattern", "zero")
+
+
+def _write(dom: LabDomain, seed: int) -> None:
+    write_all(dom, seed, 6, SAFE)
+
+
+def _has_open(pid: int, path: Path) -> bool:
+    with contextlib.suppress(OSError):
+        return any(os.readlink(fd) == str(path) for fd in Path(f"/proc/{pid}/fd").iterdir())
+    return False
+
+
+@contextmanager
+def _image_held(image: Path, how: str) -> Iterator[None]:
+    """Another process holds the image: qemu-io read-write, or a read-only qemu-nbd export."""
+    if how == "qemu-io":
+        cmd = ["qemu-io", "-f", "qcow2", str(image)]
+    else:
+        cmd = ["qemu-nbd", "--read-only", "-f", "qcow2", f"--socket={image.parent / 'holder.sock'}", str(image)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10        # until the holder has the image open (probing would race it)
+        while not _has_open(proc.pid, image):
+            assert proc.poll() is None and time.monotonic() < deadline, f"{how} did not open {image}"
+            time.sleep(0.02)
+        yield
+    finally:                                # qemu-io closes cleanly (bitmaps stored) at the end of its input
+        if how == "qemu-io" and proc.stdin:
+            proc.stdin.close()
+        else:
+            proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("holder", ["qemu-io", "qemu-nbd"])
+def test_offline_full_on_locked_image_leaves_the_previous_chain(make_domain, tmp_path, holder) -> None:  # type: ignore[no-untyped-def]
+    dom = make_domain(disks=[DiskSpec("sda", "sata", "qcow2", SIZE)], start=False)
+    old, new = dom.dir / "old-chain", dom.dir / "new-chain"
+    expected = {}
+    _write(dom, 1)
+    ok(dom, "full", old)
+    expected["virtnbdbackup.0"] = snap_all(dom, "p0")
+    _write(dom, 2)
+    ok(dom, "inc", old)
+    expected["virtnbdbackup.1"] = snap_all(dom, "p1")
+    before = inventory.take(dom, dom.dir, new)
+    assert before.checkpoints == ("virtnbdbackup.0", "virtnbdbackup.1")
+
+    with _image_held(dom.disk("sda").image, holder):
+        line = error_line(fails(dom, "full", new))
+    assert "in use by another process" in line and str(dom.disk("sda").image) in line, line
+    after = inventory.take(dom, dom.dir, new)
+    # the previous chain's checkpoints and bitmaps untouched; no job, no scratch; only the run log is new
+    inventory.assert_same(before, after, allow=("folder",))
+    assert inventory.folder_extra(before, after) == [], after.folder
+
+    _write(dom, 3)                              # the old chain continues exactly
+    assert ok(dom, "inc", old)["point"] == "virtnbdbackup.2"
+    expected["virtnbdbackup.2"] = snap_all(dom, "p2")
+    for point, images in expected.items():
+        check_point(dom, old, point, images, tmp_path)
+
+    # once the image is free, the new chain starts and replaces the old one in libvirt and the image
+    assert ok(dom, "full", new)["point"] == "virtnbdbackup.0"
+    fresh = {"virtnbdbackup.0": snap_all(dom, "n0")}
+    assert checkpoint_names(dom) == ["virtnbdbackup.0"]
+    assert dom.disk("sda").bitmaps() == ["virtnbdbackup.0"]
+    _write(dom, 4)
+    assert ok(dom, "inc", new)["point"] == "virtnbdbackup.1"
+    fresh["virtnbdbackup.1"] = snap_all(dom, "n1")
+    for point, images in fresh.items():
+        check_point(dom, new, point, images, tmp_path)
