@@ -36,7 +36,7 @@ from virtnbd.nbdsource import NbdSource
 from virtnbd.stream.format import StreamMeta
 from virtnbd.stream.writer import StreamWriter
 from virtnbd.virt import agent, checkpoints, connection, domainxml, xmlbuild
-from virtnbd.virt.job import BackupJob, abort_stale
+from virtnbd.virt.job import BackupJob, abort_stale, refuse_foreign_jobs
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +194,7 @@ class BackupRun:
             try:
                 while True:
                     done, pending = wait(futures, timeout=0.5, return_when=FIRST_EXCEPTION)
+                    connection.check_alive(self.dom.connect())
                     failed = [f for f in done if f.exception() is not None]
                     if failed:
                         raise failed[0].exception()  # type: ignore[misc]
@@ -309,13 +310,10 @@ def _check_parent(dom: libvirt.virDomain, plan: Plan) -> None:
 
 def _clean_stale(dom: libvirt.virDomain, plan: Plan, options: BackupOptions) -> None:
     abort_stale(dom)
+    refuse_foreign_jobs(dom, [pd.target for pd in plan.disks])
     for path in output.remove_stale_work_dirs(options.scratchdir):
         log.warning("removed scratch folder of a killed run: %s", path)
-    if plan.level == "full":
-        removed = checkpoints.delete_ours(dom)
-        if removed:
-            log.info("new chain: removed old checkpoints %s", ", ".join(removed))
-    elif plan.level in ("inc", "diff"):
+    if plan.level in ("inc", "diff"):
         removed = checkpoints.delete_newer_than(dom, plan.last_index)
         if removed:
             log.warning("removed checkpoint(s) %s of an earlier run that never completed (their changes "
@@ -324,7 +322,16 @@ def _clean_stale(dom: libvirt.virDomain, plan: Plan, options: BackupOptions) -> 
 
 @contextlib.contextmanager
 def _created_checkpoint(dom: libvirt.virDomain, plan: Plan) -> Iterator[list[bool]]:
-    """On failure, delete the checkpoint this run created (its bitmap merges into the parent)."""
+    """On failure, delete the checkpoint this run created (its bitmap merges into the parent).
+
+    A full first deletes the previous chain's checkpoints (libvirt needs the name
+    ``virtnbdbackup.0`` free): as late as possible, after every check and the
+    scratch folder, just before the job starts (docs/FAULTS.md).
+    """
+    if plan.level == "full":
+        removed = checkpoints.delete_ours(dom)
+        if removed:
+            log.info("new chain: removed old checkpoints %s", ", ".join(removed))
     committed = [False]
     try:
         yield committed
