@@ -49,7 +49,7 @@ def _live_bitmaps(domain: LabDomain) -> tuple[tuple[str, tuple[str, ...]], ...]:
                                                                   "arguments": {"flat": True}}), 0)
     found = []
     for node in json.loads(out)["return"]:
-        names = tuple(sorted(b["name"] for b in node.get("dirty-bitmaps", [])))
+        names = tuple(sorted(b.get("name", "(anonymous)") for b in node.get("dirty-bitmaps", [])))
         if names:
             found.append((str(node["node-name"]), names))
     return tuple(sorted(found))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.lab import inventory
-from tests.lab.libvirt_lab import DiskSpec, LabDomain, MiB
-from tests.system.backup_helpers import check_point, ok
-from tests.system.chain_helpers import checkpoint_names, error_line, fails, snap_all, write_all
+from tests.lab.libvirt_lab import DiskSpec, LabDomain, MiB, restart_libvirtd
+from tests.system.backup_helpers import backup_cmd, check_point, env, ok
+from tests.system.chain_helpers import checkpoint_names, error_line, fails, points, snap_all, write_all
 
 pytestmark = pytest.mark.system
 
@@ -94,3 +95,49 @@ def test_offline_full_on_locked_image_leaves_the_previous_chain(make_domain, tmp
     fresh["virtnbdbackup.1"] = snap_all(dom, "n1")
     for point, images in fresh.items():
         check_point(dom, new, point, images, tmp_path)
+
+
+def _frozen_when(proc: subprocess.Popen[str], folder: Path, pattern: str, timeout: float = 60) -> bool:
+    """SIGSTOP the run as soon as ``pattern`` appears in ``folder``; False when it ended before."""
+    deadline = time.monotonic() + timeout
+    while not list(folder.glob(pattern)):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGSTOP)
+    return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["TERM", "KILL"])
+def test_libvirtd_restart_during_pull_backup(make_domain, tmp_path, sig) -> None:  # type: ignore[no-untyped-def]
+    dom = make_domain(disks=[DiskSpec("sda", "virtio", "qcow2", 64 * MiB)])
+    folder = dom.dir / "backup"
+    _write(dom, 1)
+    ok(dom, "full", folder)
+    expected = {"virtnbdbackup.0": snap_all(dom, "p0")}
+    dom.disk("sda").write_pattern(0, 48 * MiB, 0x5A)          # an inc long enough to catch mid-copy
+    _write(dom, 2)
+
+    proc = subprocess.Popen(backup_cmd(dom, "inc", folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env())
+    assert _frozen_when(proc, folder, "*.partial"), proc.communicate()
+    restart_libvirtd(sig)                      # the run is frozen mid-copy while libvirtd goes and comes back
+    os.kill(proc.pid, signal.SIGCONT)
+    resumed = time.monotonic()
+    _out, err = proc.communicate(timeout=120)
+    noticed = time.monotonic() - resumed
+    dom.reconnect()
+    assert proc.returncode != 0 and "Traceback" not in err, err
+    assert "connection to libvirtd lost" in error_line(err), err
+    assert noticed < 5, f"the run took {noticed:.1f}s to notice"
+    assert points(folder) == ["virtnbdbackup.0"]                   # no half point
+    stray = inventory.take(dom, dom.dir, folder)
+
+    _write(dom, 3)
+    assert ok(dom, "inc", folder)["point"] == "virtnbdbackup.1"   # aborts the stray job, continues the chain
+    expected["virtnbdbackup.1"] = snap_all(dom, "p1")
+    after = inventory.take(dom, dom.dir, folder)
+    assert not after.job and after.scratch == () and after.checkpoints == ("virtnbdbackup.0", "virtnbdbackup.1")
+    assert not [n for n in after.folder if n.endswith(".partial")], (stray, after)
+    for point, images in expected.items():
+        check_point(dom, folder, point, images, tmp_path)

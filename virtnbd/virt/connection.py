@@ -64,6 +64,10 @@ def _watch(conn: libvirt.virConnect) -> None:
         log.debug("connection not watched: %s", reason(err))
 
 
+def lost(conn: libvirt.virConnect) -> bool:
+    return id(conn) in _lost
+
+
 def check_alive(conn: libvirt.virConnect) -> None:
     """Raise when libvirt closed the connection (libvirtd restarted or unreachable)."""
     why = _lost.get(id(conn))
