@@ -141,3 +141,54 @@ def test_libvirtd_restart_during_pull_backup(make_domain, tmp_path, sig) -> None
     assert not [n for n in after.folder if n.endswith(".partial")], (stray, after)
     for point, images in expected.items():
         check_point(dom, folder, point, images, tmp_path)
+
+
+def _qemu_pid(dom: LabDomain) -> int:
+    return int(Path(f"/run/libvirt/qemu/{dom.name}.pid").read_text().strip())
+
+
+@pytest.mark.parametrize("how", ["qemu-killed", "guest-off"])
+def test_qemu_dies_or_guest_powers_off_during_the_job(make_domain, tmp_path, how) -> None:  # type: ignore[no-untyped-def]
+    dom = make_domain(disks=[DiskSpec("sda", "virtio", "qcow2", 64 * MiB)])
+    folder = dom.dir / "backup"
+    _write(dom, 1)
+    ok(dom, "full", folder)
+    expected = {"virtnbdbackup.0": snap_all(dom, "p0")}
+    dom.disk("sda").write_pattern(0, 48 * MiB, 0x3C)
+    _write(dom, 2)
+    dom.disk("sda").flush()
+    proc = subprocess.Popen(backup_cmd(dom, "inc", folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env())
+    assert _frozen_when(proc, folder, "*.partial"), proc.communicate()
+    if how == "qemu-killed":
+        os.kill(_qemu_pid(dom), signal.SIGKILL)
+    else:
+        dom.stop()                              # SIGTERM: QEMU quits cleanly, like a guest powering off
+    deadline = time.monotonic() + 30
+    while dom.is_active() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGCONT)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in err, err
+    line = error_line(err)
+    assert "sda" in line, line
+    assert points(folder) == ["virtnbdbackup.0"]
+    after = inventory.take(dom, dom.dir, folder)
+    assert not after.job and after.scratch == ()
+
+    _write(dom, 3)                              # written while off
+    if how == "qemu-killed":                    # bitmaps of the session lost: the chain restarts, said so
+        stored = dict(dict(after.image_bitmaps)["sda"])          # never stored, or stored in-use
+        assert "virtnbdbackup.0" not in stored or "in-use" in stored["virtnbdbackup.0"], after
+        summary = ok(dom, "auto", folder)
+        assert summary["level"] == "full" and "chain broken" in summary["notes"][0], summary
+        archived = next(folder.glob("chain-*"))
+        check_point(dom, archived, "virtnbdbackup.0", expected["virtnbdbackup.0"], tmp_path)
+        expected = {"virtnbdbackup.0": snap_all(dom, "n0")}
+    else:                                       # bitmaps stored cleanly: the chain continues offline
+        assert ok(dom, "inc", folder)["point"] == "virtnbdbackup.1"
+        expected["virtnbdbackup.1"] = snap_all(dom, "p1")
+    final = inventory.take(dom, dom.dir, folder)
+    assert not [n for n in final.folder if n.endswith(".partial")] and final.scratch == ()
+    for point, images in expected.items():
+        check_point(dom, folder, point, images, tmp_path)
