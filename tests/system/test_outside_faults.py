@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab import inventory
+from tests.lab.fault_lab import mount_small_fs
 from tests.lab.libvirt_lab import DiskSpec, LabDomain, MiB, restart_libvirtd
 from tests.system.backup_helpers import backup_cmd, check_point, env, ok
 from tests.system.chain_helpers import checkpoint_names, error_line, fails, points, snap_all, write_all
@@ -190,5 +191,41 @@ def test_qemu_dies_or_guest_powers_off_during_the_job(make_domain, tmp_path, how
         expected["virtnbdbackup.1"] = snap_all(dom, "p1")
     final = inventory.take(dom, dom.dir, folder)
     assert not [n for n in final.folder if n.endswith(".partial")] and final.scratch == ()
+    for point, images in expected.items():
+        check_point(dom, folder, point, images, tmp_path)
+
+
+def test_scratch_area_fills_during_the_job(make_domain, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    dom = make_domain(disks=[DiskSpec("sda", "virtio", "qcow2", 64 * MiB)], start=False)
+    fs = mount_small_fs(dom.dir, 2 * MiB)       # QEMU (libvirt-qemu) must reach it: in the lab folder,
+    try:                                        # mounted before QEMU starts (its mount namespace copies ours)
+        dom.start()
+        _scratch_fills(dom, fs.path, tmp_path)
+    finally:
+        fs.unmount()
+
+
+def _scratch_fills(dom: LabDomain, scratch: Path, tmp_path: Path) -> None:
+    folder = dom.dir / "backup"
+    sda = dom.disk("sda")
+    sda.write_pattern(0, 48 * MiB, 0x11)
+    _write(dom, 1)
+    ok(dom, "full", folder)
+    expected = {"virtnbdbackup.0": snap_all(dom, "p0")}
+    _write(dom, 2)
+    expected_p1 = snap_all(dom, "p1")
+    before = inventory.take(dom, scratch, folder)
+    cmd = [*backup_cmd(dom, "inc", folder), "--scratchdir", str(scratch), "--socketfile", str(dom.socket_path())]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    assert _frozen_when(proc, folder, "*.partial"), proc.communicate()
+    with pytest.raises(Exception, match="No space left"):   # QEMU 7.2 fails the guest's write, not the job
+        sda.write_pattern(0, 8 * MiB, 0x22)             # copy-before-write needs 8 MiB of the 2 MiB scratch
+    os.kill(proc.pid, signal.SIGCONT)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err                    # the point is the disk at job start, exact
+    expected["virtnbdbackup.1"] = expected_p1
+    after = inventory.take(dom, scratch, folder)
+    assert not after.job and after.scratch == () and before.scratch == ()
+    assert after.checkpoints == ("virtnbdbackup.0", "virtnbdbackup.1")
     for point, images in expected.items():
         check_point(dom, folder, point, images, tmp_path)
