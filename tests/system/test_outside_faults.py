@@ -229,3 +229,30 @@ def _scratch_fills(dom: LabDomain, scratch: Path, tmp_path: Path) -> None:
     assert after.checkpoints == ("virtnbdbackup.0", "virtnbdbackup.1")
     for point, images in expected.items():
         check_point(dom, folder, point, images, tmp_path)
+
+
+def test_foreign_block_copy_is_refused_clearly(make_domain, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    dom = make_domain(disks=[DiskSpec("sda", "virtio", "qcow2", 16 * MiB)])
+    folder = dom.dir / "backup"
+    _write(dom, 1)
+    ok(dom, "full", folder)
+    expected = {"virtnbdbackup.0": snap_all(dom, "p0")}
+    _write(dom, 2)
+    copy = dom.dir / "mirror.qcow2"
+    res = subprocess.run(["virsh", "-q", "blockcopy", dom.name, "sda", str(copy), "--transient-job"],
+                         check=False, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    try:
+        before = inventory.take(dom, dom.dir, folder)
+        line = error_line(fails(dom, "inc", folder))
+        assert "block copy job started by someone else" in line and "sda" in line, line
+        after = inventory.take(dom, dom.dir, folder)
+        inventory.assert_same(before, after, allow=("folder",))
+        assert inventory.folder_extra(before, after) == []
+    finally:
+        subprocess.run(["virsh", "-q", "blockjob", dom.name, "sda", "--abort"], check=True, capture_output=True,
+                       timeout=60)
+    assert ok(dom, "inc", folder)["point"] == "virtnbdbackup.1"
+    expected["virtnbdbackup.1"] = snap_all(dom, "p1")
+    for point, images in expected.items():
+        check_point(dom, folder, point, images, tmp_path)
