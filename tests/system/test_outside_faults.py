@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab import inventory
-from tests.lab.fault_lab import mount_small_fs
+from tests.lab.fault_lab import SmallFs, mount_fragile_ext4, mount_small_fs, repair, turn_read_only
 from tests.lab.libvirt_lab import DiskSpec, LabDomain, MiB, restart_libvirtd
 from tests.system.backup_helpers import backup_cmd, check_point, env, ok
 from tests.system.chain_helpers import checkpoint_names, error_line, fails, points, snap_all, write_all
@@ -254,5 +254,46 @@ def test_foreign_block_copy_is_refused_clearly(make_domain, tmp_path) -> None:  
                        timeout=60)
     assert ok(dom, "inc", folder)["point"] == "virtnbdbackup.1"
     expected["virtnbdbackup.1"] = snap_all(dom, "p1")
+    for point, images in expected.items():
+        check_point(dom, folder, point, images, tmp_path)
+
+
+def test_backup_folder_turns_read_only_mid_run(make_domain, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    dom = make_domain(disks=[DiskSpec("sda", "virtio", "qcow2", 64 * MiB)])
+    fs = mount_fragile_ext4(tmp_path, 128 * MiB)
+    try:
+        _folder_turns_read_only(dom, fs, tmp_path)
+    finally:
+        fs.unmount()
+
+
+def _folder_turns_read_only(dom: LabDomain, fs: SmallFs, tmp_path: Path) -> None:
+    folder = fs.path / "backup"
+    _write(dom, 1)
+    ok(dom, "full", folder)
+    expected = {"virtnbdbackup.0": snap_all(dom, "p0")}
+    dom.disk("sda").write_pattern(0, 48 * MiB, 0x77)
+    _write(dom, 2)
+    before = inventory.take(dom, dom.dir, folder)
+    proc = subprocess.Popen(backup_cmd(dom, "inc", folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env())
+    assert _frozen_when(proc, folder, "*.partial"), proc.communicate()
+    turn_read_only(fs)
+    os.kill(proc.pid, signal.SIGCONT)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in err, err
+    line = error_line(err)
+    assert "read-only file system" in line.lower() and str(folder) in line, line
+    assert points(folder) == ["virtnbdbackup.0"]
+    after = inventory.take(dom, dom.dir, folder)
+    # outside the folder: no job, no scratch, the checkpoint of the failed run gone
+    inventory.assert_same(before, after, allow=("folder",))
+
+    repair(fs)                                  # the admin fixes the filesystem; the next run goes on exactly
+    _write(dom, 3)
+    assert ok(dom, "inc", folder)["point"] == "virtnbdbackup.1"
+    expected["virtnbdbackup.1"] = snap_all(dom, "p1")
+    final = inventory.take(dom, dom.dir, folder)
+    assert not [n for n in final.folder if n.endswith(".partial") or n.endswith(".tmp")], final.folder
     for point, images in expected.items():
         check_point(dom, folder, point, images, tmp_path)
