@@ -98,6 +98,15 @@ def test_offline_full_on_locked_image_leaves_the_previous_chain(make_domain, tmp
         check_point(dom, new, point, images, tmp_path)
 
 
+def _start_frozen(dom: LabDomain, folder: Path, pattern: str = "*.partial", *extra: str,
+                  where: Path | None = None) -> subprocess.Popen[str]:
+    """Start an inc and freeze it (SIGSTOP) the moment ``pattern`` appears in ``where`` (the folder)."""
+    proc = subprocess.Popen([*backup_cmd(dom, "inc", folder), *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env())
+    assert _frozen_when(proc, where or folder, pattern), proc.communicate()
+    return proc
+
+
 def _frozen_when(proc: subprocess.Popen[str], folder: Path, pattern: str, timeout: float = 60) -> bool:
     """SIGSTOP the run as soon as ``pattern`` appears in ``folder``; False when it ended before."""
     deadline = time.monotonic() + timeout
@@ -109,8 +118,19 @@ def _frozen_when(proc: subprocess.Popen[str], folder: Path, pattern: str, timeou
     return True
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["TERM", "KILL"])
-def test_libvirtd_restart_during_pull_backup(make_domain, tmp_path, sig) -> None:  # type: ignore[no-untyped-def]
+# moments of a running inc: (name, file whose appearance freezes the run, folder it appears in, signal)
+MOMENTS = [
+    ("before-job", "virtnbd.*", "scratch", signal.SIGKILL),              # scratch folder made, job not begun
+    ("job-begun", "virtnbd.*/sda.scratch.qcow2", "scratch", signal.SIGTERM),  # libvirt made the scratch image
+    ("mid-copy", "*.partial", "folder", signal.SIGTERM),
+    ("mid-copy", "*.partial", "folder", signal.SIGKILL),
+    ("before-commit", "vmconfig.virtnbdbackup.1.xml", "folder", signal.SIGKILL),  # job ended, side files
+]
+
+
+@pytest.mark.parametrize("case", MOMENTS, ids=[f"{m[0]}-{m[3].name}" for m in MOMENTS])
+def test_libvirtd_restart_during_pull_backup(make_domain, tmp_path, case) -> None:  # type: ignore[no-untyped-def]
+    moment, pattern, where, sig = case
     dom = make_domain(disks=[DiskSpec("sda", "virtio", "qcow2", 64 * MiB)])
     folder = dom.dir / "backup"
     _write(dom, 1)
@@ -118,27 +138,31 @@ def test_libvirtd_restart_during_pull_backup(make_domain, tmp_path, sig) -> None
     expected = {"virtnbdbackup.0": snap_all(dom, "p0")}
     dom.disk("sda").write_pattern(0, 48 * MiB, 0x5A)          # an inc long enough to catch mid-copy
     _write(dom, 2)
+    at_start = snap_all(dom, "p1")
 
-    proc = subprocess.Popen(backup_cmd(dom, "inc", folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env())
-    assert _frozen_when(proc, folder, "*.partial"), proc.communicate()
-    restart_libvirtd(sig)                      # the run is frozen mid-copy while libvirtd goes and comes back
+    proc = _start_frozen(dom, folder, pattern, where=dom.dir if where == "scratch" else folder)
+    restart_libvirtd(sig)                      # the run is frozen while libvirtd goes and comes back
     os.kill(proc.pid, signal.SIGCONT)
     resumed = time.monotonic()
     _out, err = proc.communicate(timeout=120)
     noticed = time.monotonic() - resumed
     dom.reconnect()
-    assert proc.returncode != 0 and "Traceback" not in err, err
-    assert "connection to libvirtd lost" in error_line(err), err
-    assert noticed < 5, f"the run took {noticed:.1f}s to notice"
-    assert points(folder) == ["virtnbdbackup.0"]                   # no half point
+    assert "Traceback" not in err, err
+    assert noticed < 5, f"the run took {noticed:.1f}s to end after libvirtd came back"
+    if proc.returncode == 0:                    # the job had ended: the point is complete and committed
+        assert moment == "before-commit" and points(folder) == ["virtnbdbackup.0", "virtnbdbackup.1"], err
+        expected["virtnbdbackup.1"] = at_start
+    else:
+        assert "connection to libvirtd lost" in error_line(err), err
+        assert points(folder) == ["virtnbdbackup.0"]               # no half point
     stray = inventory.take(dom, dom.dir, folder)
 
     _write(dom, 3)
-    assert ok(dom, "inc", folder)["point"] == "virtnbdbackup.1"   # aborts the stray job, continues the chain
-    expected["virtnbdbackup.1"] = snap_all(dom, "p1")
+    nxt = f"virtnbdbackup.{len(expected)}"
+    assert ok(dom, "inc", folder)["point"] == nxt                 # aborts a stray job, continues the chain
+    expected[nxt] = snap_all(dom, "p-next")
     after = inventory.take(dom, dom.dir, folder)
-    assert not after.job and after.scratch == () and after.checkpoints == ("virtnbdbackup.0", "virtnbdbackup.1")
+    assert not after.job and after.scratch == () and after.checkpoints == tuple(expected), (stray, after)
     assert not [n for n in after.folder if n.endswith(".partial")], (stray, after)
     for point, images in expected.items():
         check_point(dom, folder, point, images, tmp_path)
@@ -158,9 +182,7 @@ def test_qemu_dies_or_guest_powers_off_during_the_job(make_domain, tmp_path, how
     dom.disk("sda").write_pattern(0, 48 * MiB, 0x3C)
     _write(dom, 2)
     dom.disk("sda").flush()
-    proc = subprocess.Popen(backup_cmd(dom, "inc", folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env())
-    assert _frozen_when(proc, folder, "*.partial"), proc.communicate()
+    proc = _start_frozen(dom, folder)
     if how == "qemu-killed":
         os.kill(_qemu_pid(dom), signal.SIGKILL)
     else:
@@ -215,9 +237,7 @@ def _scratch_fills(dom: LabDomain, scratch: Path, tmp_path: Path) -> None:
     _write(dom, 2)
     expected_p1 = snap_all(dom, "p1")
     before = inventory.take(dom, scratch, folder)
-    cmd = [*backup_cmd(dom, "inc", folder), "--scratchdir", str(scratch), "--socketfile", str(dom.socket_path())]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
-    assert _frozen_when(proc, folder, "*.partial"), proc.communicate()
+    proc = _start_frozen(dom, folder, "*.partial", "--scratchdir", str(scratch), "--socketfile", str(dom.socket_path()))
     with pytest.raises(Exception, match="No space left"):   # QEMU 7.2 fails the guest's write, not the job
         sda.write_pattern(0, 8 * MiB, 0x22)             # copy-before-write needs 8 MiB of the 2 MiB scratch
     os.kill(proc.pid, signal.SIGCONT)
@@ -275,9 +295,7 @@ def _folder_turns_read_only(dom: LabDomain, fs: SmallFs, tmp_path: Path) -> None
     dom.disk("sda").write_pattern(0, 48 * MiB, 0x77)
     _write(dom, 2)
     before = inventory.take(dom, dom.dir, folder)
-    proc = subprocess.Popen(backup_cmd(dom, "inc", folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env())
-    assert _frozen_when(proc, folder, "*.partial"), proc.communicate()
+    proc = _start_frozen(dom, folder)
     turn_read_only(fs)
     os.kill(proc.pid, signal.SIGCONT)
     _out, err = proc.communicate(timeout=120)

@@ -378,6 +378,12 @@ def run(options: BackupOptions) -> RunSummary:
             recovery.recover(folder)
             try:
                 summary = _run_locked(options, dom, folder)
+            except errors.LibvirtError:
+                connection.check_alive(conn)        # say "libvirtd went away" rather than a socket error
+                raise
+            except libvirt.libvirtError as err:     # a libvirt call not wrapped where it is made
+                connection.check_alive(conn)
+                raise errors.LibvirtError(reason=connection.reason(err)) from err
             finally:
                 modes.apply(folder, options.umask)
     summary.seconds = round(time.monotonic() - started, 3)
