@@ -266,6 +266,9 @@ def test_foreign_block_copy_is_refused_clearly(make_domain, tmp_path) -> None:  
         before = inventory.take(dom, dom.dir, folder)
         line = error_line(fails(dom, "inc", folder))
         assert "block copy job started by someone else" in line and "sda" in line, line
+        # an online full into a new folder is refused before it deletes the previous chain's checkpoints
+        line = error_line(fails(dom, "full", dom.dir / "new-chain"))
+        assert "block copy job started by someone else" in line, line
         after = inventory.take(dom, dom.dir, folder)
         inventory.assert_same(before, after, allow=("folder",))
         assert inventory.folder_extra(before, after) == []
