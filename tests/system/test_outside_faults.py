@@ -318,3 +318,34 @@ def _folder_turns_read_only(dom: LabDomain, fs: SmallFs, tmp_path: Path) -> None
     assert not [n for n in final.folder if n.endswith(".partial") or n.endswith(".tmp")], final.folder
     for point, images in expected.items():
         check_point(dom, folder, point, images, tmp_path)
+
+
+def test_killed_offline_full_leaves_only_its_pending_bitmap(make_domain, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    dom = make_domain(disks=[DiskSpec("sda", "sata", "qcow2", 64 * MiB)], start=False)
+    old, new = dom.dir / "old-chain", dom.dir / "new-chain"
+    dom.disk("sda").write_pattern(0, 48 * MiB, 0x42)
+    _write(dom, 1)
+    ok(dom, "full", old)
+    expected = {"virtnbdbackup.0": snap_all(dom, "p0")}
+    before = inventory.take(dom, dom.dir, old)
+    proc = subprocess.Popen(backup_cmd(dom, "full", new), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env())
+    assert _frozen_when(proc, new, "*.partial"), proc.communicate()
+    proc.kill()                                 # qemu-nbd follows (parent-death signal)
+    proc.communicate(timeout=60)
+    after = inventory.take(dom, dom.dir, old)
+    changed = inventory.changes(before, after)              # as docs/FAULTS.md lists for a killed run:
+    assert changed.pop("scratch") == ((), (f"virtnbd.{proc.pid}." + after.scratch[0].split(".")[2],))
+    assert changed == {"image_bitmaps": (
+        (("sda", (("virtnbdbackup.0", ("auto",)),)),),
+        (("sda", (("virtnbdbackup.0", ("auto",)), ("virtnbdbackup.pending", ("auto",)))),))}
+
+    dom.start()                                 # the old chain goes on online; pending bitmap and scratch dropped
+    _write(dom, 2)
+    assert ok(dom, "inc", old)["point"] == "virtnbdbackup.1"
+    expected["virtnbdbackup.1"] = snap_all(dom, "p1")
+    final = inventory.take(dom, dom.dir, old)
+    assert [names for _node, names in final.live_bitmaps] == [("virtnbdbackup.0", "virtnbdbackup.1")], final
+    assert final.scratch == () and not final.job
+    for point, images in expected.items():
+        check_point(dom, old, point, images, tmp_path)
