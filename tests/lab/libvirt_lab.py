@@ -82,6 +82,11 @@ QEMU_LOG_DIR = DAEMON_LOG_DIR / "qemu"
 # processes
 
 
+def pids_of(name: str) -> list[int]:
+    """Pids of processes called ``name`` (e.g. the shared libvirtd)."""
+    return _pids_of(name)
+
+
 def _pids_of(name: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -825,6 +830,7 @@ __all__ = [  # re-exported for existing imports: new code may import from common
     "libvirt_daemons",
     "make_domain",
     "make_lab_dir",
+    "pids_of",
     "restart_libvirtd",
     "pattern_op",
     "qemu_io_command",

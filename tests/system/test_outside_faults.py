@@ -16,7 +16,7 @@ import pytest
 
 from tests.lab import inventory
 from tests.lab.fault_lab import SmallFs, mount_fragile_ext4, mount_small_fs, repair, turn_read_only
-from tests.lab.libvirt_lab import DiskSpec, LabDomain, MiB, restart_libvirtd
+from tests.lab.libvirt_lab import DiskSpec, LabDomain, MiB, pids_of, restart_libvirtd
 from tests.system.backup_helpers import backup_cmd, check_point, env, ok
 from tests.system.chain_helpers import checkpoint_names, error_line, fails, points, snap_all, write_all
 
@@ -349,3 +349,36 @@ def test_killed_offline_full_leaves_only_its_pending_bitmap(make_domain, tmp_pat
     assert final.scratch == () and not final.job
     for point, images in expected.items():
         check_point(dom, old, point, images, tmp_path)
+
+
+def test_hung_libvirtd_is_noticed_by_keepalive(make_domain, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    dom = make_domain(disks=[DiskSpec("sda", "virtio", "qcow2", 64 * MiB)])
+    folder = dom.dir / "backup"
+    _write(dom, 1)
+    ok(dom, "full", folder)
+    expected = {"virtnbdbackup.0": snap_all(dom, "p0")}
+    dom.disk("sda").write_pattern(0, 48 * MiB, 0x6B)
+    _write(dom, 2)
+    proc = _start_frozen(dom, folder)
+    daemons = pids_of("libvirtd")
+    for pid in daemons:                         # libvirtd hangs (answers nothing) while the run goes on
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        os.kill(proc.pid, signal.SIGCONT)
+        resumed = time.monotonic()
+        _out, err = proc.communicate(timeout=60)
+        noticed = time.monotonic() - resumed
+    finally:
+        for pid in daemons:
+            os.kill(pid, signal.SIGCONT)
+    assert proc.returncode != 0 and "Traceback" not in err, err
+    assert "keepalive timeout" in error_line(err), err
+    assert noticed < 15, f"{noticed:.1f}s"
+    assert points(folder) == ["virtnbdbackup.0"]
+    _write(dom, 3)
+    assert ok(dom, "inc", folder)["point"] == "virtnbdbackup.1"
+    expected["virtnbdbackup.1"] = snap_all(dom, "p1")
+    after = inventory.take(dom, dom.dir, folder)
+    assert not after.job and after.scratch == () and after.checkpoints == tuple(expected), after
+    for point, images in expected.items():
+        check_point(dom, folder, point, images, tmp_path)
