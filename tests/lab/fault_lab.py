@@ -228,6 +228,36 @@ def mount_small_fs(folder: Path, size: int, kind: str = "tmpfs") -> SmallFs:
     raise ValueError(f"unknown filesystem kind {kind!r}")
 
 
+def mount_fragile_ext4(folder: Path, size: int) -> SmallFs:
+    """An ext4 loop filesystem mounted ``errors=remount-ro``: :func:`turn_read_only` makes it read-only."""
+    fs = mount_small_fs(folder, size, "ext4")
+    run(["umount", str(fs.path)])
+    run(["mount", "-o", "loop,errors=remount-ro", str(fs.image), str(fs.path)])
+    return fs
+
+
+def turn_read_only(fs: SmallFs) -> None:
+    """What a failing disk does to a host: ext4 sees an error and remounts itself read-only."""
+    dev = run(["findmnt", "-no", "SOURCE", str(fs.path)]).stdout.strip()
+    Path(f"/sys/fs/ext4/{Path(dev).name}/trigger_fs_error").write_text("1")
+    deadline = time.monotonic() + 5
+    while not {"ro", "emergency_ro"} & set(_mount_options(fs.path)):
+        if time.monotonic() > deadline:
+            raise LabError(f"{fs.path} did not turn read-only")
+        time.sleep(0.02)
+
+
+def _mount_options(path: Path) -> list[str]:
+    return run(["findmnt", "-no", "OPTIONS", str(path)]).stdout.strip().split(",")
+
+
+def repair(fs: SmallFs) -> None:
+    """The admin's fix: unmount, e2fsck, mount read-write again."""
+    run(["umount", str(fs.path)])
+    run(["e2fsck", "-fy", str(fs.image)], check=False)
+    run(["mount", "-o", "loop,errors=remount-ro", str(fs.image), str(fs.path)])
+
+
 def fill_fs(path: Path, free: int = 0, name: str = "filler") -> Path:
     """Fill the filesystem of ``path`` until about ``free`` bytes stay writable."""
     filler = path / name

@@ -82,6 +82,11 @@ QEMU_LOG_DIR = DAEMON_LOG_DIR / "qemu"
 # processes
 
 
+def pids_of(name: str) -> list[int]:
+    """Pids of processes called ``name`` (e.g. the shared libvirtd)."""
+    return _pids_of(name)
+
+
 def _pids_of(name: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -228,6 +233,54 @@ def _stop_pid(pid: int, wait: float = 10.0) -> None:
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+
+
+def restart_libvirtd(sig: int = signal.SIGTERM, wait: float = 30.0) -> float:
+    """Kill the shared libvirtd with ``sig`` and start it again at once (scripts/lab/libvirtd start).
+
+    Fault tests only: other sessions' connections break too. Returns the seconds
+    libvirtd was away. QEMU processes survive; libvirtd reconnects to them.
+    """
+    started = time.monotonic()
+    for pid in _pids_of("libvirtd"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + 15
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
+    script = Path(__file__).resolve().parents[2] / "scripts" / "lab" / "libvirtd"
+    subprocess.run([str(script), "start"], check=True, timeout=wait + 60, capture_output=True)
+    deadline = time.monotonic() + wait
+    while not _answers():
+        if time.monotonic() > deadline:
+            raise LabError(f"libvirtd does not answer {wait:.0f}s after a restart")
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+class LiveConn:
+    """qemu:///system that reopens itself when libvirtd was restarted (the session's lab connection)."""
+
+    def __init__(self) -> None:
+        import libvirt
+
+        self._conn = libvirt.open(URI)
+
+    def live(self) -> Any:
+        import libvirt
+
+        try:
+            self._conn.getLibVersion()
+        except libvirt.libvirtError:
+            with contextlib.suppress(libvirt.libvirtError):
+                self._conn.close()
+            self._conn = libvirt.open(URI)
+        return self._conn
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.live(), name)
 
 
 # --------------------------------------------------------------------------
@@ -473,6 +526,11 @@ class LabDomain:
         self.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
         self.dom = self.conn.defineXML(xml)
 
+    def reconnect(self) -> None:
+        """Look the domain up again on a live connection (after libvirtd was restarted)."""
+        self.dom = self.conn.live().lookupByName(self.name) if isinstance(self.conn, LiveConn) \
+            else self.conn.lookupByName(self.name)
+
     def disk(self, target: str = "sda") -> ShadowDisk:
         return self.disks[target]
 
@@ -575,6 +633,8 @@ class LabDomain:
         """Abort any job, destroy, undefine with checkpoint metadata, delete images."""
         import libvirt
 
+        with contextlib.suppress(libvirt.libvirtError):
+            self.reconnect()
         self.abort_job()
         with contextlib.suppress(libvirt.libvirtError):
             if self.dom.isActive():
@@ -705,13 +765,13 @@ def libvirt_daemons() -> Iterator[LabDaemons]:
 def libvirt_conn(libvirt_daemons: LabDaemons) -> Iterator[Any]:
     import libvirt
 
-    conn = libvirt.open(URI)
+    conn = LiveConn()
     sweep_orphans(conn)
     try:
         yield conn
     finally:
         with contextlib.suppress(libvirt.libvirtError):
-            conn.close()
+            conn.live().close()
 
 
 MakeDomain = Callable[..., LabDomain]
@@ -770,6 +830,8 @@ __all__ = [  # re-exported for existing imports: new code may import from common
     "libvirt_daemons",
     "make_domain",
     "make_lab_dir",
+    "pids_of",
+    "restart_libvirtd",
     "pattern_op",
     "qemu_io_command",
     "random_writes",

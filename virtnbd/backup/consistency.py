@@ -177,7 +177,7 @@ def drop_orphan_bitmaps(dom: libvirt.virDomain, plan: Plan) -> list[str]:
             log.debug("%s: cannot list bitmaps: %s", pd.target, err)
             continue
         for name in sorted(found):
-            index = checkpoints.index_of(name)
+            index = checkpoints.index_of(name) if name != checkpoints.PENDING else above + 1
             if index is None or index <= above or name in known:
                 continue
             checkpoints.redefine(dom, _orphan_xml(name, pd.target))

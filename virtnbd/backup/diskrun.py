@@ -34,7 +34,7 @@ from virtnbd.source.extents import BASE_ALLOCATION, iter_extents
 from virtnbd.source.nbdsource import NbdSource
 from virtnbd.stream.format import StreamMeta
 from virtnbd.stream.writer import StreamWriter
-from virtnbd.virt import domainxml, xmlbuild
+from virtnbd.virt import connection, domainxml, xmlbuild
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,7 @@ class BackupRun:
             try:
                 while True:
                     done, pending = wait(futures, timeout=0.5, return_when=FIRST_EXCEPTION)
+                    connection.check_alive(self.dom.connect())
                     failed = [f for f in done if f.exception() is not None]
                     if failed:
                         raise failed[0].exception()  # type: ignore[misc]

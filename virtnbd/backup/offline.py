@@ -3,10 +3,13 @@
 The chain must look afterwards exactly as if the point had been taken online,
 so the next online inc continues it:
 
-* ``full``: our old checkpoints are forgotten (libvirt cannot delete
-  checkpoints of an inactive domain: metadata only) and our old bitmaps are
-  removed from the images with ``qemu-img bitmap --remove``; then the bitmap
-  ``virtnbdbackup.0`` is added.
+* ``full``: an enabled bitmap ``virtnbdbackup.pending`` is added and the
+  images are copied; the previous chain is left untouched until the point is
+  committed. Only then are our old bitmaps removed (``qemu-img bitmap
+  --remove``) and old checkpoints forgotten (libvirt cannot delete checkpoints
+  of an inactive domain: metadata only), the pending bitmap merged into a new
+  ``virtnbdbackup.0`` and its checkpoint defined. A full that fails before its
+  commit (image locked, disk full, ...) leaves the previous chain continuable.
 * ``inc``: the export carries the parent's persistent bitmap
   (``qemu-nbd --bitmap=virtnbdbackup.N``) and the run reads its dirty ranges;
   a new enabled bitmap ``virtnbdbackup.N+1`` is added. The parent's bitmap is
@@ -21,8 +24,8 @@ so the next online inc continues it:
 Bitmaps are added before the export starts: ``qemu-nbd`` holds the image
 (read-only) during the copy, so the domain cannot start and write in between.
 A failed run removes the bitmaps and checkpoint metadata it added; bitmaps and
-checkpoints a killed run left (index above the manifest's newest point) are
-removed at the start of the next run. Network disks (RBD, iSCSI, ...) cannot
+checkpoints a killed run left (index above the manifest's newest point, or a
+pending bitmap) are removed at the start of the next run. Network disks (RBD, iSCSI, ...) cannot
 be exported offline: the run says so and asks for a running domain.
 """
 from __future__ import annotations
@@ -58,6 +61,7 @@ QEMU_NBD = "qemu-nbd"
 START_TIMEOUT = 30.0
 CONSISTENCY = "offline"
 PR_SET_PDEATHSIG = 1
+PENDING = checkpoints.PENDING
 
 
 def _context(name: str) -> str:
@@ -154,28 +158,64 @@ def _ours_above(names: Sequence[str], index: int) -> list[str]:
 
 
 def clean_leftovers(dom: libvirt.virDomain, plan: Plan) -> None:
-    """Forget checkpoints and remove bitmaps of ours that no committed point owns."""
-    above = -1 if plan.level == "full" else plan.last_index
+    """Forget checkpoints and remove bitmaps of ours that no committed point owns.
+
+    A full touches nothing of the previous chain here (see :func:`switch_chain`);
+    it only drops the pending bitmap of an earlier full that never committed.
+    """
     if plan.level == "copy":
         return
+    for pd in _bitmap_capable(plan):
+        if PENDING in bitmaps.list_bitmaps(str(pd.disk.path)):
+            bitmaps.remove(str(pd.disk.path), PENDING)
+            log.info("%s: removed bitmap %s of a full that never committed", pd.target, PENDING)
+    if plan.level == "full":
+        return
+    _drop_ours_above(dom, plan, plan.last_index, "left by a failed run")
+
+
+def _bitmap_capable(plan: Plan) -> list[PlannedDisk]:
+    return [pd for pd in plan.disks if pd.disk.can_checkpoint and pd.disk.path]
+
+
+def _drop_ours_above(dom: libvirt.virDomain, plan: Plan, above: int, why: str) -> None:
+    """Bitmaps first: they need the image's write lock, so a locked image fails before any metadata goes."""
+    for pd in _bitmap_capable(plan):
+        for name in _ours_above(sorted(bitmaps.list_bitmaps(str(pd.disk.path))), above):
+            bitmaps.remove(str(pd.disk.path), name)
+            log.info("%s: removed bitmap %s from %s (%s)", pd.target, name, pd.disk.path, why)
     for name in reversed(_ours_above(checkpoints.list_ours(dom), above)):
         checkpoints.delete_metadata(dom, name)
-        log.info("forgot checkpoint %s (%s)", name, "new chain" if plan.level == "full" else "left by a failed run")
-    for pd in plan.disks:
-        if not pd.disk.can_checkpoint or not pd.disk.path:
-            continue
-        for name in _ours_above(sorted(bitmaps.list_bitmaps(pd.disk.path)), above):
-            bitmaps.remove(pd.disk.path, name)
-            log.info("%s: removed bitmap %s from %s", pd.target, name, pd.disk.path)
+        log.info("forgot checkpoint %s (%s)", name, why)
 
 
 def add_bitmaps(plan: Plan, added: list[tuple[str, str]]) -> None:
+    """The new point's bitmap on every tracked disk; a full's under the name PENDING until it commits."""
     if not plan.checkpoint:
         return
+    name = PENDING if plan.level == "full" else plan.checkpoint
     for pd in plan.disks:
         if pd.target in plan.bitmap_disks and pd.disk.path:
-            bitmaps.add(pd.disk.path, plan.checkpoint)
-            added.append((pd.disk.path, plan.checkpoint))
+            bitmaps.add(pd.disk.path, name)
+            added.append((pd.disk.path, name))
+
+
+def switch_chain(dom: libvirt.virDomain, plan: Plan, xml: str | None) -> None:
+    """After a full committed: drop the previous chain, give the pending bitmap the checkpoint's name.
+
+    Until here the previous chain stayed whole, so a full failing at any earlier
+    step leaves it continuable. A failure here leaves the committed full without
+    its checkpoint: the next inc of the new folder reports the chain broken and
+    (-l auto / --fallback-full) starts a new one.
+    """
+    _drop_ours_above(dom, plan, -1, "new chain")
+    if not plan.checkpoint or xml is None:
+        return
+    for pd in _bitmap_capable(plan):
+        if pd.target in plan.bitmap_disks:
+            bitmaps.add_merged(str(pd.disk.path), plan.checkpoint, PENDING)
+            bitmaps.remove(str(pd.disk.path), PENDING)
+    checkpoints.redefine(dom, xml)
 
 
 def checkpoint_xml(plan: Plan, all_targets: Sequence[str], domain_xml: str, now: int) -> str:
@@ -255,15 +295,35 @@ def execute(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet, pla
             add_bitmaps(plan, added)
             with exports(plan, workdir) as run_.sockets:
                 results = run_.copy_all("")
-            saved_cp = define_checkpoint(dom, plan, all_targets, connection.domain_xml(dom, inactive=True))
-            defined = saved_cp is not None
+            saved_cp, defined = _checkpoint_of(dom, plan, all_targets)
             saved = run_.save_side_files(side, saved_cp)
-            point = run_.point(results, saved, CONSISTENCY, {"offline": True, "libvirt_checkpoint": defined})
+            point = run_.point(results, saved, CONSISTENCY, {"offline": True,
+                                                             "libvirt_checkpoint": saved_cp is not None})
             updated = bset.commit(point, dom.name(), uuid)
     except BaseException:
         side.discard()
         _undo(dom, plan, added, defined)
         raise
+    if plan.level == "full":
+        _switch_committed(dom, plan, saved_cp)
     return backup_run.report(summary, plan, updated, results)
 
 
+def _checkpoint_of(dom: libvirt.virDomain, plan: Plan, all_targets: list[str]) -> tuple[str | None, bool]:
+    """(checkpoint XML to save, defined in libvirt now?): a full's is defined only after its commit."""
+    inactive_xml = connection.domain_xml(dom, inactive=True)
+    if plan.level != "full":
+        saved = define_checkpoint(dom, plan, all_targets, inactive_xml)
+        return saved, saved is not None
+    if not plan.checkpoint or not plan.bitmap_disks:
+        return None, False
+    return checkpoint_xml(plan, all_targets, inactive_xml, int(time.time())), False
+
+
+def _switch_committed(dom: libvirt.virDomain, plan: Plan, xml: str | None) -> None:
+    try:
+        switch_chain(dom, plan, xml)
+    except errors.VirtnbdError as err:
+        raise errors.ChainError(
+            reason=f"full point {plan.point} is committed and restorable, but setting up its checkpoint "
+                   f"failed ({err}); the next inc cannot continue it: run -l auto or --fallback-full") from err

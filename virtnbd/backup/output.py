@@ -35,11 +35,23 @@ def prepare_folder(folder: str) -> Path:
     return Path(folder)
 
 
+class _RunLogHandler(logging.FileHandler):
+    """The run's log file is best effort: a folder that turns read-only or full must not
+    print logging tracebacks or hide the run's own error line (stderr still has every message)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        self.failed = True
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            super().close()
+
+
 @contextlib.contextmanager
 def run_log(folder: Path, level: str, stamp: str) -> Iterator[Path]:
     """A DEBUG log file for this run inside the backup folder."""
     path = folder / f"backup.{level}.{stamp}.log"
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _RunLogHandler(path, encoding="utf-8")
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()

@@ -26,7 +26,7 @@ from virtnbd.backupset.api import BackupSet, create_set
 from virtnbd.backupset.store import LocalStore
 from virtnbd.source import rbdextents
 from virtnbd.virt import agent, checkpoints, connection, domainxml, xmlbuild
-from virtnbd.virt.job import BackupJob, abort_stale
+from virtnbd.virt.job import BackupJob, abort_stale, refuse_foreign_jobs
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,10 @@ def _check_parent(dom: libvirt.virDomain, plan: Plan) -> None:
 
 def _clean_stale(dom: libvirt.virDomain, plan: Plan, options: BackupOptions) -> None:
     abort_stale(dom)
+    refuse_foreign_jobs(dom, [pd.target for pd in plan.disks])
     for path in output.remove_stale_work_dirs(options.scratchdir):
         log.warning("removed scratch folder of a killed run: %s", path)
-    if plan.level == "full":
-        removed = checkpoints.delete_ours(dom)
-        if removed:
-            log.info("new chain: removed old checkpoints %s", ", ".join(removed))
-    elif plan.level in ("inc", "diff"):
+    if plan.level in ("inc", "diff"):
         removed = checkpoints.delete_newer_than(dom, plan.last_index)
         if removed:
             log.warning("removed checkpoint(s) %s of an earlier run that never completed (their changes "
@@ -84,12 +81,23 @@ def _clean_stale(dom: libvirt.virDomain, plan: Plan, options: BackupOptions) -> 
 
 @contextlib.contextmanager
 def _created_checkpoint(dom: libvirt.virDomain, plan: Plan) -> Iterator[list[bool]]:
-    """On failure, delete the checkpoint this run created (its bitmap merges into the parent)."""
+    """On failure, delete the checkpoint this run created (its bitmap merges into the parent).
+
+    A full first deletes the previous chain's checkpoints (libvirt needs the name
+    ``virtnbdbackup.0`` free): as late as possible, after every check and the
+    scratch folder, just before the job starts (docs/FAULTS.md).
+    """
+    if plan.level == "full":
+        removed = checkpoints.delete_ours(dom)
+        if removed:
+            log.info("new chain: removed old checkpoints %s", ", ".join(removed))
     committed = [False]
     try:
         yield committed
     except BaseException:
-        if plan.checkpoint and not committed[0]:
+        if plan.checkpoint and not committed[0] and connection.lost(dom.connect()):
+            log.warning("checkpoint %s of the failed run is left to the next run (no connection)", plan.checkpoint)
+        elif plan.checkpoint and not committed[0]:
             try:
                 if checkpoints.exists(dom, plan.checkpoint):
                     checkpoints.delete(dom, plan.checkpoint)
@@ -133,6 +141,12 @@ def run(options: BackupOptions) -> RunSummary:
             recovery.recover(folder)
             try:
                 summary = _run_locked(options, dom, bset)
+            except errors.LibvirtError:
+                connection.check_alive(conn)        # say "libvirtd went away" rather than a socket error
+                raise
+            except libvirt.libvirtError as err:     # a libvirt call not wrapped where it is made
+                connection.check_alive(conn)
+                raise errors.LibvirtError(reason=connection.reason(err)) from err
             finally:
                 modes.apply(folder, options.umask)
     summary.seconds = round(time.monotonic() - started, 3)

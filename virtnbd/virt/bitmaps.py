@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 QEMU_IMG = "qemu-img"
 TIMEOUT = 120
+LOCK_HINT = "lock"          # qemu-img: Could not open 'X': Failed to get "write" lock
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,17 @@ def _qemu_img(args: Sequence[str], what: str) -> str:
         raise errors.LibvirtError(reason=f"{what}: {' '.join(cmd)}: {err}") from err
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip().splitlines()
-        raise errors.LibvirtError(reason=f"{what}: {detail[-1] if detail else f'exit {proc.returncode}'}")
+        raise errors.LibvirtError(reason=f"{what}: {_explain(detail, proc.returncode)}")
     return proc.stdout
+
+
+def _explain(detail: Sequence[str], returncode: int) -> str:
+    """qemu-img's last line; a lock conflict also says who may hold the image and what to do."""
+    locked = next((line for line in detail if LOCK_HINT in line), None)
+    if locked is not None:
+        return (f"the image is in use by another process ({locked.split(': ')[-1].strip()}): stop the "
+                f"qemu-nbd, qemu-io, guestmount or VM that holds it and run again")
+    return detail[-1] if detail else f"exit {returncode}"
 
 
 def image_info(path: str) -> Mapping[str, object]:
@@ -86,3 +96,9 @@ def add(path: str, name: str) -> None:
 def remove(path: str, name: str) -> None:
     _qemu_img(["bitmap", "--remove", path, name], f"cannot remove bitmap {name} from {path}")
     log.debug("removed bitmap %s from %s", name, path)
+
+
+def add_merged(path: str, name: str, source: str) -> None:
+    """Add enabled bitmap ``name`` holding every change ``source`` recorded (one qemu-img call)."""
+    _qemu_img(["bitmap", "--add", "--merge", source, path, name], f"cannot add bitmap {name} to {path}")
+    log.debug("added bitmap %s (from %s) to %s", name, source, path)

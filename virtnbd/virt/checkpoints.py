@@ -14,6 +14,7 @@ from virtnbd.virt.connection import reason
 log = logging.getLogger(__name__)
 
 PREFIX = "virtnbdbackup."
+PENDING = "virtnbdbackup.pending"     # bitmap of an offline full until its point commits (then merged into .0)
 _SETTLE_TRIES = 8
 _SETTLE_DELAY = 0.25
 _OURS = re.compile(r"^virtnbdbackup\.(\d+)$")

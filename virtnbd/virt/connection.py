@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,17 +27,72 @@ def reason(err: libvirt.libvirtError) -> str:
     return str(err.get_error_message() or err)
 
 
+KEEPALIVE_INTERVAL = 2        # seconds between keepalive probes
+KEEPALIVE_COUNT = 3           # unanswered probes before libvirt closes the connection (about 8 s)
+_lost: dict[int, str] = {}    # id(conn) -> why its connection closed
+_loop_lock = threading.Lock()
+_loop_started = threading.Event()
+
+
+def _run_event_loop() -> None:
+    while True:
+        libvirt.virEventRunDefaultImpl()
+
+
+def _start_event_loop() -> None:
+    """libvirt's default event loop in a daemon thread: needed for keepalive and the close callback."""
+    with _loop_lock:
+        if _loop_started.is_set():
+            return
+        libvirt.virEventRegisterDefaultImpl()
+        threading.Thread(target=_run_event_loop, name="libvirt-events", daemon=True).start()
+        _loop_started.set()
+
+
+_CLOSE_REASONS = {0: "error", 1: "end of file (libvirtd stopped or restarted)", 2: "keepalive timeout", 3: "closed"}
+
+
+def _on_close(conn: libvirt.virConnect, why: int, _opaque: Any) -> None:
+    _lost[id(conn)] = _CLOSE_REASONS.get(why, str(why))
+
+
+def _watch(conn: libvirt.virConnect) -> None:
+    try:
+        conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
+        conn.registerCloseCallback(_on_close, None)
+    except libvirt.libvirtError as err:       # e.g. a test driver without keepalive: run unwatched
+        log.debug("connection not watched: %s", reason(err))
+
+
+def lost(conn: libvirt.virConnect) -> bool:
+    return id(conn) in _lost
+
+
+def check_alive(conn: libvirt.virConnect) -> None:
+    """Raise when libvirt closed the connection (libvirtd restarted or unreachable)."""
+    why = _lost.get(id(conn))
+    if why is not None:
+        raise errors.LibvirtError(reason=f"connection to libvirtd lost during the run ({why}); nothing was "
+                                         f"committed: the next run aborts the job left in QEMU and continues "
+                                         f"the chain")
+
+
 @contextlib.contextmanager
 def connect(uri: str | None = None) -> Iterator[libvirt.virConnect]:
-    """Open a read-write libvirt connection; always closed on exit."""
+    """Open a read-write libvirt connection, watched by keepalive and a close callback; closed on exit."""
     target = uri or DEFAULT_URI
+    _start_event_loop()
     try:
         conn = libvirt.open(target)
     except libvirt.libvirtError as err:
         raise errors.LibvirtError(reason=f"cannot connect to {target}: {reason(err)}") from err
+    _watch(conn)
     try:
         yield conn
     finally:
+        _lost.pop(id(conn), None)
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.unregisterCloseCallback()
         with contextlib.suppress(libvirt.libvirtError):
             conn.close()
 

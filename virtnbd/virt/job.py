@@ -79,6 +79,34 @@ def abort_stale(dom: libvirt.virDomain) -> str | None:
     return socket
 
 
+def refuse_foreign_jobs(dom: libvirt.virDomain, targets: list[str]) -> None:
+    """Refuse to start while someone else copies, commits, pulls, migrates or snapshots the domain.
+
+    Called after :func:`abort_stale`, so any job left is not a backup job of ours.
+    """
+    for target in targets:
+        try:
+            info = dom.blockJobInfo(target, 0)
+        except libvirt.libvirtError as err:
+            raise errors.LibvirtError(reason=f"cannot query block jobs of {dom.name()}: {reason(err)}") from err
+        if info:
+            kind = _BLOCK_JOBS.get(int(info.get("type", 0)), "block")
+            raise errors.LibvirtError(
+                reason=f"disk {target} of domain {dom.name()} is busy with a {kind} job started by someone else; "
+                       f"run the backup when it has finished (virsh blockjob {dom.name()} {target} --info)")
+    try:
+        job_type = int(dom.jobInfo()[0])
+    except libvirt.libvirtError as err:
+        raise errors.LibvirtError(reason=f"cannot query jobs of {dom.name()}: {reason(err)}") from err
+    if job_type != libvirt.VIR_DOMAIN_JOB_NONE:
+        raise errors.LibvirtError(
+            reason=f"domain {dom.name()} has a running job started by someone else (migration, snapshot, "
+                   f"save or dump); run the backup when it has finished (virsh domjobinfo {dom.name()})")
+
+
+_BLOCK_JOBS = {1: "block pull", 2: "block copy", 3: "block commit", 4: "active block commit", 5: "backup"}
+
+
 def wait_gone(dom: libvirt.virDomain, timeout: float = 30.0) -> None:
     """abortJob() returns before libvirt has torn the job down (seen with whole-disk exports):
     wait, so the next run (or a user) never meets the job of a run that already ended."""
