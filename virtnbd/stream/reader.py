@@ -236,6 +236,12 @@ class StreamReader:
         return list(self._frames)
 
     def _load_index(self) -> list[FrameRef]:
+        entries, index_pos, end_pos = self.index_entries()
+        return self._parse_index(entries, index_pos, end_pos)
+
+    def index_entries(self) -> tuple[bytes, int, int]:
+        """The raw index entries (``count x INDEX_ENTRY``), checksum-verified, with the index and end
+        frame positions; for readers that keep the index compactly instead of as FrameRefs."""
         self._need_seek()
         size = self._file_size()
         min_size = self._data_start + fmt.FRAME.size + fmt.END_PAYLOAD.size + fmt.FOOTER.size
@@ -255,7 +261,7 @@ class StreamReader:
         entries = self._pread(index_pos, count * fmt.INDEX_ENTRY.size, "index")
         if fmt.checksum(end.checksum + entries + footer[:24]) != index_check:
             raise errors.FormatError(path=self.path, offset=index_pos, reason="index checksum mismatch")
-        return self._parse_index(entries, index_pos, end_pos)
+        return entries, index_pos, end_pos
 
     def _parse_index(self, entries: bytes, index_pos: int, end_pos: int) -> list[FrameRef]:
         refs: list[FrameRef] = []
