@@ -19,6 +19,8 @@ setup(
         "console_scripts": [
             "virtnbdbackup = virtnbd.cli.backup:main",
             "virtnbdrestore = virtnbd.cli.restore:main",
+            "virtnbdmap = virtnbd.cli.map:main",
+            "virtnbdmount = virtnbd.cli.mount:main",
         ]
     },
 )
