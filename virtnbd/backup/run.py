@@ -21,16 +21,17 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, BinaryIO, cast
+from typing import Any
 
 import libvirt
 
-from virtnbd import __version__, errors, fsutil, rbdextents
-from virtnbd.backup import consistency, copy, modes, outfile, output, recovery
+from virtnbd import __version__, errors, rbdextents
+from virtnbd.backup import consistency, copy, modes, output, recovery
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backup.plan import Plan, PlannedDisk, make_plan
 from virtnbd.backupset import manifest as bsmanifest
-from virtnbd.backupset import naming
+from virtnbd.backupset import outfile
+from virtnbd.backupset.api import BackupSet, create_set
 from virtnbd.extents import BASE_ALLOCATION, iter_extents
 from virtnbd.nbdsource import NbdSource
 from virtnbd.stream.format import StreamMeta
@@ -113,11 +114,12 @@ class _Progress:
 
 
 class BackupRun:
-    def __init__(self, options: BackupOptions, dom: libvirt.virDomain, folder: Path, plan: Plan, *,
+    def __init__(self, options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet, plan: Plan, *,
                  domain_xml: str, uuid: str) -> None:
         self.options = options
         self.dom = dom
-        self.folder = folder
+        self.bset = bset
+        self.folder = Path(bset.location)     # side files (output.SideFiles) are still written locally
         self.plan = plan
         self.domain_xml = domain_xml
         self.uuid = uuid
@@ -136,7 +138,7 @@ class BackupRun:
         started = time.monotonic()
         bitmap = self.bitmap_for(pd)
         contexts = (BASE_ALLOCATION, bitmap) if bitmap else (BASE_ALLOCATION,)
-        name = naming.data_file(pd.target, plan.level, plan.point)
+        name = self.bset.data_name(pd.target, plan.level, plan.point)
         with NbdSource(socket, xmlbuild.export_name(pd.target), contexts, connections=opts.connections,
                        depth=opts.depth, buffers=self.buffers_per_disk(),
                        buffer_size=opts.buffer_size, request_size=opts.read_size) as src:
@@ -147,15 +149,13 @@ class BackupRun:
                               extra=MappingProxyType(extra))
             update, close = self.progress.bar(pd.target, src.size)
             try:
-                partial = str(fsutil.partial_path(self.folder / name))
-                with fsutil.partial_file(self.folder / name), \
-                        outfile.StagedFile(partial, blocks=self.staging_blocks_per_disk()) as out:
-                    writer = StreamWriter(cast(BinaryIO, out), meta, path=str(self.folder / name),
-                                          level=opts.compress_level)
+                with self.bset.create_data(name, self.staging_blocks_per_disk()) as out:
+                    writer = StreamWriter(out, meta, path=self.bset.store.describe(name),
+                                          level=opts.compress_level, stages=self.bset.stages)
                     status, dirty = rbdextents.status_for(self.rbd, pd, plan.parent, src.block_status, bitmap)
                     extents = iter_extents(status, src.size, dirty, export=pd.target)
                     stats = copy.copy_disk(src, writer, extents, pool, read_size=opts.buffer_size,
-                                           level=opts.compress_level, progress=update, cancel=self.cancel)
+                                           progress=update, cancel=self.cancel)
                     totals = writer.finish()
             finally:
                 close()
@@ -364,11 +364,12 @@ def run(options: BackupOptions) -> RunSummary:
     started = time.monotonic()
     with modes.umask(options.umask), connection.connect(options.uri) as conn:
         dom = connection.lookup_domain(conn, options.domain)
-        folder = output.prepare_folder(options.output)
-        with output.folder_lock(folder):
+        bset = create_set(options.output)
+        folder = Path(bset.location)   # recovery and modes still work on the local folder
+        with bset.lock():
             recovery.recover(folder)
             try:
-                summary = _run_locked(options, dom, folder)
+                summary = _run_locked(options, dom, bset)
             finally:
                 modes.apply(folder, options.umask)
     summary.seconds = round(time.monotonic() - started, 3)
@@ -380,10 +381,11 @@ def _offline() -> Any:
     return offline
 
 
-def _run_locked(options: BackupOptions, dom: libvirt.virDomain, folder: Path) -> RunSummary:
+def _run_locked(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet) -> RunSummary:
     name = dom.name()
     uuid = dom.UUIDString()
-    manifest = bsmanifest.load(folder)
+    folder = Path(bset.location)
+    manifest = bset.manifest()
     domain_xml = connection.domain_xml(dom)
     all_disks = domainxml.parse_disks(domain_xml)
     plan = make_plan(options, manifest, all_disks, int(time.time()), folder=str(folder), domain=name, uuid=uuid)
@@ -424,17 +426,17 @@ def _run_locked(options: BackupOptions, dom: libvirt.virDomain, folder: Path) ->
             summary.notes.append(verdict.note)
         if not running:
             log.info("domain %s is shut off: backing up its images read-only with qemu-nbd", name)
-            return _offline().execute(options, dom, folder, plan, domain_xml=domain_xml, uuid=uuid, summary=summary,
+            return _offline().execute(options, dom, bset, plan, domain_xml=domain_xml, uuid=uuid, summary=summary,
                                    all_targets=[d.target for d in all_disks])
         _clean_stale(dom, plan, options)
-        return _execute(options, dom, folder, plan, domain_xml=domain_xml, uuid=uuid, summary=summary,
+        return _execute(options, dom, bset, plan, domain_xml=domain_xml, uuid=uuid, summary=summary,
                         all_targets=[d.target for d in all_disks])
 
 
-def _execute(options: BackupOptions, dom: libvirt.virDomain, folder: Path, plan: Plan, *, domain_xml: str,
+def _execute(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet, plan: Plan, *, domain_xml: str,
              uuid: str, summary: RunSummary, all_targets: list[str]) -> RunSummary:
-    run_ = BackupRun(options, dom, folder, plan, domain_xml=domain_xml, uuid=uuid)
-    side = output.SideFiles(folder)
+    run_ = BackupRun(options, dom, bset, plan, domain_xml=domain_xml, uuid=uuid)
+    side = output.SideFiles(run_.folder)
     skipped = [t for t in all_targets if t not in {pd.target for pd in plan.disks}]
     checkpoint_xml = _checkpoint_xml(plan, all_targets)
     try:
@@ -453,7 +455,7 @@ def _execute(options: BackupOptions, dom: libvirt.virDomain, folder: Path, plan:
             point = run_.point(results, saved, summary.consistency, {
                 "guest_info": guest_info, "libvirt_checkpoint": saved_cp is not None,
                 "rbd_snapshots": [d.target for d in run_.rbd.disks] if run_.rbd else []})
-            updated = bsmanifest.commit_point(folder, point, dom.name(), uuid)
+            updated = bset.commit(point, dom.name(), uuid)
             committed[0] = True
     except BaseException:
         side.discard()
