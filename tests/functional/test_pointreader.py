@@ -136,3 +136,14 @@ def test_reads_outside_the_disk_are_refused(tmp_path):
     b.full()
     with open_point(b.folder) as reader, pytest.raises(errors.UsageError, match="outside the disk"):
         reader.pread(reader.size - 10, 11)
+
+
+def test_a_raw_disk_image_saved_by_virtnbdbackup(tmp_path):
+    """virtnbdbackup saves a raw-format disk as a plain image (``sda.copy.data``): readable at random too."""
+    folder = tmp_path / "rawcopy"
+    folder.mkdir()
+    want = random.Random(9).randbytes(1 << 20) + bytes(1 << 20)
+    (folder / "sda.copy.data").write_bytes(want)
+    (folder / "vmconfig.copy.xml").write_text("<domain><name>vm</name><uuid>1-2</uuid></domain>")
+    with open_point(str(folder)) as reader:
+        check_against(reader, want, 4)

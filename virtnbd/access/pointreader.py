@@ -1,5 +1,9 @@
 """A disk at one backup point, read at random: ``pread`` and ``extents`` without a restore.
 
+Built on the backup-set interface (``virtnbd.backupset.api``): the chain comes
+from ``BackupSet.chain`` and each point's data from ``BackupSet.open_data``
+(through ``restore.source``), so every kind of set the interface knows works.
+
 Every read asks the chain newest first: the newest point whose index lists a
 frame at that offset holds the bytes; a range no point lists is a hole (reads
 as zeros). No chain replay and no temporary copy: each point's index is kept
@@ -24,7 +28,6 @@ from virtnbd.access import frametable
 from virtnbd.access.frametable import FrameTable
 from virtnbd.restore import source
 from virtnbd.restore.source import ChainFile, DiskChain
-from virtnbd.stream.legacy import open_raw_image
 from virtnbd.stream.reader import StreamReader
 
 log = logging.getLogger(__name__)
@@ -194,7 +197,7 @@ def open_point(folder: str, until: str | None = None, disk: str | None = None,
 def open_chain(chain: DiskChain, cache_bytes: int = CACHE_BYTES) -> PointReader:
     """Open every file of a selected chain, check it against the manifest and load its index."""
     with contextlib.ExitStack() as stack:
-        readers = [stack.enter_context(_opened(cf)) for cf in chain.files]
+        readers = [stack.enter_context(source.opened(cf)) for cf in chain.files]
         for cf, reader in zip(chain.files, readers, strict=True):
             source.check_against_entry(cf, reader)
         source.check_links(chain.files, [r.meta for r in readers])
@@ -223,18 +226,3 @@ def _table(reader: StreamReader) -> FrameTable:
         return frametable.from_refs(reader.path, reader.frames(), size)
     entries, index_pos, _ = reader.index_entries()
     return frametable.from_index(reader.path, entries, size, index_pos)
-
-
-@contextlib.contextmanager
-def _opened(cf: ChainFile) -> Iterator[StreamReader]:
-    """A chain file's reader: a stream, or a raw image virtnbdbackup saved for a raw disk."""
-    if cf.entry is not None and (cf.entry.extra or {}).get("raw_image"):
-        try:
-            image = open_raw_image(cf.path)
-        except errors.FormatError as err:
-            raise source.ChainFileError(path=cf.path, point=cf.point, reason=err.reason) from err
-        with image:
-            yield image
-        return
-    with source.opened(cf) as reader:
-        yield reader
