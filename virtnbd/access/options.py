@@ -25,6 +25,5 @@ class MapOptions:
 class MountOptions:
     input: str
     mountpoint: str
-    foreground: bool = True
     verbose: bool = False
     strict: bool = False
