@@ -16,13 +16,12 @@ import nbd
 import pytest
 
 from tests.functional.restore_sets import SetBuilder, compare
-from tests.functional.test_pointreader import build_chain, first_data_frame, random_ranges
+from tests.functional.test_pointreader import build_chain, damage_first_data_frame, random_ranges
 from tests.functional.test_restore_legacy import _build as build_legacy
 from virtnbd.access.options import MapOptions
 from virtnbd.access.serve import nbdkit_argv
 from virtnbd.cli.map import parse
 from virtnbd.errors import UsageError
-from virtnbd.stream import format as fmt
 
 ROOT = Path(__file__).resolve().parents[2]
 UPSTREAM = ROOT / "tests" / "data" / "upstream-sets"
@@ -119,10 +118,7 @@ def test_extents_keep_copies_thin(tmp_path):
 def test_a_flipped_byte_fails_reads_of_that_frame_only(tmp_path):
     b = build_chain(tmp_path / "set", "lz4", incs=1)
     stream = Path(b.folder) / "sda.full.data"
-    ref = first_data_frame(str(stream))
-    raw = bytearray(stream.read_bytes())
-    raw[ref.pos + fmt.FRAME.size + 50] ^= 0x01
-    stream.write_bytes(bytes(raw))
+    ref = damage_first_data_frame(stream, 50, 0x01)
     want = Path(b.shadow_path(b.points[0])).read_bytes()
     with Mapped(b.folder, "--until", b.points[0]) as mapped:
         h = mapped.handle()

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.functional.test_pointreader import build_chain, first_data_frame
-from virtnbd.stream import format as fmt
+from tests.functional.test_pointreader import build_chain, damage_first_data_frame
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,10 +46,7 @@ def test_every_point_is_a_file_and_umount_ends_it(tmp_path):
 def test_a_damaged_frame_gives_eio_for_its_range_only(tmp_path):
     b = build_chain(tmp_path / "set", None, incs=1)
     stream = Path(b.folder) / "sda.full.data"
-    ref = first_data_frame(str(stream))
-    raw = bytearray(stream.read_bytes())
-    raw[ref.pos + fmt.FRAME.size + 7] ^= 0x80
-    stream.write_bytes(bytes(raw))
+    ref = damage_first_data_frame(stream, 7, 0x80)
     want = Path(b.shadow_path(b.points[0])).read_bytes()
     mnt = tmp_path / "mnt"
     mnt.mkdir()

@@ -98,15 +98,21 @@ def first_data_frame(path: str):
         return next(ref for ref in reader.frames() if ref.kind == "data")
 
 
+def damage_first_data_frame(stream: Path, at: int, mask: int = 0xFF):
+    """Flip bits of one payload byte of the stream's first data frame; return that frame."""
+    ref = first_data_frame(str(stream))
+    raw = bytearray(stream.read_bytes())
+    raw[ref.pos + fmt.FRAME.size + at] ^= mask
+    stream.write_bytes(bytes(raw))
+    return ref
+
+
 @pytest.mark.parametrize("compression", [None, "lz4"])
 def test_a_damaged_frame_fails_its_reads_only(tmp_path, compression):
     b = build_chain(tmp_path / "set", compression, incs=2)
     point = b.points[1]
     stream = Path(b.folder) / f"sda.inc.{point}.data"
-    ref = first_data_frame(str(stream))
-    raw = bytearray(stream.read_bytes())
-    raw[ref.pos + fmt.FRAME.size + 100] ^= 0xFF
-    stream.write_bytes(bytes(raw))
+    ref = damage_first_data_frame(stream, 100)
     want = Path(b.shadow_path(b.points[-1])).read_bytes()
     with open_point(b.folder) as reader:
         hit = [s for s in reader.segments(ref.offset, ref.length) if s.kind == DATA
