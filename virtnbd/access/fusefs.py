@@ -128,7 +128,7 @@ class SetFS(pyfuse3.Operations):
         reader = self._reader(fh)
         size = max(0, min(size, reader.size - off))
         try:
-            return await trio.to_thread.run_sync(reader.pread, off, size)
+            return bytes(await trio.to_thread.run_sync(reader.pread, off, size))
         except errors.VirtnbdError as err:
             log.error("read %s %d+%d: %s", self.nodes[fh].name.decode(), off, size, err)
             raise pyfuse3.FUSEError(errno.EIO) from None

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from virtnbd import errors
@@ -62,6 +62,7 @@ class FrameCache:
         self.budget = budget
         self.used = 0
         self._items: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._loading: dict[tuple[int, int], threading.Lock] = {}
         self._lock = threading.Lock()
 
     def get(self, key: tuple[int, int]) -> bytes | None:
@@ -70,6 +71,24 @@ class FrameCache:
             if data is not None:
                 self._items.move_to_end(key)
             return data
+
+    def load(self, key: tuple[int, int], loader: Callable[[], bytes]) -> bytes:
+        """The cached frame, else ``loader()`` once: concurrent readers of one frame wait for the first."""
+        data = self.get(key)
+        if data is not None:
+            return data
+        with self._lock:
+            gate = self._loading.setdefault(key, threading.Lock())
+        with gate:
+            data = self.get(key)
+            if data is None:
+                try:
+                    data = loader()
+                finally:
+                    with self._lock:
+                        self._loading.pop(key, None)
+                self.put(key, data)
+        return data
 
     def put(self, key: tuple[int, int], data: bytes) -> None:
         if len(data) > self.budget:
@@ -152,29 +171,34 @@ class PointReader:
 
     # -- the bytes --------------------------------------------------------------------
 
-    def pread(self, offset: int, length: int) -> bytes:
-        """The disk's bytes at the point; every frame touched is verified first."""
+    def pread(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        """The disk's bytes at the point; every frame touched is verified first.
+
+        A read inside one data frame returns a view of the cached frame (no copy)."""
+        segments = self.segments(offset, length)
+        if len(segments) == 1 and segments[0].kind == DATA:
+            seg = segments[0]
+            skip = seg.start - self.layers[seg.layer].table.starts[seg.frame]
+            return memoryview(self.frame_data(seg.layer, seg.frame))[skip:skip + length]
         out = bytearray(length)
-        for seg in self.segments(offset, length):
+        for seg in segments:
             if seg.kind != DATA:
                 continue
             data = self.frame_data(seg.layer, seg.frame)
             skip = seg.start - self.layers[seg.layer].table.starts[seg.frame]
             out[seg.start - offset:seg.end - offset] = memoryview(data)[skip:skip + seg.end - seg.start]
-        return bytes(out)
+        return out
 
     def frame_data(self, li: int, i: int) -> bytes:
         """The verified bytes of frame ``i`` of layer ``li`` (cached)."""
         layer = self.layers[li]
-        key = (li, layer.table.pos[i])
-        data = self.cache.get(key)
-        if data is None:
+        def load() -> bytes:
             try:
-                data = bytes(layer.reader.read(layer.table.ref(i)))
+                return bytes(layer.reader.read(layer.table.ref(i)))
             except errors.FormatError as err:
                 raise source.describe(err, self._files) from err
-            self.cache.put(key, data)
-        return data
+
+        return self.cache.load((li, layer.table.pos[i]), load)
 
 
 # -- opening ----------------------------------------------------------------------------
