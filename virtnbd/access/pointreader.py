@@ -148,7 +148,7 @@ class PointReader:
         i = table.at_or_after(pos)
         while pos < stop:
             if i < len(table) and table.starts[i] <= pos:
-                seg_end = min(table.ends[i], stop)
+                seg_end = min(table.end(i), stop)
                 out.append(Segment(pos, seg_end, DATA if table.kind(i) == DATA else ZERO, li, i))
                 i += 1
             else:
