@@ -16,7 +16,7 @@ class MapOptions:
     writable: bool = False              # copy-on-write layer outside the set
     insecure: bool = False              # TCP without TLS
     tls_certificates: str | None = None     # x509 dir: ca-cert.pem, server-cert.pem, server-key.pem
-    threads: int = 4
+    threads: int = 1                    # nbdkit threads per connection
     verbose: bool = False
     strict: bool = False
 

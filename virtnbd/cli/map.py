@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept writes into a temporary copy-on-write layer (the set is never written)")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="stop serving after SECONDS")
     p.add_argument("--json", action="store_true", help="print where it listens as one JSON line")
-    p.add_argument("-t", "--threads", type=int, default=4, metavar="N", help="nbdkit threads (default 4)")
+    p.add_argument("-t", "--threads", type=int, default=1, metavar="N",
+                   help="nbdkit threads per connection (default 1: multi-conn clients get one per connection; "
+                        "more only contend for the plugin's Python lock)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug output")
     p.add_argument("--strict", action="store_true", help="exit 2 when warnings were logged")
     p.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
