@@ -20,6 +20,8 @@ setup(
             "virtnbdbackup = virtnbd.cli.backup:main",
             "virtnbdrestore = virtnbd.cli.restore:main",
             "virtnbdprune = virtnbd.cli.prune:main",
+            "virtnbdmap = virtnbd.cli.map:main",
+            "virtnbdmount = virtnbd.cli.mount:main",
         ]
     },
 )

@@ -1,6 +1,6 @@
 """The man pages stay in step with --help: every long option is documented.
 
-Both CLI modules must expose ``build_parser() -> argparse.ArgumentParser``.
+Every CLI module must expose ``build_parser() -> argparse.ArgumentParser``.
 A missing module, function or page FAILS (never skips): the pages ship with
 the commands.
 """
@@ -16,7 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = [("virtnbdbackup", "virtnbd.cli.backup"), ("virtnbdrestore", "virtnbd.cli.restore"),
-            ("virtnbdprune", "virtnbd.cli.prune")]
+            ("virtnbdprune", "virtnbd.cli.prune"), ("virtnbdmap", "virtnbd.cli.map"),
+            ("virtnbdmount", "virtnbd.cli.mount")]
 
 
 def load_parser(module_name: str) -> argparse.ArgumentParser:

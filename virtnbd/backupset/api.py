@@ -31,6 +31,7 @@ from virtnbd.backupset.manifest import DiskEntry, Manifest, Point
 from virtnbd.backupset.store import LocalStore, Store, open_store
 from virtnbd.stream.codec import Stage
 from virtnbd.stream.detect import open_stream
+from virtnbd.stream.legacy import open_raw_image
 from virtnbd.stream.reader import StreamReader
 
 
@@ -123,6 +124,12 @@ class LegacySet(StreamSet):
         if found is None:
             raise errors.BackupSetError(path=self.location, reason="not a virtnbdbackup folder")
         return chain_mod.resolve(found, until)
+
+    def open_data(self, entry: DiskEntry) -> StreamReader:
+        """A stream, or the plain image virtnbdbackup saves for a raw disk (``extra["raw_image"]``)."""
+        if (entry.extra or {}).get("raw_image"):
+            return open_raw_image(self.store.describe(entry.file))
+        return super().open_data(entry)
 
     def commit(self, point: Point, domain: str, domain_uuid: str) -> Manifest:
         raise errors.BackupSetError(path=self.location, reason="virtnbdbackup sets are read only")

@@ -268,6 +268,12 @@ class StreamReader:
             raise errors.FormatError(path=self.path, offset=index_pos, reason="index checksum mismatch")
         return index_pos, count, end_pos
 
+    def index_entries(self) -> tuple[bytes, int, int]:
+        """The raw index entries (``count x INDEX_ENTRY``), checksum-verified, with the index and end
+        frame positions; for readers that keep the index compactly instead of as FrameRefs."""
+        index_pos, count, end_pos = self._index_location()
+        return self._pread(index_pos, count * fmt.INDEX_ENTRY.size, "index"), index_pos, end_pos
+
     def index_batches(self, batch: int = 4096, raw_kind: bool = False) -> Iterator[list[tuple[Any, int, int, int]]]:
         """The index in offset order, ``batch`` entries at a time, each checked as it is read:
         ``(is_data, offset, length, pos)`` (``(kind code, ...)`` with ``raw_kind``).

@@ -1,0 +1,80 @@
+"""nbdkit python plugin serving one disk of a backup set at one point (run by ``virtnbdmap``).
+
+nbdkit loads this file into its embedded Debian Python 3.11, not into our
+venv: ``path=`` (os.pathsep separated) lists the ``sys.path`` entries of the
+``virtnbdmap`` process, added before virtnbd is imported. Keys: ``set=``,
+``until=``, ``disk=``, ``path=``. The set is opened in ``config_complete``,
+so a bad set stops nbdkit before it listens.
+"""
+import errno
+import sys
+
+import nbdkit  # type: ignore[import-not-found]  # provided by nbdkit's embedded interpreter
+
+API_VERSION = 2
+_config: dict = {}
+_state: dict = {}
+
+
+def config(key, value):
+    if key not in ("set", "until", "disk", "path"):
+        raise RuntimeError(f"unknown parameter {key}")
+    _config[key] = value
+
+
+def config_complete():
+    for entry in reversed(_config.get("path", "").split(":")):
+        if entry and entry not in sys.path:
+            sys.path.insert(0, entry)
+    from virtnbd import errors
+    from virtnbd.access.pointreader import open_point
+    if "set" not in _config:
+        raise RuntimeError("set= is required")
+    _state["errors"] = errors
+    try:
+        _state["reader"] = open_point(_config["set"], _config.get("until") or None, _config.get("disk") or None)
+    except errors.VirtnbdError as err:
+        raise RuntimeError(f"virtnbdmap: {err}") from None
+
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def open(readonly):  # noqa: A001 - nbdkit's callback name
+    return _state["reader"]
+
+
+def get_size(h):
+    return h.size
+
+
+def can_write(h):
+    return False
+
+
+def can_multi_conn(h):
+    return True
+
+
+def can_cache(h):
+    return nbdkit.CACHE_NONE
+
+
+def pread(h, buf, offset, flags):
+    try:
+        buf[:] = h.pread(offset, len(buf))
+    except _state["errors"].VirtnbdError as err:
+        nbdkit.set_error(errno.EIO)
+        raise RuntimeError(f"virtnbdmap: read {offset}+{len(buf)}: {err}") from None
+
+
+def can_extents(h):
+    return True
+
+
+_FLAGS = {"data": 0, "zero": nbdkit.EXTENT_ZERO, "hole": nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO}
+
+
+def extents(h, count, offset, flags):
+    return [(start, length, _FLAGS[kind]) for start, length, kind in h.extents(offset, count)]
