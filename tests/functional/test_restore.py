@@ -229,15 +229,18 @@ def test_usage_errors_are_one_line(tmp_path, capsys):
 
 def _strace_bytes_written(trace: str, suffix: str) -> int:
     """Bytes the kernel accepted in write calls on files whose path ends with ``suffix``
-    (``strace -y`` prints each fd's path), summed from the return values."""
+    (``strace -y`` prints each fd's path), summed from the return values of every
+    thread's trace file (``-ff``: one file per thread, so no call is split by another)."""
+    import glob
     import re
 
     total = 0
-    with open(trace) as f:
-        for line in f:
-            m = re.search(r"\b(p?writev?2?|pwrite64)\(\d+<([^>]*)>.*\)\s+=\s+(\d+)", line)
-            if m and m.group(2).endswith(suffix):
-                total += int(m.group(3))
+    for name in glob.glob(trace + ".*"):
+        with open(name) as f:
+            for line in f:
+                m = re.search(r"\b(p?writev?2?|pwrite64)\(\d+<([^>]*)>.*\)\s+=\s+(\d+)", line)
+                if m and m.group(2).endswith(suffix):
+                    total += int(m.group(3))
     return total
 
 
@@ -255,7 +258,7 @@ def test_bytes_written_counted_by_the_kernel_too(tmp_path):
     data_in_final = sum(1 for c in b.allocated if any(b.shadow[c * b.cluster:(c + 1) * b.cluster])) * b.cluster
     trace, out = str(tmp_path / "trace"), tmp_path / "out"
     script = os.path.join(os.path.dirname(__file__), "..", "..", "virtnbdrestore")
-    subprocess.run(["strace", "-f", "-qq", "-y", "-e", "trace=write,pwrite64,pwritev,pwritev2", "-o", trace,
+    subprocess.run(["strace", "-ff", "-qq", "-y", "-e", "trace=write,pwrite64,pwritev,pwritev2", "-o", trace,
                     sys.executable, script, "-i", b.folder, "-o", str(out), "-n", "--format", "raw"],
                    check=True, capture_output=True, timeout=300)
     written = _strace_bytes_written(trace, "sda.raw.partial")

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Protocol
 
+from virtnbd.stream.format import FrameRef
+
 IndexEntry = tuple[bool, int, int, int]          # is_data, disk offset, length, file position
 Entry = tuple[int, int, int, int, int, bool]     # start, end (clipped), pos, frame offset, frame length, is_data
 Piece = tuple[int, int, int, Entry]              # start, end, layer index, entry (a data frame)
@@ -272,6 +274,12 @@ class Plan:
         return sorted(groups.values(), key=lambda g: g[2][0].start)
 
 
+def _frame(known: dict[int, FrameLike], entry: Entry) -> FrameLike:
+    """The frame of an entry: the layer's own FrameRef, or one made from the index entry (batched layers)."""
+    found = known.get(entry[2])
+    return found if found is not None else FrameRef("data", entry[3], entry[4], entry[2])
+
+
 def collapse(layers: Sequence[Layer], disk: str = "", virtual_size: int | None = None,
              entry_budget: int = ENTRY_BUDGET) -> Plan:
     """The whole final extent map in memory (built from :func:`windows`; for small chains and tests)."""
@@ -280,7 +288,7 @@ def collapse(layers: Sequence[Layer], disk: str = "", virtual_size: int | None =
     out: list[Extent] = []
     for win in windows(layers, virtual_size, entry_budget):
         found = [Extent(s, e - s, None, None) for s, e in win.zeros]
-        found += [Extent(s, e - s, layer, frames[layer][entry[2]]) for s, e, layer, entry in win.data]
+        found += [Extent(s, e - s, layer, _frame(frames[layer], entry)) for s, e, layer, entry in win.data]
         found.sort(key=lambda x: x.start)
         for ext in found:
             last = out[-1] if out else None
