@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 
 from virtnbd import __version__, errors
-from virtnbd.cli import rbdargs
+from virtnbd.cli import locations, parity, rbdargs
 from virtnbd.cli.shell import OneLineParser, run_main
 from virtnbd.restore.options import ACTIONS, FORMATS, RestoreOptions
 
@@ -20,15 +21,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 ok, 1 error, 2 warnings with --strict, 128+N on signal N.",
     )
     p.add_argument("-i", "--input", required=True, metavar="DIR", help="backup set folder")
-    p.add_argument("-o", "--output", metavar="OUT", help="output folder for restored images (restore)")
+    p.add_argument("-o", "--output", metavar="OUT",
+                   help="output folder for restored images (restore); -o dump and -o verify mean -a dump / "
+                        "-a verify (a folder of that name: -o ./verify)")
     p.add_argument("-a", "--action", choices=ACTIONS, default="restore",
                    help="restore (default), dump the metadata of every point, or verify every file")
-    p.add_argument("--until", metavar="POINT", help="restore this point (e.g. virtnbdbackup.3); default: newest")
+    p.add_argument("-u", "--until", metavar="POINT", help="restore this point (e.g. virtnbdbackup.3); default: newest")
     p.add_argument("-d", "--disk", metavar="DEV", help="only this disk (target dev, e.g. sda)")
-    p.add_argument("--sequence", metavar="F1,F2,...",
+    p.add_argument("-s", "--sequence", metavar="F1,F2,...",
                    help="explicit comma-separated list of stream files, full first (checked for chain consistency)")
     p.add_argument("--format", choices=FORMATS, default="qcow2", help="output image format (default qcow2)")
-    p.add_argument("--preallocate", action="store_true", help="allocate the whole output image")
+    p.add_argument("-A", "--preallocate", action="store_true", help="allocate the whole output image")
     p.add_argument("-c", "--adjust-config", action="store_true",
                    help="write a domain XML that boots the restored disks (new name, no UUID, new MACs)")
     p.add_argument("-N", "--name", metavar="NAME", help="name of the adjusted domain (default restore_<name>)")
@@ -38,16 +41,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="dump: print JSON instead of a table")
     p.add_argument("-n", "--noprogress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug output")
-    p.add_argument("--strict", action="store_true", help="exit 2 when warnings were logged")
+    p.add_argument("-e", "--strict", action="store_true", help="exit 2 when warnings were logged")
+    p.add_argument("-L", "--logfile", metavar="FILE", help="also write a debug log to FILE (created 0600)")
     p.add_argument("-w", "--worker", type=int, default=4, metavar="N",
                    help="requests in flight / files verified at once (default 4)")
     p.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     rbdargs.add_arguments(p)
+    parity.add_arguments(p, parity.RESTORE)
     return p
+
+
+def _shortcuts(args: argparse.Namespace) -> None:
+    """virtnbdbackup's ``-o dump`` / ``-o verify``; every location checked for its scheme."""
+    if args.output in ("dump", "verify"):
+        if args.action not in ("restore", args.output):
+            raise errors.UsageError(reason=f"-o {args.output} means -a {args.output}, not -a {args.action}")
+        args.action, args.output = args.output, None
+    if args.output == "-":
+        raise errors.UsageError(reason="-o -: restoring to standard output is not in this version; "
+                                       "restore into a folder with --format raw")
+    if args.input == "-":
+        raise errors.UsageError(reason="-i -: reading a backup from standard input is not in this version; "
+                                       "give the backup folder")
+    locations.check(args.input, "restore-input", "-i/--input")
+    if args.output:
+        locations.check(args.output, "restore-output", "-o/--output")
+    for line in args.ignored:
+        print(f"{PROG}: note: {line}", file=sys.stderr)
 
 
 def parse(argv: Sequence[str]) -> RestoreOptions:
     args = build_parser().parse_args(list(argv))
+    _shortcuts(args)
     if args.worker < 1:
         raise errors.UsageError(reason="--worker must be at least 1")
     sequence: tuple[str, ...] = ()
@@ -68,7 +93,7 @@ def parse(argv: Sequence[str]) -> RestoreOptions:
         sequence=sequence, format=args.format, preallocate=args.preallocate,
         adjust_config=args.adjust_config or args.define or bool(args.name), name=args.name, define=args.define,
         uri=args.uri, json=args.json, noprogress=args.noprogress, verbose=args.verbose, strict=args.strict,
-        worker=args.worker, targets=targets, rbd=rbdargs.rbd_options(args),
+        worker=args.worker, targets=targets, rbd=rbdargs.rbd_options(args), logfile=args.logfile,
     )
 
 
