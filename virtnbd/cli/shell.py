@@ -67,6 +67,8 @@ SYSLOG_SOCKET = "/dev/log"
 
 def syslog_handler(prog: str, address: str = SYSLOG_SOCKET) -> logging.Handler | None:
     """``-L/--syslog``: the run's messages also go to syslog (None when no syslog socket exists)."""
+    if not os.path.exists(address):     # SysLogHandler itself would drop every message silently
+        return None
     try:
         handler = logging.handlers.SysLogHandler(address=address,
                                                  facility=logging.handlers.SysLogHandler.LOG_DAEMON)
