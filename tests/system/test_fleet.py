@@ -89,3 +89,20 @@ def _field(line: str, name: str) -> str:
         if key == f"VIRTNBD_{name}":
             return value
     return ""
+
+
+def test_backup_to_stdout_piped_into_restore_from_stdin(make_domain, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    dom = make_domain(disks=[DiskSpec("sda", "sata", "qcow2", 8 * MiB)])
+    dom.disk("sda").write_data(MiB, 3 * MiB, seed=7)
+    expected = dom.disk("sda").snapshot("full")
+    out = tmp_path / "restored"
+    backup = subprocess.Popen([sys.executable, BACKUP, "-d", dom.name, "-l", "full", "-o", "-", "-n",
+                               "--scratchdir", str(dom.dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    restore = subprocess.run([sys.executable, RESTORE, "-i", "-", "-o", str(out), "--format", "raw", "-n"],
+                             stdin=backup.stdout, capture_output=True, text=True, timeout=300, check=False)
+    assert backup.stdout is not None and backup.stderr is not None
+    backup.stdout.close()
+    assert backup.wait(timeout=300) == 0, backup.stderr.read().decode()
+    assert restore.returncode == 0, restore.stderr
+    compare_images(out / "sda.raw", expected, fmt="raw")
+    assert not list(dom.dir.glob("virtnbd-stdio.*"))

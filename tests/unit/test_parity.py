@@ -68,7 +68,8 @@ def test_restore_output_shortcuts() -> None:
     ([*B, "-w", "0"], "-w/--worker must be 1 or more"),
     ([*B, "--parallel", "0"], "--parallel"),
     (["-d", "vm", "-o", "s3://bucket/x"], "unsupported scheme 's3://'"),
-    (["-d", "vm", "-o", "-"], "-o -: backup to standard output is not in this version"),
+    (["-d", "vm", "-o", "-", "-l", "inc"], "-o -: a stream holds one new set"),
+    (["-d", "a,b", "-o", "-", "-l", "full"], "-o - goes with one domain"),
     ([*B, "-t", "raw"], "virtnbdrestore --format raw"),
     ([*B, "-t", "qcow2"], "-t qcow2"),
     (["-o", "/b"], "-d/--domain (or --all)"),
@@ -88,6 +89,7 @@ def test_restore_schemes_and_stdio_refused() -> None:
         restore.parse(["-i", "/s", "-o", "ftp://host/x"])
     with pytest.raises(errors.UsageError, match="standard output"):
         restore.parse(["-i", "/s", "-o", "-"])
+    assert restore.parse(["-i", "-", "-o", "/out"]).input == "-"
     assert restore.parse(["-i", "/s", "-o", "rbd:pool"]).output == "rbd:pool"
 
 

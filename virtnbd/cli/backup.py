@@ -121,6 +121,17 @@ _TYPES = {
 }
 
 
+def _check_stdout(args: argparse.Namespace) -> None:
+    """``-o -``: one domain, a new set (copy/full), nothing else on stdout."""
+    if args.level not in ("copy", "full"):
+        raise errors.UsageError(reason=f"-o -: a stream holds one new set: -l copy or -l full, not -l {args.level}")
+    if args.json or args.all_domains or (args.domain and "," in args.domain):
+        raise errors.UsageError(reason="-o - goes with one domain and without --json (stdout carries the backup)")
+    if sys.stdout.isatty():
+        raise errors.UsageError(reason="-o -: standard output is a terminal; pipe it into a file or "
+                                       "virtnbdrestore -i -")
+
+
 def _check_values(args: argparse.Namespace) -> None:
     """Every value checked before anything connects to libvirt."""
     if args.type in _TYPES:
@@ -130,8 +141,7 @@ def _check_values(args: argparse.Namespace) -> None:
     if args.parallel < 1:
         raise errors.UsageError(reason="--parallel must be 1 or more")
     if args.output == "-":
-        raise errors.UsageError(reason="-o -: backup to standard output is not in this version; "
-                                       "back up into a folder and stream it with tar, or restore with -o")
+        _check_stdout(args)
     locations.check(args.output, "backup-output", "-o/--output")
     if args.compress is not None:
         compression.check_method(args.compress_method, None if args.compress == -1 else args.compress)

@@ -60,9 +60,8 @@ def _shortcuts(args: argparse.Namespace) -> None:
     if args.output == "-":
         raise errors.UsageError(reason="-o -: restoring to standard output is not in this version; "
                                        "restore into a folder with --format raw")
-    if args.input == "-":
-        raise errors.UsageError(reason="-i -: reading a backup from standard input is not in this version; "
-                                       "give the backup folder")
+    if args.input == "-" and args.sequence:
+        raise errors.UsageError(reason="-i - and -s/--sequence exclude each other")
     locations.check(args.input, "restore-input", "-i/--input")
     if args.output:
         locations.check(args.output, "restore-output", "-o/--output")
@@ -99,7 +98,14 @@ def parse(argv: Sequence[str]) -> RestoreOptions:
 
 def _run(options: RestoreOptions) -> None:
     from virtnbd.restore.run import run
-    run(options)
+    if options.input != "-":
+        run(options)
+        return
+    import dataclasses
+
+    from virtnbd.ops import stdio
+    with stdio.scratch_set(os.environ.get("TMPDIR", "/var/tmp")) as scratch:   # -i -: a container on stdin
+        run(dataclasses.replace(options, input=str(stdio.read_container(scratch))))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,7 @@ exit code is the worst of all.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import logging
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from virtnbd import errors
-from virtnbd.ops import hooks, metrics
+from virtnbd.ops import hooks, metrics, stdio
 from virtnbd.ops.options import FleetOptions
 
 log = logging.getLogger(__name__)
@@ -85,14 +86,19 @@ def _single(options: FleetOptions, domain: str) -> None:
         raise
     result.summary, result.seconds = summary, time.time() - started
     result.log = _run_log(result.output, started)
-    if options.backup.json:
+    if options.backup.json and options.backup.output != "-":
         _print_json(summary)
     _after(options, [result])
 
 
 def run_one(backup: Any) -> dict[str, Any]:
     from virtnbd.backup import run as backup_run
-    return dict(backup_run.run(backup).as_json())
+    if backup.output != "-":
+        return dict(backup_run.run(backup).as_json())
+    with stdio.scratch_set(backup.scratchdir) as folder:     # -o -: the set streamed as one container
+        summary = dict(backup_run.run(dataclasses.replace(backup, output=str(folder))).as_json())
+        stdio.write_container(folder)
+    return summary
 
 
 def _after(options: FleetOptions, results: list[DomainResult]) -> None:
