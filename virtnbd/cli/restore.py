@@ -10,6 +10,7 @@ from virtnbd import __version__, errors
 from virtnbd.cli import locations, parity, rbdargs
 from virtnbd.cli.shell import OneLineParser, run_main
 from virtnbd.restore.options import ACTIONS, FORMATS, RestoreOptions
+from virtnbd.restore.targets import blockdev
 
 PROG = "virtnbdrestore"
 
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--disk", metavar="DEV", help="only this disk (target dev, e.g. sda)")
     p.add_argument("-s", "--sequence", metavar="F1,F2,...",
                    help="explicit comma-separated list of stream files, full first (checked for chain consistency)")
-    p.add_argument("--format", choices=FORMATS, default="qcow2", help="output image format (default qcow2)")
+    p.add_argument("--format", choices=FORMATS, default=None, help="output image format (default qcow2)")
     p.add_argument("-A", "--preallocate", action="store_true", help="allocate the whole output image")
     p.add_argument("-c", "--adjust-config", action="store_true",
                    help="write a domain XML that boots the restored disks (new name, no UUID, new MACs)")
@@ -69,6 +70,23 @@ def _shortcuts(args: argparse.Namespace) -> None:
         print(f"{PROG}: note: {line}", file=sys.stderr)
 
 
+def _to_device(args: argparse.Namespace, targets: tuple[tuple[str, str], ...]) -> tuple[
+        tuple[tuple[str, str], ...], None, str]:
+    """``-o /dev/...``: one disk, raw, straight onto the device."""
+    if targets:
+        raise errors.UsageError(reason="-o DEVICE and --target exclude each other")
+    if args.adjust_config or args.define or args.name:
+        raise errors.UsageError(reason="-o DEVICE: -c/-D/-N need an output folder for the domain XML")
+    if args.format not in (None, "raw"):
+        raise errors.UsageError(reason=f"-o DEVICE writes a raw disk, not --format {args.format}")
+    why = blockdev.in_use(args.output)
+    if why:                                  # checked again when the device is opened (O_EXCL)
+        raise errors.StorageError(path=args.output, reason=f"in use ({why}), refusing to overwrite it")
+    from virtnbd.restore import targets as store
+    store.register(blockdev.SCHEME, blockdev.open_blockdev)
+    return ((args.disk or "", f"{blockdev.SCHEME}:{args.output}"),), None, "raw"
+
+
 def parse(argv: Sequence[str]) -> RestoreOptions:
     args = build_parser().parse_args(list(argv))
     _shortcuts(args)
@@ -81,6 +99,8 @@ def parse(argv: Sequence[str]) -> RestoreOptions:
         if args.until:
             raise errors.UsageError(reason="--until and --sequence exclude each other (the sequence ends the chain)")
     targets = rbdargs.parse_targets(args.target)
+    if args.output and args.action == "restore" and blockdev.is_block_device(args.output):
+        targets, args.output, args.format = _to_device(args, targets)
     if args.action == "restore" and not args.output and not targets:
         raise errors.UsageError(reason="restore needs an output folder: -o OUT")
     if args.json and args.action != "dump":
@@ -89,7 +109,7 @@ def parse(argv: Sequence[str]) -> RestoreOptions:
         raise errors.UsageError(reason="-N/--name and -D/--define go with -a restore")
     return RestoreOptions(
         input=args.input, output=args.output, action=args.action, until=args.until, disk=args.disk,
-        sequence=sequence, format=args.format, preallocate=args.preallocate,
+        sequence=sequence, format=args.format or "qcow2", preallocate=args.preallocate,
         adjust_config=args.adjust_config or args.define or bool(args.name), name=args.name, define=args.define,
         uri=args.uri, json=args.json, noprogress=args.noprogress, verbose=args.verbose, strict=args.strict,
         worker=args.worker, targets=targets, rbd=rbdargs.rbd_options(args), logfile=args.logfile,
