@@ -106,3 +106,11 @@ def test_backup_to_stdout_piped_into_restore_from_stdin(make_domain, tmp_path: P
     assert restore.returncode == 0, restore.stderr
     compare_images(out / "sda.raw", expected, fmt="raw")
     assert not list(dom.dir.glob("virtnbd-stdio.*"))
+
+
+def test_killonly_without_a_job_says_so(make_domain) -> None:  # type: ignore[no-untyped-def]
+    dom = make_domain(disks=[DiskSpec("sda", "sata", "qcow2", 4 * MiB)])
+    proc = _run([sys.executable, BACKUP, "-d", dom.name, "-o", str(dom.dir / "unused"), "-k"])
+    assert proc.returncode == 0, proc.stderr
+    assert f"{dom.name}: no backup job running" in proc.stderr
+    assert not (dom.dir / "unused").exists()
