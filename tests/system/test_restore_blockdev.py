@@ -1,4 +1,4 @@
-"""virtnbdrestore -o /dev/loopN: the raw disk straight onto a block device; refused while mounted."""
+"""virtnbdrestore -o /dev/loopN (refused while mounted) and -o - (stdout): the raw disk, exact."""
 from __future__ import annotations
 
 import subprocess
@@ -48,6 +48,11 @@ def test_restore_onto_loop_device_exact_and_refused_while_mounted(make_domain, l
     res = _run([sys.executable, RESTORE, "-i", str(folder), "-o", loop_device, "-n"])
     assert res.returncode == 0, res.stderr
     compare_images(loop_device, expected, fmt="raw")
+    with open(tmp_path / "stdout.raw", "wb") as out:            # -o -: the raw image on stdout
+        res = subprocess.run([sys.executable, RESTORE, "-i", str(folder), "-o", "-", "-n"], stdout=out,
+                             stderr=subprocess.PIPE, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr
+    compare_images(tmp_path / "stdout.raw", expected, fmt="raw")
 
     subprocess.run(["mkfs.ext4", "-q", "-F", loop_device], check=True, capture_output=True)
     mnt = tmp_path / "mnt"

@@ -88,7 +88,9 @@ def test_restore_schemes_and_stdio_refused() -> None:
     with pytest.raises(errors.UsageError, match="unsupported scheme 'ftp://'"):
         restore.parse(["-i", "/s", "-o", "ftp://host/x"])
     with pytest.raises(errors.UsageError, match="standard output"):
-        restore.parse(["-i", "/s", "-o", "-"])
+        restore.parse(["-i", "/s", "-o", "-", "--format", "qcow2"])
+    to_stdout = restore.parse(["-i", "/s", "-o", "-"])
+    assert (to_stdout.output, to_stdout.format) == ("-", "raw")
     assert restore.parse(["-i", "-", "-o", "/out"]).input == "-"
     assert restore.parse(["-i", "/s", "-o", "rbd:pool"]).output == "rbd:pool"
 

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from virtnbd import __version__, errors
 from virtnbd.cli import locations, parity, rbdargs
@@ -52,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_stdout(args: argparse.Namespace) -> None:
+    """``-o -``: one disk as a raw image on stdout."""
+    if args.action != "restore" or args.format not in (None, "raw") or args.adjust_config or args.define:
+        raise errors.UsageError(reason="-o - writes one disk as a raw image to standard output "
+                                       "(no --format qcow2, -c, -D)")
+    if sys.stdout.isatty():
+        raise errors.UsageError(reason="-o -: standard output is a terminal; pipe it into a file or device")
+    args.format = "raw"
+
+
 def _shortcuts(args: argparse.Namespace) -> None:
     """virtnbdbackup's ``-o dump`` / ``-o verify``; every location checked for its scheme."""
     if args.output in ("dump", "verify"):
@@ -59,8 +71,7 @@ def _shortcuts(args: argparse.Namespace) -> None:
             raise errors.UsageError(reason=f"-o {args.output} means -a {args.output}, not -a {args.action}")
         args.action, args.output = args.output, None
     if args.output == "-":
-        raise errors.UsageError(reason="-o -: restoring to standard output is not in this version; "
-                                       "restore into a folder with --format raw")
+        _check_stdout(args)
     if args.input == "-" and args.sequence:
         raise errors.UsageError(reason="-i - and -s/--sequence exclude each other")
     locations.check(args.input, "restore-input", "-i/--input")
@@ -117,15 +128,32 @@ def parse(argv: Sequence[str]) -> RestoreOptions:
 
 
 def _run(options: RestoreOptions) -> None:
-    from virtnbd.restore.run import run
-    if options.input != "-":
-        run(options)
-        return
-    import dataclasses
-
     from virtnbd.ops import stdio
-    with stdio.scratch_set(os.environ.get("TMPDIR", "/var/tmp")) as scratch:   # -i -: a container on stdin
-        run(dataclasses.replace(options, input=str(stdio.read_container(scratch))))
+    if options.input != "-":
+        _restore(options)
+        return
+    with stdio.scratch_set(_scratch()) as scratch:   # -i -: a container on stdin
+        _restore(dataclasses.replace(options, input=str(stdio.read_container(scratch))))
+
+
+def _scratch() -> str:
+    return os.environ.get("TMPDIR", "/var/tmp")
+
+
+def _restore(options: RestoreOptions) -> None:
+    """-o -: restored as raw into a private folder, then sent to stdout (one disk)."""
+    from virtnbd.ops import stdio
+    from virtnbd.restore import run
+    if options.output != "-":
+        run.run(options)
+        return
+    with stdio.scratch_set(_scratch()) as scratch:
+        selection = run.make_selection(options)
+        if len(selection.disks) != 1:
+            raise errors.UsageError(reason=f"-o - takes one disk; the set has {len(selection.disks)}: "
+                                           "choose one with -d")
+        done = run.restore(selection, dataclasses.replace(options, output=str(scratch)))
+        stdio.send_file(Path(done[0].target))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

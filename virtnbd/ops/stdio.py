@@ -69,3 +69,11 @@ def _check_member(member: tarfile.TarInfo) -> None:
     if bad:
         raise errors.BackupSetError(path="-", reason=f"container member {member.name!r} refused "
                                                      "(only files and folders under virtnbd-set/)")
+
+
+def send_file(path: Path, out: BinaryIO | None = None) -> None:
+    """Copy a restored raw image to ``out`` (default: stdout), holes read as zeroes."""
+    stream = out if out is not None else sys.stdout.buffer
+    with open(path, "rb") as f:
+        shutil.copyfileobj(f, stream, 4 << 20)
+    stream.flush()
