@@ -171,7 +171,7 @@ def _one_child(options: FleetOptions, domain: str, children: _Children) -> Domai
     with tempfile.TemporaryDirectory(prefix="virtnbd-child.") as tmp:
         result_file = os.path.join(tmp, "result.json")
         cmd = [sys.executable, "-m", "virtnbd.ops.child", result_file, domain]
-        with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL) as proc:
+        with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=_child_env()) as proc:
             with children.lock:
                 children.procs.add(proc)
             assert proc.stdin is not None
@@ -187,6 +187,13 @@ def _one_child(options: FleetOptions, domain: str, children: _Children) -> Domai
     if result.status == "failed":
         hooks.call(options.hook, "failure", result.fields())
     return result
+
+
+def _child_env() -> dict[str, str]:
+    """Our environment, with this checkout importable (a run straight from a checkout has no install)."""
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else root}
 
 
 def _read_child(result: DomainResult, path: str, code: int) -> None:
