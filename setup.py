@@ -22,6 +22,7 @@ setup(
             "virtnbdprune = virtnbd.cli.prune:main",
             "virtnbdmap = virtnbd.cli.map:main",
             "virtnbdmount = virtnbd.cli.mount:main",
+            "virtnbdjob = virtnbd.cli.job:main",
         ]
     },
 )

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections.abc import Sequence
@@ -11,9 +10,11 @@ from virtnbd import __version__, errors
 from virtnbd.backup import renew
 from virtnbd.backup.options import COMPRESS_METHODS, LEVELS, BackupOptions
 from virtnbd.backup.renew import Renew
-from virtnbd.cli import prune, rbdargs
+from virtnbd.cli import locations, parity, prune, rbdargs
 from virtnbd.cli.shell import OneLineParser, run_main
+from virtnbd.ops.options import FleetOptions
 from virtnbd.retention.policy import Policy
+from virtnbd.stream import compression
 
 PROG = "virtnbdbackup"
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
@@ -33,11 +34,31 @@ def _list(text: str) -> list[str]:
 
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog=PROG, description="Online, thin, incremental backup of libvirt/KVM domains over NBD.")
-    p.add_argument("-d", "--domain", required=True, help="domain name (or UUID) to back up")
+    p.add_argument("-d", "--domain", default=None,
+                   help="domain name (or UUID) to back up; several: -d a,b,c (each into OUTPUT/<domain>/)")
+    p.add_argument("--all", action="store_true", dest="all_domains",
+                   help="back up every domain of the connection that has disks to back up (each into OUTPUT/<domain>/)")
+    p.add_argument("--exclude-domain", action="append", type=_list, default=[], metavar="NAMES",
+                   help="with --all: leave out these domains (shell patterns, comma separated or repeated)")
+    p.add_argument("--match", action="append", type=_list, default=[], metavar="PATTERNS",
+                   help="with --all: only domains whose name matches one of these shell patterns")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="several domains: back up at most N at once (default 1)")
+    p.add_argument("--hook", default=None, metavar="CMD",
+                   help="run CMD at start and end of each domain, on failure and at the end (VIRTNBD_* environment)")
+    p.add_argument("--metrics-file", default=None, metavar="PATH",
+                   help="write Prometheus text-format metrics to PATH (atomically), for node_exporter")
+    p.add_argument("-k", "--killonly", action="store_true",
+                   help="only abort a backup job left on the domain by a killed run, then exit")
+    p.add_argument("-t", "--type", choices=("stream", "raw", "qcow2"), default="stream",
+                   help="output type: stream (the only one; raw and qcow2 are refused with the virtnbd way)")
+    p.add_argument("-L", "--syslog", action="store_true", help="also send the messages to syslog")
+    p.add_argument("--quiet", action="store_true", help="only errors on stderr")
     p.add_argument("-l", "--level", choices=LEVELS, default="copy",
                    help="copy (no checkpoint), full (new chain), inc, diff, auto (full into an empty "
                         "folder, inc otherwise); default: copy")
-    p.add_argument("-o", "--output", required=True, help="backup folder (one folder per chain)")
+    p.add_argument("-o", "--output", required=True,
+                   help="backup folder (one folder per chain); several domains: the folder holding one per domain")
     p.add_argument("-U", "--uri", default=None, help="libvirt connection URI (default: qemu:///system)")
     p.add_argument("-i", "--include", action="append", type=_list, default=[],
                    help="back up only these disks (target dev names, comma separated or repeated: -i sda,vdb)")
@@ -47,7 +68,7 @@ def build_parser() -> OneLineParser:
                    help="compress data frames, optionally with this level")
     p.add_argument("--compress-method", choices=COMPRESS_METHODS, default="lz4",
                    help="compression method for -z (default: lz4)")
-    p.add_argument("-w", "--worker", type=int, default=0,
+    p.add_argument("-w", "--worker", type=int, default=None,
                    help="disks backed up in parallel (default: one per disk, at most 4)")
     p.add_argument("--scratchdir", default="/var/tmp",
                    help="folder for the job's scratch files and socket (default: /var/tmp)")
@@ -59,7 +80,7 @@ def build_parser() -> OneLineParser:
                    help="inc/diff: skip the backup when fewer bytes changed (e.g. 64M)")
     p.add_argument("-n", "--noprogress", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="debug output")
-    p.add_argument("--strict", action="store_true", help="exit with code 2 when warnings were logged")
+    p.add_argument("-e", "--strict", action="store_true", help="exit with code 2 when warnings were logged")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     p.add_argument("-F", "--freeze-mountpoint", action="append", type=_list, default=[], metavar="MOUNTPOINTS",
                    help="freeze only these guest mountpoints (comma separated)")
@@ -81,16 +102,10 @@ def build_parser() -> OneLineParser:
                         "or once the full is DURATION old (e.g. 30, 1m, 7d)")
     prune.add_policy_arguments(p.add_argument_group(
         "Retention (applied after a committed backup, to every chain of OUTPUT; see virtnbdprune)"))
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     rbdargs.add_ceph_arguments(p.add_argument_group("Ceph (raw RBD disks: incrementals from RBD snapshots + diff)"))
+    parity.add_arguments(p, parity.BACKUP)
     return p
-
-
-def _renew(text: str) -> Renew:
-    try:
-        return renew.parse(text)
-    except errors.UsageError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _umask(text: str) -> int:
@@ -107,16 +122,72 @@ def _flat(lists: Sequence[Sequence[str]]) -> tuple[str, ...]:
     return tuple(item for sub in lists for item in sub)
 
 
+_TYPES = {
+    "raw": "-t raw: virtnbd always writes checked, indexed streams; get raw images from any point with "
+           "virtnbdrestore --format raw",
+    "qcow2": "-t qcow2: qcow2-chain backup sets are not in this version; use the default -t stream",
+}
+
+
+def _check_stdout(args: argparse.Namespace) -> None:
+    """``-o -``: one domain, a new set (copy/full), nothing else on stdout."""
+    if args.level not in ("copy", "full"):
+        raise errors.UsageError(reason=f"-o -: a stream holds one new set: -l copy or -l full, not -l {args.level}")
+    if args.json or args.all_domains or (args.domain and "," in args.domain):
+        raise errors.UsageError(reason="-o - goes with one domain and without --json (stdout carries the backup)")
+    if sys.stdout.isatty():
+        raise errors.UsageError(reason="-o -: standard output is a terminal; pipe it into a file or "
+                                       "virtnbdrestore -i -")
+
+
+def _check_values(args: argparse.Namespace) -> None:
+    """Every value checked before anything connects to libvirt."""
+    if args.type in _TYPES:
+        raise errors.UsageError(reason=_TYPES[args.type])
+    if args.worker is not None and args.worker < 1:
+        raise errors.UsageError(reason="-w/--worker must be 1 or more (leave it out for one per disk, at most 4)")
+    if args.parallel < 1:
+        raise errors.UsageError(reason="--parallel must be 1 or more")
+    if args.output == "-":
+        _check_stdout(args)
+    locations.check(args.output, "backup-output", "-o/--output")
+    if args.compress is not None:
+        compression.check_method(args.compress_method, None if args.compress == -1 else args.compress)
+    if not (args.domain or args.all_domains):
+        raise errors.UsageError(reason="the following arguments are required: -d/--domain (or --all)")
+    if args.domain and args.all_domains:
+        raise errors.UsageError(reason="-d/--domain and --all exclude each other")
+    if (args.exclude_domain or args.match) and not args.all_domains:
+        raise errors.UsageError(reason="--exclude-domain and --match go with --all")
+
+
 def parse(argv: Sequence[str]) -> BackupOptions:
+    """argv -> the per-domain options (the domain is empty when the run has several)."""
+    return parse_run(argv).backup
+
+
+def parse_run(argv: Sequence[str]) -> FleetOptions:
+    """argv -> the run: one domain (OUTPUT is its folder) or several (OUTPUT/<domain>/ each)."""
     args = build_parser().parse_args(argv)
-    if args.worker < 0:
-        raise errors.UsageError(reason="-w/--worker must be 0 or more")
+    _check_values(args)
+    for line in args.ignored:
+        if not args.quiet:
+            print(f"{PROG}: note: {line}", file=sys.stderr)
+    domains = tuple(_list(args.domain)) if args.domain else ()
+    backup = _backup_options(args, domains[0] if len(domains) == 1 else "")
+    return FleetOptions(
+        backup=backup, domains=domains, all_domains=args.all_domains,
+        exclude_domains=_flat(args.exclude_domain), match=_flat(args.match), parallel=args.parallel,
+        hook=args.hook, metrics_file=args.metrics_file, killonly=args.killonly,
+        quiet=args.quiet, syslog=args.syslog,
+    )
+
+
+def _backup_options(args: argparse.Namespace, domain: str) -> BackupOptions:
     if args.agent_timeout <= 0:
         raise errors.UsageError(reason="--agent-timeout must be positive")
     if not 4096 <= args.read_size <= 32 << 20:
         raise errors.UsageError(reason="--read-size must be between 4K and 32M")
-    if args.renew is not None and args.level != "auto":
-        raise errors.UsageError(reason="--renew goes with -l auto")
     if args.no_freeze and args.freeze_mountpoint:
         raise errors.UsageError(reason="--no-freeze and -F/--freeze-mountpoint exclude each other")
     relative = [m for m in _flat(args.freeze_mountpoint) if not m.startswith("/")]
@@ -124,10 +195,10 @@ def parse(argv: Sequence[str]) -> BackupOptions:
         raise errors.UsageError(reason=f"-F/--freeze-mountpoint takes absolute guest paths: {', '.join(relative)}")
     level = None if args.compress in (None, -1) else args.compress
     return BackupOptions(
-        domain=args.domain, level=args.level, output=args.output, uri=args.uri,
+        domain=domain, level=args.level, output=args.output, uri=args.uri,
         include=_flat(args.include), exclude=_flat(args.exclude),
         compress=args.compress is not None, compress_level=level, compress_method=args.compress_method,
-        workers=args.worker, scratchdir=args.scratchdir, socketfile=args.socketfile,
+        workers=args.worker or 0, scratchdir=args.scratchdir, socketfile=args.socketfile,
         printonly=args.printonly, threshold=args.threshold, noprogress=args.noprogress,
         verbose=args.verbose, strict=args.strict, json=args.json,
         freeze=not args.no_freeze, freeze_mountpoints=_flat(args.freeze_mountpoint), no_freeze=args.no_freeze,
@@ -137,29 +208,29 @@ def parse(argv: Sequence[str]) -> BackupOptions:
     )
 
 
+def _renew(text: str) -> Renew:
+    try:
+        return renew.parse(text)
+    except errors.UsageError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _keep(args: argparse.Namespace) -> Policy | None:
+    if args.renew is not None and args.level != "auto":
+        raise errors.UsageError(reason="--renew goes with -l auto")
     policy = prune.policy_of(args)
     if policy.empty and args.merge:
         raise errors.UsageError(reason="--merge goes with --keep-* rules")
     return None if policy.empty else policy
 
 
-def _run(options: BackupOptions) -> None:
-    from virtnbd.backup import run
-    summary = run.run(options)
-    if options.keep is not None and summary.point and not summary.skipped:
-        from virtnbd.retention import prune as retention
-        plans = retention.run(options.output, options.keep, merge=options.merge, dry_run=False)
-        summary.notes.extend(f"{d.action} {d.chain}/{d.point}: {d.rule}" for cp in plans for d in cp.decisions
-                             if d.action != "keep")
-    if options.json:
-        json.dump(summary.as_json(), sys.stdout, indent=1, sort_keys=True)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+def _run(options: FleetOptions) -> None:
+    from virtnbd.ops import fleet
+    fleet.run(options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main(PROG, argv, parse, _run)
+    return run_main(PROG, argv, parse_run, _run)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ SIGINT and SIGTERM become :class:`virtnbd.errors.Interrupted` so that
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import logging.handlers
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -59,13 +62,55 @@ def block_signals() -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-def configure_logging(prog: str, verbose: bool) -> WarningCounter:
+SYSLOG_SOCKET = "/dev/log"
+
+
+def syslog_handler(prog: str, address: str = SYSLOG_SOCKET) -> logging.Handler | None:
+    """``-L/--syslog``: the run's messages also go to syslog (None when no syslog socket exists)."""
+    if not os.path.exists(address):     # SysLogHandler itself would drop every message silently
+        return None
+    try:
+        handler = logging.handlers.SysLogHandler(address=address,
+                                                 facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+    except OSError:
+        return None
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter(f"{prog}[{os.getpid()}]: %(message)s"))
+    return handler
+
+
+def file_handler(path: str) -> logging.Handler:
+    """``-L/--logfile`` of virtnbdrestore: a DEBUG log appended to PATH (created 0600)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as err:
+        raise errors.StorageError(path=path, reason=err.strerror or str(err)) from err
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return handler
+
+
+def _extra_handlers(prog: str, options: Any) -> list[logging.Handler]:
+    handlers: list[logging.Handler] = []
+    if getattr(options, "syslog", False):
+        handler = syslog_handler(prog)
+        if handler is None:
+            print(f"{prog}: warning: no syslog socket {SYSLOG_SOCKET}; -L/--syslog has no effect", file=sys.stderr)
+        else:
+            handlers.append(handler)
+    if getattr(options, "logfile", None):
+        handlers.append(file_handler(options.logfile))
+    return handlers
+
+
+def configure_logging(prog: str, verbose: bool, quiet: bool = False) -> WarningCounter:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     root.setLevel(logging.DEBUG)
     console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.DEBUG if verbose else logging.INFO)
+    console.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
     fmt = f"{prog}: %(levelname)s: %(message)s" if verbose else f"{prog}: %(message)s"
     console.setFormatter(logging.Formatter(fmt))
     root.addHandler(console)
@@ -76,6 +121,14 @@ def configure_logging(prog: str, verbose: bool) -> WarningCounter:
 
 def _error_line(prog: str, err: BaseException) -> str:
     return f"{prog}: error: {err}"
+
+
+def _stdout_closed() -> int:
+    """The reader of our stdout went away (``| head``): end quietly, like any filter."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return errors.EXIT_SIGNAL_BASE + signal.SIGPIPE
 
 
 def run_main(
@@ -91,11 +144,20 @@ def run_main(
     except errors.VirtnbdError as err:
         print(_error_line(prog, err), file=sys.stderr)
         return err.exit_code
-    counter = configure_logging(prog, getattr(options, "verbose", False))
+    counter = configure_logging(prog, getattr(options, "verbose", False), getattr(options, "quiet", False))
+    try:
+        for handler in _extra_handlers(prog, options):
+            logging.getLogger().addHandler(handler)
+    except errors.VirtnbdError as err:
+        print(_error_line(prog, err), file=sys.stderr)
+        return err.exit_code
     allocator.keep_frame_buffers()
     install_signal_handlers()
     try:
         run(options)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _stdout_closed()
     except errors.Interrupted as err:
         block_signals()
         log.error("%s", err)

@@ -30,3 +30,4 @@ class RestoreOptions:
     worker: int = 4                     # parallel requests in flight / verify files at once
     targets: tuple[tuple[str, str], ...] = ()    # --target: (disk or "" for the only disk, rbd:POOL/IMAGE)
     rbd: RbdOptions = field(default_factory=RbdOptions)   # Ceph connection + RBD image options
+    logfile: str | None = None          # -L/--logfile: also log (DEBUG) to this file

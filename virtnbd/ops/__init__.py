@@ -1,0 +1,1 @@
+"""Operations around the backup engine: many domains per run, hooks, metrics."""
