@@ -83,8 +83,9 @@ def test_backup_values_checked_before_any_job(argv, needle) -> None:  # type: ig
 
 
 def test_restore_schemes_and_stdio_refused() -> None:
-    with pytest.raises(errors.UsageError, match="unsupported scheme 's3://'"):
-        restore.parse(["-i", "s3://bucket/set", "-a", "verify"])
+    with pytest.raises(errors.UsageError, match="unsupported scheme 'ftp://'"):
+        restore.parse(["-i", "ftp://host/set", "-a", "verify"])
+    assert restore.parse(["-i", "s3://bucket/set", "-a", "verify"]).input == "s3://bucket/set"   # object storage
     with pytest.raises(errors.UsageError, match="unsupported scheme 'ftp://'"):
         restore.parse(["-i", "/s", "-o", "ftp://host/x"])
     with pytest.raises(errors.UsageError, match="standard output"):

@@ -36,18 +36,7 @@ def build_parser() -> OneLineParser:
     p = OneLineParser(prog=PROG, description="Online, thin, incremental backup of libvirt/KVM domains over NBD.")
     p.add_argument("-d", "--domain", default=None,
                    help="domain name (or UUID) to back up; several: -d a,b,c (each into OUTPUT/<domain>/)")
-    p.add_argument("--all", action="store_true", dest="all_domains",
-                   help="back up every domain of the connection that has disks to back up (each into OUTPUT/<domain>/)")
-    p.add_argument("--exclude-domain", action="append", type=_list, default=[], metavar="NAMES",
-                   help="with --all: leave out these domains (shell patterns, comma separated or repeated)")
-    p.add_argument("--match", action="append", type=_list, default=[], metavar="PATTERNS",
-                   help="with --all: only domains whose name matches one of these shell patterns")
-    p.add_argument("--parallel", type=int, default=1, metavar="N",
-                   help="several domains: back up at most N at once (default 1)")
-    p.add_argument("--hook", default=None, metavar="CMD",
-                   help="run CMD at start and end of each domain, on failure and at the end (VIRTNBD_* environment)")
-    p.add_argument("--metrics-file", default=None, metavar="PATH",
-                   help="write Prometheus text-format metrics to PATH (atomically), for node_exporter")
+    _add_fleet_arguments(p)
     p.add_argument("-k", "--killonly", action="store_true",
                    help="only abort a backup job left on the domain by a killed run, then exit")
     p.add_argument("-t", "--type", choices=("stream", "raw", "qcow2"), default="stream",
@@ -97,11 +86,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--read-size", type=parse_size, default=256 << 10, metavar="SIZE",
                    help="bytes per NBD read request (default: 256K; data frames stay 1M, read in several "
                         "requests, or SIZE when larger)")
-    p.add_argument("--renew", type=_renew, default=None, metavar="N|DURATION",
-                   help="-l auto: start a new chain (the old one moves to OUTPUT/chain-<time>/) after N incs "
-                        "or once the full is DURATION old (e.g. 30, 1m, 7d)")
-    prune.add_policy_arguments(p.add_argument_group(
-        "Retention (applied after a committed backup, to every chain of OUTPUT; see virtnbdprune)"))
+    _add_retention_arguments(p)
     p.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     rbdargs.add_ceph_arguments(p.add_argument_group("Ceph (raw RBD disks: incrementals from RBD snapshots + diff)"))
     parity.add_arguments(p, parity.BACKUP)
@@ -206,6 +191,30 @@ def _backup_options(args: argparse.Namespace, domain: str) -> BackupOptions:
         fallback_full=args.fallback_full, umask=args.umask,
         ceph=rbdargs.ceph_options(args), keep=_keep(args), merge=args.merge, renew=args.renew,
     )
+
+
+def _add_fleet_arguments(p: argparse.ArgumentParser) -> None:
+    """Several domains per run: selection, parallelism, hooks, metrics."""
+    p.add_argument("--all", action="store_true", dest="all_domains",
+                   help="back up every domain of the connection that has disks to back up (each into OUTPUT/<domain>/)")
+    p.add_argument("--exclude-domain", action="append", type=_list, default=[], metavar="NAMES",
+                   help="with --all: leave out these domains (shell patterns, comma separated or repeated)")
+    p.add_argument("--match", action="append", type=_list, default=[], metavar="PATTERNS",
+                   help="with --all: only domains whose name matches one of these shell patterns")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="several domains: back up at most N at once (default 1)")
+    p.add_argument("--hook", default=None, metavar="CMD",
+                   help="run CMD at start and end of each domain, on failure and at the end (VIRTNBD_* environment)")
+    p.add_argument("--metrics-file", default=None, metavar="PATH",
+                   help="write Prometheus text-format metrics to PATH (atomically), for node_exporter")
+
+
+def _add_retention_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--renew", type=_renew, default=None, metavar="N|DURATION",
+                   help="-l auto: start a new chain (the old one moves to OUTPUT/chain-<time>/) after N incs "
+                        "or once the full is DURATION old (e.g. 30, 1m, 7d)")
+    prune.add_policy_arguments(p.add_argument_group(
+        "Retention (applied after a committed backup, to every chain of OUTPUT; see virtnbdprune)"))
 
 
 def _renew(text: str) -> Renew:
