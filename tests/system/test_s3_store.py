@@ -39,7 +39,7 @@ def test_multipart_upload_visible_only_after_commit_and_ranged_reads(store: S3St
         up.commit()
     assert store.size("sda.full.data") == len(data)
     assert store.uploads() == []
-    obj = store.open_read("sda.full.data")
+    obj = store.open_ranged("sda.full.data")
     for off in (0, (8 << 20) - 7, len(data) - 5):            # crossing a part boundary, the tail
         assert obj.pread(4096, off) == data[off:off + 4096]
     obj.seek(100)
