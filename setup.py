@@ -19,6 +19,7 @@ setup(
         "console_scripts": [
             "virtnbdbackup = virtnbd.cli.backup:main",
             "virtnbdrestore = virtnbd.cli.restore:main",
+            "virtnbdkey = virtnbd.cli.key:main",
         ]
     },
 )

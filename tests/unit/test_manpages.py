@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = [("virtnbdbackup", "virtnbd.cli.backup"), ("virtnbdrestore", "virtnbd.cli.restore")]
+COMMANDS = [("virtnbdbackup", "virtnbd.cli.backup"), ("virtnbdrestore", "virtnbd.cli.restore"),
+            ("virtnbdkey", "virtnbd.cli.key")]
 
 
 def load_parser(module_name: str) -> argparse.ArgumentParser:
