@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from virtnbd import errors
 from virtnbd.extents import DATA, Extent, split
 from virtnbd.nbdsource import Chunk, NbdSource
+from virtnbd.stream.codec import Codec
 from virtnbd.stream.format import EncodedFrame
-from virtnbd.stream.writer import StreamWriter, encode_data, encode_zero
+from virtnbd.stream.writer import StreamWriter
 
 _ZEROS: dict[int, bytes] = {}
 
@@ -49,11 +50,11 @@ class CopyStats:
     frames: int = 0
 
 
-def encode(chunk: Chunk, method: str | None, level: int | None) -> EncodedFrame:
-    """Data frame of a chunk, or a zero frame when it is all zeros."""
+def encode(chunk: Chunk, codec: Codec) -> EncodedFrame:
+    """Data frame of a chunk through the writer's codec, or a zero frame when it is all zeros."""
     if is_zero(chunk):
-        return encode_zero(chunk.offset, chunk.length)
-    return encode_data(chunk.offset, chunk.data, method, level)
+        return codec.encode_zero(chunk.offset, chunk.length)
+    return codec.encode_data(chunk.offset, chunk.data)
 
 
 class CompressionProbe:
@@ -118,7 +119,7 @@ class _Item:
             return True
         return (self.frame or self.read).done()
 
-    def compress_in(self, pool: Executor, method: str, level: int | None) -> None:
+    def compress_in(self, pool: Executor, codec: Codec) -> None:
         """Chain: read done -> encode in the pool -> ``self.frame``.
 
         The callbacks capture only the futures they complete, never ``self``:
@@ -141,7 +142,7 @@ class _Item:
                 frame.set_exception(err)
                 return
             try:
-                encoded = pool.submit(encode, read.result(), method, level)
+                encoded = pool.submit(encode, read.result(), codec)
             except RuntimeError as exc:   # pool shut down: the run is ending
                 frame.set_exception(exc)
                 return
@@ -162,72 +163,99 @@ class _Item:
 
 
 def copy_disk(source: NbdSource, writer: StreamWriter, extents: Iterable[Extent], pool: Executor, *,
-              read_size: int, level: int | None = None,
-              progress: Callable[[int], None] | None = None,
+              read_size: int, progress: Callable[[int], None] | None = None,
               cancel: threading.Event | None = None) -> CopyStats:
     """Copy ``extents`` of ``source`` into ``writer``; returns what was written.
 
-    The writer's file must have written or copied a payload when ``add``
-    returns (a plain file or :class:`~virtnbd.backup.outfile.StagedFile`): the
-    read buffer goes back to the pool right after.
+    Frames are encoded with the writer's codec (``writer.codec``), compressed
+    ones in ``pool``. The writer's file must have written or copied a payload
+    when ``add`` returns (a plain file or
+    :class:`~virtnbd.backup.outfile.StagedFile`): the read buffer goes back to
+    the pool right after.
     """
-    stats = CopyStats()
-    method = writer.meta.compression
-    skip = CompressionProbe()
-    pending: collections.deque[_Item] = collections.deque()
-    max_reads = max(1, source.pool.count)
-    reads = 0
-    chunk_size = min(read_size, source.pool.size)
-
-    def emit() -> None:
-        nonlocal reads
-        item = pending.popleft()
-        ext = item.ext
-        if item.read is None:
-            writer.add(encode_zero(ext.offset, ext.length))
-            stats.zero_bytes += ext.length
-        else:
-            reads -= 1
-            chunk = item.read.result()
-            try:
-                if item.frame is not None:
-                    frame = item.frame.result()
-                    skip.compressed(frame)
-                else:
-                    frame = encode(chunk, None, None)
-                writer.add(frame)
-            finally:
-                chunk.release()
-                item.read = item.frame = None
-            if frame.kind == DATA:
-                stats.data_bytes += ext.length
-            else:
-                stats.zero_bytes += ext.length
-                stats.read_zero_bytes += ext.length
-        stats.frames += 1
-        if progress is not None:
-            progress(ext.length)
-
+    loop = _CopyLoop(source, writer, pool, progress)
     try:
-        for ext in split(extents, chunk_size):
+        for ext in split(extents, min(read_size, source.pool.size)):
             if cancel is not None and cancel.is_set():
                 raise errors.NbdError(export=source.export, reason="copy cancelled")
-            if ext.kind == DATA:
-                while reads >= max_reads:
-                    emit()
-                item = _Item(ext, source.read(ext.offset, ext.length))
-                if method is not None and skip.try_compress():
-                    item.compress_in(pool, method, level)
-                reads += 1
-            else:
-                item = _Item(ext, None)
-            pending.append(item)
-            while pending and pending[0].ready():
-                emit()
-        while pending:
-            emit()
+            loop.submit(ext)
+            loop.emit_ready()
+        loop.drain()
     except BaseException:
-        for item in pending:
-            item.discard()
+        loop.discard()
         raise
-    return stats
+    return loop.stats
+
+
+class _CopyLoop:
+    """State of one copy: reads in flight (at most the source's buffer count), frames in order."""
+
+    def __init__(self, source: NbdSource, writer: StreamWriter, pool: Executor,
+                 progress: Callable[[int], None] | None) -> None:
+        self.source = source
+        self.writer = writer
+        self.pool = pool
+        self.progress = progress
+        self.compressing = writer.meta.compression is not None
+        self.stats = CopyStats()
+        self.skip = CompressionProbe()
+        self.pending: collections.deque[_Item] = collections.deque()
+        self.max_reads = max(1, source.pool.count)
+        self.reads = 0
+
+    def submit(self, ext: Extent) -> None:
+        """Queue one extent: a data extent starts its read (and its compression when it is done)."""
+        if ext.kind != DATA:
+            self.pending.append(_Item(ext, None))
+            return
+        while self.reads >= self.max_reads:
+            self.emit()
+        item = _Item(ext, self.source.read(ext.offset, ext.length))
+        if self.compressing and self.skip.try_compress():
+            item.compress_in(self.pool, self.writer.codec)
+        self.reads += 1
+        self.pending.append(item)
+
+    def emit_ready(self) -> None:
+        while self.pending and self.pending[0].ready():
+            self.emit()
+
+    def drain(self) -> None:
+        while self.pending:
+            self.emit()
+
+    def emit(self) -> None:
+        """Hand the oldest queued extent to the writer (waits for its read / compression)."""
+        item = self.pending.popleft()
+        ext = item.ext
+        if item.read is None:
+            self.writer.add(self.writer.codec.encode_zero(ext.offset, ext.length))
+            self.stats.zero_bytes += ext.length
+        elif self._emit_read(item, item.read) == DATA:
+            self.stats.data_bytes += ext.length
+        else:
+            self.stats.zero_bytes += ext.length
+            self.stats.read_zero_bytes += ext.length
+        self.stats.frames += 1
+        if self.progress is not None:
+            self.progress(ext.length)
+
+    def _emit_read(self, item: _Item, read: Future[Chunk]) -> str:
+        """Write the frame of a read extent, give its buffer back; the frame's kind."""
+        self.reads -= 1
+        chunk = read.result()
+        try:
+            if item.frame is not None:
+                frame = item.frame.result()
+                self.skip.compressed(frame)
+            else:
+                frame = encode(chunk, self.writer.codec.uncompressed)
+            self.writer.add(frame)
+        finally:
+            chunk.release()
+            item.read = item.frame = None
+        return frame.kind
+
+    def discard(self) -> None:
+        for item in self.pending:
+            item.discard()

@@ -155,7 +155,7 @@ class BackupRun:
                     status, dirty = rbdextents.status_for(self.rbd, pd, plan.parent, src.block_status, bitmap)
                     extents = iter_extents(status, src.size, dirty, export=pd.target)
                     stats = copy.copy_disk(src, writer, extents, pool, read_size=opts.buffer_size,
-                                           level=opts.compress_level, progress=update, cancel=self.cancel)
+                                           progress=update, cancel=self.cancel)
                     totals = writer.finish()
             finally:
                 close()

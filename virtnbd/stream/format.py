@@ -118,8 +118,9 @@ def header_check(head: bytes) -> int:
     return xxhash.xxh32_intdigest(head[:FRAME_CHECKED])
 
 
-def pack_frame(kind: int, method: int, offset: int, length: int, stored: int, csum: bytes) -> bytes:  # noqa: PLR0917
-    head = FRAME.pack(kind, method, 0, offset, length, stored, csum, 0)
+def pack_frame(kind: int, method: int, offset: int, length: int, stored: int, csum: bytes,  # noqa: PLR0917
+               flags: int = 0) -> bytes:
+    head = FRAME.pack(kind, method, flags, offset, length, stored, csum, 0)
     return head[:FRAME_CHECKED] + struct.pack("<I", header_check(head))
 
 
@@ -132,21 +133,25 @@ class FrameHeader:
     stored: int
     checksum: bytes
     raw: bytes
+    flags: int = 0      # frame flags: bits of codec stages applied (stream/codec.py)
 
 
-def unpack_frame(raw: bytes, path: str, pos: int) -> FrameHeader:
-    """Parse and self-check one 48-byte frame header read at file position ``pos``."""
+def unpack_frame(raw: bytes, path: str, pos: int, known_flags: int = 0) -> FrameHeader:
+    """Parse and self-check one 48-byte frame header read at file position ``pos``.
+
+    ``known_flags``: the frame flag bits the reader's codec pipeline can undo.
+    """
     if len(raw) != FRAME.size:
         raise errors.FormatError(path=path, offset=pos, reason="truncated frame header")
     kind, method, flags, offset, length, stored, csum, hcheck = FRAME.unpack(raw)
     if hcheck != header_check(raw):
         raise errors.FormatError(path=path, offset=pos, reason="frame header checksum mismatch")
-    if flags != 0:
+    if flags & ~known_flags:
         raise errors.FormatError(path=path, offset=pos, reason=f"unknown frame flags {flags:#x}")
     if kind == KIND_DATA:
         if method not in METHOD_NAMES or not 0 < length <= MAX_FRAME_LENGTH or not 0 < stored <= length:
             raise errors.FormatError(path=path, offset=pos, reason="invalid data frame header")
-        if method == METHOD_NONE and stored != length:
+        if method == METHOD_NONE and not flags and stored != length:
             raise errors.FormatError(path=path, offset=pos, reason="uncompressed frame with stored != length")
     elif kind == KIND_ZERO:
         if method != METHOD_NONE or length <= 0 or stored != 0 or csum != NO_CHECKSUM:
@@ -156,7 +161,7 @@ def unpack_frame(raw: bytes, path: str, pos: int) -> FrameHeader:
             raise errors.FormatError(path=path, offset=pos, reason="invalid end frame header")
     else:
         raise errors.FormatError(path=path, offset=pos, reason=f"unknown frame kind {kind:#x}")
-    return FrameHeader(kind, method, offset, length, stored, csum, raw)
+    return FrameHeader(kind, method, offset, length, stored, csum, raw, flags)
 
 
 def meta_to_dict(meta: StreamMeta) -> dict[str, Any]:
@@ -195,7 +200,7 @@ def validate_meta(meta: StreamMeta, path: str) -> None:
         raise errors.FormatError(path=path, offset=HEADER.size, reason="bad metadata: " + "; ".join(problems))
 
 
-def encode_header(meta: StreamMeta, path: str) -> bytes:
+def encode_header(meta: StreamMeta, path: str, flags: int = 0) -> bytes:
     validate_meta(meta, path)
     try:
         body = json.dumps(meta_to_dict(meta), sort_keys=True, separators=(",", ":")).encode()
@@ -204,12 +209,15 @@ def encode_header(meta: StreamMeta, path: str) -> bytes:
                                  reason=f"metadata not JSON-serialisable: {err}") from err
     if len(body) > MAX_META_LEN:
         raise errors.FormatError(path=path, offset=HEADER.size, reason="metadata larger than 1 MiB")
-    head = HEADER.pack(MAGIC, VERSION, 0, len(body)) + body
+    head = HEADER.pack(MAGIC, VERSION, flags, len(body)) + body
     return head + checksum(head)
 
 
-def parse_header_prefix(raw: bytes, path: str) -> int:
-    """Check the fixed 16-byte header prefix; return the meta length."""
+def parse_header_prefix(raw: bytes, path: str, known_flags: int = 0) -> int:
+    """Check the fixed 16-byte header prefix; return the meta length.
+
+    ``known_flags``: the header flag bits of the reader's codec stages.
+    """
     if len(raw) < HEADER.size:
         raise errors.FormatError(path=path, offset=0, reason="truncated header")
     magic, version, flags, meta_len = HEADER.unpack(raw[:HEADER.size])
@@ -217,7 +225,7 @@ def parse_header_prefix(raw: bytes, path: str) -> int:
         raise errors.FormatError(path=path, offset=0, reason="not a virtnbd stream (bad magic)")
     if version != VERSION:
         raise errors.FormatError(path=path, offset=8, reason=f"unsupported stream version {version}")
-    if flags != 0:
+    if flags & ~known_flags:
         raise errors.FormatError(path=path, offset=10, reason=f"unknown header flags {flags:#x}")
     if meta_len > MAX_META_LEN:
         raise errors.FormatError(path=path, offset=12, reason="metadata length out of range")

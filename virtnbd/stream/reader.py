@@ -15,15 +15,18 @@ from typing import BinaryIO, cast
 import xxhash
 
 from virtnbd import errors
-from virtnbd.stream import compression
+from virtnbd.stream import codec
 from virtnbd.stream import format as fmt
 from virtnbd.stream.format import FrameRef, StreamMeta, StreamTotals
 
 LEGACY_PROBE = 64
 
 
-def open_stream(source: str | os.PathLike[str] | BinaryIO, path: str | None = None) -> StreamReader:
+def open_stream(source: str | os.PathLike[str] | BinaryIO, path: str | None = None,
+                stages: tuple[codec.Stage, ...] = ()) -> StreamReader:
     """Open a stream file (or an already open binary file / pipe).
+
+    ``stages``: codec stages beyond checksum and compression (given by the set that owns their keys).
 
     Detects virtnbdbackup sparse streams and returns a
     :class:`virtnbd.stream.legacy.LegacyStreamReader` for them (same interface).
@@ -41,7 +44,7 @@ def open_stream(source: str | os.PathLike[str] | BinaryIO, path: str | None = No
         probe = _peek(f, name)
         if probe.startswith(fmt.MAGIC) or (0 < len(probe) < len(fmt.MAGIC) and fmt.MAGIC.startswith(probe)):
             # (a pipe may show only a few bytes ahead: the reader checks the full magic)
-            return StreamReader(f, name, owns=owns)
+            return StreamReader(f, name, owns=owns, stages=stages)
         from virtnbd.stream import legacy
         if legacy.detect(probe):
             return legacy.LegacyStreamReader(f, name, owns=owns)
@@ -152,8 +155,10 @@ class StreamReader:
     and ``verify`` also work on a pipe (once, from the start).
     """
 
-    def __init__(self, f: BinaryIO, path: str = "<stream>", owns: bool = False) -> None:
+    def __init__(self, f: BinaryIO, path: str = "<stream>", owns: bool = False,
+                 stages: tuple[codec.Stage, ...] = ()) -> None:
         self.path = path
+        self.codec = codec.reading(stages)
         self._f = f
         self._owns = owns
         try:
@@ -170,7 +175,7 @@ class StreamReader:
         self._consumed = False
         self._src.hash = xxhash.xxh3_128()
         prefix = self._src.read(fmt.HEADER.size, "header")
-        meta_len = fmt.parse_header_prefix(prefix, path)
+        meta_len = fmt.parse_header_prefix(prefix, path, self.codec.header_flags)
         head = prefix + self._src.read(meta_len, "header metadata")
         self._header_check = self._src.read(fmt.HEADER_CHECK_SIZE, "header checksum")
         self.meta: StreamMeta = fmt.decode_meta(head, self._header_check, path)
@@ -273,19 +278,14 @@ class StreamReader:
     def read(self, ref: FrameRef) -> bytes:
         """The disk bytes of one frame, checksum-verified (zeros for a zero frame)."""
         self._need_seek()
-        head = fmt.unpack_frame(self._pread(ref.pos, fmt.FRAME.size, "frame header"), self.path, ref.pos)
+        head = fmt.unpack_frame(self._pread(ref.pos, fmt.FRAME.size, "frame header"), self.path, ref.pos,
+                                self.codec.frame_flags)
         if fmt.KIND_NAMES.get(head.kind) != ref.kind or head.offset != ref.offset or head.length != ref.length:
             raise errors.FormatError(path=self.path, offset=ref.pos, reason="frame header does not match the index")
         if head.kind == fmt.KIND_ZERO:
             return bytes(ref.length)
         stored = self._pread(ref.pos + fmt.FRAME.size, head.stored, "frame payload")
-        return cast(bytes, self._decode(stored, head, ref.pos))
-
-    def _decode(self, stored: bytes | memoryview, head: fmt.FrameHeader, pos: int) -> bytes | memoryview:
-        data = compression.decompress(stored, head.method, head.length, self.path, pos)  # type: ignore[arg-type]
-        if fmt.checksum(data) != head.checksum:
-            raise errors.FormatError(path=self.path, offset=pos, reason="data checksum mismatch")
-        return data
+        return cast(bytes, self.codec.decode(head, stored, self.path, ref.pos))
 
     def read_range(self, offset: int, length: int) -> bytes:
         """Bytes ``offset .. offset+length`` of the disk as this stream holds them.
@@ -344,6 +344,7 @@ class StreamReader:
 
     def _scan(self, reuse_buffer: bool = False) -> Iterator[tuple[FrameRef, bytes | None]]:  # noqa: PLR0914
         src = self._src
+        decode, stored_checksum, flags = self.codec.decode, self.codec.stored_checksum, self.codec.frame_flags
         buf = bytearray()
         chain = self._header_check
         refs: list[FrameRef] = []
@@ -351,7 +352,7 @@ class StreamReader:
         next_offset = 0
         while True:
             pos = src.pos
-            head = fmt.unpack_frame(src.read(fmt.FRAME.size, "frame header"), self.path, pos)
+            head = fmt.unpack_frame(src.read(fmt.FRAME.size, "frame header"), self.path, pos, flags)
             if head.kind == fmt.KIND_END:
                 break
             if head.offset < next_offset or head.offset + head.length > self.meta.virtual_size:
@@ -368,9 +369,8 @@ class StreamReader:
                     if len(buf) < head.stored:
                         buf = bytearray(head.stored)   # never resized in place: views may still exist
                     stored = src.readinto(memoryview(buf)[:head.stored], "frame payload")
-                compressed = head.method != fmt.METHOD_NONE
-                chain = fmt.chain_step(chain, head.raw + (fmt.checksum(stored) if compressed else b""))
-                yield ref, cast(bytes, self._decode(stored, head, pos))
+                chain = fmt.chain_step(chain, head.raw + stored_checksum(head, stored))
+                yield ref, cast(bytes, decode(head, stored, self.path, pos))
             else:
                 chain = fmt.chain_step(chain, head.raw)
                 zero_bytes += head.length

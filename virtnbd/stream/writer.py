@@ -14,7 +14,7 @@ from typing import BinaryIO
 import xxhash
 
 from virtnbd import errors
-from virtnbd.stream import compression
+from virtnbd.stream import codec
 from virtnbd.stream import format as fmt
 from virtnbd.stream.format import EncodedFrame, StreamMeta, StreamTotals
 
@@ -29,45 +29,33 @@ def encode_data(offset: int, data: bytes | memoryview, method: str | None,
 
     When compression does not make the payload smaller the frame is stored
     uncompressed (method 0), so incompressible data costs nothing extra.
+    The stages run in :mod:`virtnbd.stream.codec`.
     """
-    length = len(data)
-    if offset < 0 or not 0 < length <= fmt.MAX_FRAME_LENGTH:
-        raise errors.UsageError(reason=f"data frame at {offset}: length {length} outside 1..{fmt.MAX_FRAME_LENGTH}")
-    csum = fmt.checksum(data)
-    payload: bytes | memoryview = data
-    code = fmt.METHOD_NONE
-    if method is not None:
-        packed = compression.compress(data, method, level)
-        if len(packed) < length:
-            payload, code = packed, fmt.METHOD_CODES[method]
-    header = fmt.pack_frame(fmt.KIND_DATA, code, offset, length, len(payload), csum)
-    stored_checksum = fmt.checksum(payload) if code != fmt.METHOD_NONE else b""
-    return EncodedFrame("data", offset, length, header, payload, stored_checksum)
+    return codec.pipeline(method, level).encode_data(offset, data)
 
 
 def encode_zero(offset: int, length: int) -> EncodedFrame:
-    if offset < 0 or length <= 0:
-        raise errors.UsageError(reason=f"zero frame at {offset}: length {length} must be positive")
-    header = fmt.pack_frame(fmt.KIND_ZERO, fmt.METHOD_NONE, offset, length, 0, fmt.NO_CHECKSUM)
-    return EncodedFrame("zero", offset, length, header, b"")
+    return codec.pipeline(None).encode_zero(offset, length)
 
 
 class StreamWriter:
     """Context manager writing one stream to ``f`` (file or pipe, never seeked).
 
     ``level`` (an addition to the contract) is the compression level used by
-    :meth:`write_data`; ``None`` picks the method's default. On a clean exit
+    :meth:`write_data`; ``None`` picks the method's default. ``stages`` are
+    codec stages after compression (e.g. encryption, owned by the backup set);
+    :attr:`codec` is the pipeline callers encode frames with for :meth:`add`. On a clean exit
     from the ``with`` block the stream is finished if :meth:`finish` was not
     called; on an exception it is left unfinished (no end frame, no index), so
     a reader rejects it.
     """
 
-    def __init__(self, f: BinaryIO, meta: StreamMeta, path: str = "<stream>", level: int | None = None) -> None:
-        compression.check_method(meta.compression, level)
+    def __init__(self, f: BinaryIO, meta: StreamMeta, path: str = "<stream>", level: int | None = None,
+                 stages: tuple[codec.Stage, ...] = ()) -> None:
+        self.codec = codec.pipeline(meta.compression, level, stages)
         self.meta = meta
         self.path = path
         self._f = f
-        self._level = level
         self._file_hash = xxhash.xxh3_128()
         self._file_hashes = bool(getattr(f, "hashes_data", False))   # the file feeds the digest itself
         self._hasher: ThreadPoolExecutor | None = None
@@ -79,7 +67,7 @@ class StreamWriter:
         self._zero_bytes = 0
         self._payload_bytes = 0
         self._totals: StreamTotals | None = None
-        header = fmt.encode_header(meta, path)
+        header = fmt.encode_header(meta, path, self.codec.header_flags)
         self._chain = header[-fmt.HEADER_CHECK_SIZE:]
         self._write(header)
 
@@ -163,10 +151,10 @@ class StreamWriter:
         self._next_offset = end
 
     def write_data(self, offset: int, data: bytes | memoryview) -> None:
-        self.add(encode_data(offset, data, self.meta.compression, self._level))
+        self.add(self.codec.encode_data(offset, data))
 
     def write_zero(self, offset: int, length: int) -> None:
-        self.add(encode_zero(offset, length))
+        self.add(self.codec.encode_zero(offset, length))
 
     def finish(self) -> StreamTotals:
         """Write the end frame and the index trailer, flush; return the totals.
