@@ -68,17 +68,26 @@ class Stage(Protocol):
 
 
 class ChecksumStage:
-    """xxh3-128 of the disk bytes in the header; the reader compares after all other stages."""
+    """xxh3-128 of the disk bytes in the header; the reader compares after all other stages.
+
+    A later stage with ``replaces_checksum`` (encryption: the plaintext's hash would reveal
+    equal frames) overwrites the field with its own check; frames carrying its flag bits
+    (``skip_flags``) are not compared here."""
 
     name = "checksum"
     frame_flag = 0
     header_flag = 0
+
+    def __init__(self, skip_flags: int = 0) -> None:
+        self.skip_flags = skip_flags
 
     def encode(self, frame: FrameDraft, data: Buf) -> Buf:
         frame.checksum = fmt.checksum(data)
         return data
 
     def decode(self, head: FrameHeader, data: Buf, path: str, pos: int) -> Buf:
+        if head.flags & self.skip_flags:
+            return data
         if fmt.checksum(data) != head.checksum:
             raise errors.FormatError(path=path, offset=pos, reason="data checksum mismatch")
         return data
@@ -142,11 +151,16 @@ class Codec:
         return EncodedFrame("zero", offset, length, header, b"")
 
     def decode(self, head: FrameHeader, stored: Buf, path: str, pos: int) -> Buf:
-        """The verified disk bytes of a data frame from its stored payload."""
-        data = stored
+        """The verified disk bytes of a data frame from its stored payload.
+
+        A stage that can check but not undo itself (encryption without the key: verify
+        checks the ciphertext's checksum) returns None: the frame stays opaque (None)."""
+        data: Buf | None = stored
         for stage in self.reverse:
-            data = stage.decode(head, data, path, pos)
-        return data
+            data = stage.decode(head, data, path, pos)  # type: ignore[arg-type]
+            if data is None:
+                return None  # type: ignore[return-value]
+        return data  # type: ignore[return-value]
 
     @staticmethod
     def stored_checksum(head: FrameHeader, stored: Buf) -> bytes:
@@ -162,7 +176,8 @@ def pipeline(method: str | None, level: int | None = None, extra: tuple[Stage, .
 @functools.lru_cache(maxsize=64)
 def _pipeline(method: str | None, level: int | None, extra: tuple[Stage, ...]) -> Codec:
     compression.check_method(method, level)
-    codec = Codec((ChecksumStage(), CompressionStage(method, level), *extra))
+    skip = functools.reduce(int.__or__, (s.frame_flag for s in extra if getattr(s, "replaces_checksum", False)), 0)
+    codec = Codec((ChecksumStage(skip), CompressionStage(method, level), *extra))
     codec.uncompressed = codec if method is None else _pipeline(None, None, extra)
     return codec
 

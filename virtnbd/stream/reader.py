@@ -179,10 +179,22 @@ class StreamReader:
         head = prefix + self._src.read(meta_len, "header metadata")
         self._header_check = self._src.read(fmt.HEADER_CHECK_SIZE, "header checksum")
         self.meta: StreamMeta = fmt.decode_meta(head, self._header_check, path)
+        self._bind(stages, fmt.HEADER.unpack(prefix[:fmt.HEADER.size])[2])
         self._data_start = self._src.pos
         self._frames: list[FrameRef] | None = None
         self._starts: list[int] = []
         self._totals: StreamTotals | None = None
+
+    def _bind(self, stages: tuple[codec.Stage, ...], flags: int) -> None:
+        """Stages keyed per stream (encryption) bind to this header; a stream must carry the header
+        flags of every extra stage (an encrypted set holds no plaintext stream)."""
+        missing = self.codec.header_flags & ~flags
+        if missing:
+            raise errors.FormatError(path=self.path, offset=10,
+                                     reason=f"stream lacks header flags {missing:#x} of the set (not encrypted?)")
+        bound = tuple(s.bind(self.meta, self.path) if hasattr(s, "bind") else s for s in stages)
+        if bound != stages:
+            self.codec = codec.reading(bound)
 
     def __enter__(self) -> StreamReader:
         return self
