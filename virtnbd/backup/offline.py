@@ -47,7 +47,6 @@ from virtnbd.backup import output
 from virtnbd.backup import run as backup_run
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backup.plan import Plan, PlannedDisk
-from virtnbd.backupset import manifest as bsmanifest
 from virtnbd.extents import BASE_ALLOCATION, DATA, iter_extents
 from virtnbd.nbdsource import NbdSource
 from virtnbd.virt import bitmaps, checkpoints, connection
@@ -240,13 +239,14 @@ def estimate(options: BackupOptions, plan: Plan) -> dict[str, int]:
 # -- the run -----------------------------------------------------------------------
 
 def execute(options: BackupOptions, dom: libvirt.virDomain, folder: Path, plan: Plan, *, domain_xml: str,
-            uuid: str, summary: Any, all_targets: list[str]) -> Any:
+            uuid: str, summary: Any, all_targets: list[str], crypt: Any = None) -> Any:
     check_disks(plan, dom.name())
     for path in output.remove_stale_work_dirs(options.scratchdir):
         log.warning("removed scratch folder of a killed run: %s", path)
     clean_leftovers(dom, plan)
     run_ = OfflineRun(options, dom, folder, plan, domain_xml=domain_xml, uuid=uuid)
-    side = output.SideFiles(folder)
+    run_.crypt = crypt
+    side = run_.side_files()
     added: list[tuple[str, str]] = []
     defined = False
     summary.consistency = CONSISTENCY
@@ -259,7 +259,7 @@ def execute(options: BackupOptions, dom: libvirt.virDomain, folder: Path, plan: 
             defined = saved_cp is not None
             saved = run_.save_side_files(side, saved_cp)
             point = run_.point(results, saved, CONSISTENCY, {"offline": True, "libvirt_checkpoint": defined})
-            updated = bsmanifest.commit_point(folder, point, dom.name(), uuid)
+            updated = run_.commit(point, dom.name(), uuid)
     except BaseException:
         side.discard()
         _undo(dom, plan, added, defined)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from virtnbd.crypto.keysource import KeySpec
 from virtnbd.rbdconn import CephOptions
 from virtnbd.virt.agent import QuiesceOptions
 
@@ -46,6 +47,7 @@ class BackupOptions:
     staging: int = 16 << 20                # bytes of output staging blocks, shared the same way
     encode_threads: int = 0                # compression threads; 0: one per usable CPU, plus one
     ceph: CephOptions = field(default_factory=CephOptions)   # raw RBD disks: snapshots + diff for incrementals
+    key: KeySpec = field(default_factory=KeySpec)           # encryption: names the secret's source, never holds it
 
     @property
     def buffer_size(self) -> int:

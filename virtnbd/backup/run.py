@@ -26,13 +26,14 @@ from typing import Any, BinaryIO, cast
 import libvirt
 
 from virtnbd import __version__, errors, fsutil, rbdextents
-from virtnbd.backup import consistency, copy, modes, outfile, output, recovery
+from virtnbd.backup import consistency, copy, encryption, modes, outfile, output, recovery
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backup.plan import Plan, PlannedDisk, make_plan
 from virtnbd.backupset import manifest as bsmanifest
 from virtnbd.backupset import naming
 from virtnbd.extents import BASE_ALLOCATION, iter_extents
 from virtnbd.nbdsource import NbdSource
+from virtnbd.stream.codec import Stage
 from virtnbd.stream.format import StreamMeta
 from virtnbd.stream.writer import StreamWriter
 from virtnbd.virt import agent, checkpoints, connection, domainxml, xmlbuild
@@ -125,6 +126,7 @@ class BackupRun:
         self.progress = _Progress(not options.noprogress)
         self.time = _now_iso()
         self.rbd: rbdextents.RbdTracker | None = None     # raw RBD disks (set by _execute)
+        self.crypt: encryption.BackupCrypt | None = None    # encrypted chain: the set's key (set by the caller)
 
     # -- one disk -----------------------------------------------------------------
     def bitmap_for(self, pd: PlannedDisk) -> str | None:
@@ -150,8 +152,11 @@ class BackupRun:
                 partial = str(fsutil.partial_path(self.folder / name))
                 with fsutil.partial_file(self.folder / name), \
                         outfile.StagedFile(partial, blocks=self.staging_blocks_per_disk()) as out:
+                    stages: tuple[Stage, ...] = ()
+                    if self.crypt is not None:
+                        meta, stages = self.crypt.stream(meta, str(self.folder / name))
                     writer = StreamWriter(cast(BinaryIO, out), meta, path=str(self.folder / name),
-                                          level=opts.compress_level)
+                                          level=opts.compress_level, stages=stages)
                     status, dirty = rbdextents.status_for(self.rbd, pd, plan.parent, src.block_status, bitmap)
                     extents = iter_extents(status, src.size, dirty, export=pd.target)
                     stats = copy.copy_disk(src, writer, extents, pool, read_size=opts.buffer_size,
@@ -216,9 +221,20 @@ class BackupRun:
             name=plan.point, level=plan.level, parent=plan.parent if plan.level in ("inc", "diff") else None,
             checkpoint=plan.checkpoint, time=self.time, disks=MappingProxyType({r.target: r.entry for r in results}),
             domain_xml=saved["domain_xml"], checkpoint_xml=saved.get("checkpoint_xml"), consistency=consistency,
-            extra=MappingProxyType({"qemu_img_info": saved["qemu_img_info"], "boot_files": saved["boot_files"],
-                                    "tool_version": __version__, "skipped_disks": dict(plan.skipped),
-                                    "bytes_read": sum(r.bytes_read for r in results), **extra}))
+            extra=MappingProxyType(encryption.point_extra(self.crypt, {
+                "qemu_img_info": saved["qemu_img_info"], "boot_files": saved["boot_files"],
+                "tool_version": __version__, "skipped_disks": dict(plan.skipped),
+                "bytes_read": sum(r.bytes_read for r in results), **extra})))
+
+    def side_files(self) -> output.SideFiles:
+        """Where this point's side files go (sealed in an encrypted chain)."""
+        crypt = self.crypt
+        return output.SideFiles(self.folder, None if crypt is None else crypt.key.seal)
+
+    def commit(self, point: bsmanifest.Point, domain: str, uuid: str) -> bsmanifest.Manifest:
+        """Commit ``point`` (a new encrypted chain's key slot file first; the manifest authenticated)."""
+        encryption.save_new_ring(self.crypt, self.folder)
+        return bsmanifest.commit_point(self.folder, point, domain, uuid, encryption.mac_key(self.crypt))
 
     # -- side files ---------------------------------------------------------------
     def save_side_files(self, side: output.SideFiles, checkpoint_xml: str | None) -> dict[str, Any]:
@@ -392,7 +408,10 @@ def _run_locked(options: BackupOptions, dom: libvirt.virDomain, folder: Path) ->
     def replan(opts: BackupOptions, m: Any) -> Plan:
         return make_plan(opts, m, all_disks, int(time.time()), folder=str(folder), domain=name, uuid=uuid)
 
+    crypt = encryption.resolve(options.key, folder, manifest, plan.level)
     verdict = consistency.preflight(options, dom, folder, manifest, plan, running=running, replan=replan)
+    if verdict.manifest is not manifest and verdict.plan.level in ("copy", "full"):
+        crypt = encryption.resolve(options.key, folder, verdict.manifest, verdict.plan.level)  # chain archived
     plan, manifest = verdict.plan, verdict.manifest
     summary = RunSummary(domain=name, level=plan.level, point=plan.point,
                          points=[p.name for p in manifest.points] if manifest else [])
@@ -425,16 +444,18 @@ def _run_locked(options: BackupOptions, dom: libvirt.virDomain, folder: Path) ->
         if not running:
             log.info("domain %s is shut off: backing up its images read-only with qemu-nbd", name)
             return _offline().execute(options, dom, folder, plan, domain_xml=domain_xml, uuid=uuid, summary=summary,
-                                   all_targets=[d.target for d in all_disks])
+                                      all_targets=[d.target for d in all_disks], crypt=crypt)
         _clean_stale(dom, plan, options)
         return _execute(options, dom, folder, plan, domain_xml=domain_xml, uuid=uuid, summary=summary,
-                        all_targets=[d.target for d in all_disks])
+                        all_targets=[d.target for d in all_disks], crypt=crypt)
 
 
 def _execute(options: BackupOptions, dom: libvirt.virDomain, folder: Path, plan: Plan, *, domain_xml: str,
-             uuid: str, summary: RunSummary, all_targets: list[str]) -> RunSummary:
+             uuid: str, summary: RunSummary, all_targets: list[str],
+             crypt: encryption.BackupCrypt | None = None) -> RunSummary:
     run_ = BackupRun(options, dom, folder, plan, domain_xml=domain_xml, uuid=uuid)
-    side = output.SideFiles(folder)
+    run_.crypt = crypt
+    side = run_.side_files()
     skipped = [t for t in all_targets if t not in {pd.target for pd in plan.disks}]
     checkpoint_xml = _checkpoint_xml(plan, all_targets)
     try:
@@ -453,7 +474,7 @@ def _execute(options: BackupOptions, dom: libvirt.virDomain, folder: Path, plan:
             point = run_.point(results, saved, summary.consistency, {
                 "guest_info": guest_info, "libvirt_checkpoint": saved_cp is not None,
                 "rbd_snapshots": [d.target for d in run_.rbd.disks] if run_.rbd else []})
-            updated = bsmanifest.commit_point(folder, point, dom.name(), uuid)
+            updated = run_.commit(point, dom.name(), uuid)
             committed[0] = True
     except BaseException:
         side.discard()

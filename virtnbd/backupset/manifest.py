@@ -7,6 +7,8 @@ manifest, never a mix. Schema: docs/FORMAT.md.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 from collections.abc import Mapping
@@ -94,10 +96,35 @@ def _point_to_json(p: Point) -> dict[str, Any]:
             "domain_xml": p.domain_xml, "checkpoint_xml": p.checkpoint_xml, "extra": dict(p.extra)}
 
 
-def to_json(m: Manifest) -> bytes:
-    doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "domain": m.domain, "domain_uuid": m.domain_uuid,
-           "points": [_point_to_json(p) for p in m.points]}
+def to_json(m: Manifest, mac_key: bytes | None = None) -> bytes:
+    """The manifest file; with ``mac_key`` (encrypted sets) an ``auth`` record: HMAC-SHA256 of the
+    file as written without it (a reader re-serialises and compares bytes: see :func:`authenticate`)."""
+    doc: dict[str, Any] = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "domain": m.domain,
+                           "domain_uuid": m.domain_uuid, "points": [_point_to_json(p) for p in m.points]}
+    if mac_key is not None:
+        body = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+        doc["auth"] = {"hmac-sha256": hmac.new(mac_key, body, hashlib.sha256).hexdigest()}
     return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+
+
+def authenticate(folder: str | os.PathLike[str], mac_key: bytes) -> None:
+    """The manifest is exactly what a holder of the key wrote (any changed byte: FormatError)."""
+    path = manifest_path(folder)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise errors.BackupSetError(path=str(path), reason=err.strerror or str(err)) from err
+    m = from_json(raw, str(path), os.fspath(folder))
+    if raw != to_json(m, mac_key):
+        raise errors.FormatError(path=str(path), offset=0, reason="manifest does not authenticate with the set's "
+                                                                  "key (altered, damaged or not this set's)")
+
+
+def has_auth(folder: str | os.PathLike[str]) -> bool:
+    try:
+        return b'"auth": {' in manifest_path(folder).read_bytes()
+    except OSError:
+        return False
 
 
 class _Schema:
@@ -224,7 +251,8 @@ def _check_files(folder: Path, point: Point) -> None:
                                                                f"entry says {disk.stored_bytes}")
 
 
-def commit_point(folder: str | os.PathLike[str], point: Point, domain: str, domain_uuid: str) -> Manifest:
+def commit_point(folder: str | os.PathLike[str], point: Point, domain: str, domain_uuid: str,
+                 mac_key: bytes | None = None) -> Manifest:
     """Append ``point`` to the folder's manifest (created if absent), atomically.
 
     Checks before writing: the folder belongs to the same domain (uuid), the
@@ -242,5 +270,5 @@ def commit_point(folder: str | os.PathLike[str], point: Point, domain: str, doma
     _check_new_point(current, point)
     _check_files(base, point)
     updated = replace(current, domain=domain, points=(*current.points, point), folder=os.fspath(base))
-    fsutil.save_atomic(manifest_path(base), to_json(updated))
+    fsutil.save_atomic(manifest_path(base), to_json(updated, mac_key))
     return updated

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from virtnbd import __version__, errors
 from virtnbd.backup.options import COMPRESS_METHODS, LEVELS, BackupOptions
-from virtnbd.cli import rbdargs
+from virtnbd.cli import keyargs, rbdargs
 from virtnbd.cli.shell import OneLineParser, run_main
 
 PROG = "virtnbdbackup"
@@ -74,6 +74,7 @@ def build_parser() -> OneLineParser:
                    help="bytes per NBD read request (default: 256K; data frames stay 1M, read in several "
                         "requests, or SIZE when larger)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    keyargs.add_arguments(p)
     rbdargs.add_ceph_arguments(p.add_argument_group("Ceph (raw RBD disks: incrementals from RBD snapshots + diff)"))
     return p
 
@@ -116,7 +117,7 @@ def parse(argv: Sequence[str]) -> BackupOptions:
         freeze=not args.no_freeze, freeze_mountpoints=_flat(args.freeze_mountpoint), no_freeze=args.no_freeze,
         pause=args.pause, agent_timeout=args.agent_timeout, read_size=args.read_size,
         fallback_full=args.fallback_full, umask=args.umask,
-        ceph=rbdargs.ceph_options(args),
+        ceph=rbdargs.ceph_options(args), key=keyargs.key_spec(args),
     )
 
 

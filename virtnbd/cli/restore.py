@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 
 from virtnbd import __version__, errors
-from virtnbd.cli import rbdargs
+from virtnbd.cli import keyargs, rbdargs
 from virtnbd.cli.shell import OneLineParser, run_main
 from virtnbd.restore.options import ACTIONS, FORMATS, RestoreOptions
 
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests in flight / files verified at once (default 4)")
     p.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     rbdargs.add_arguments(p)
+    keyargs.add_arguments(p)
     return p
 
 
@@ -68,7 +69,7 @@ def parse(argv: Sequence[str]) -> RestoreOptions:
         sequence=sequence, format=args.format, preallocate=args.preallocate,
         adjust_config=args.adjust_config or args.define or bool(args.name), name=args.name, define=args.define,
         uri=args.uri, json=args.json, noprogress=args.noprogress, verbose=args.verbose, strict=args.strict,
-        worker=args.worker, targets=targets, rbd=rbdargs.rbd_options(args),
+        worker=args.worker, targets=targets, rbd=rbdargs.rbd_options(args), key=keyargs.key_spec(args),
     )
 
 

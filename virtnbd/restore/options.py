@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from virtnbd.crypto.keysource import KeySpec
 from virtnbd.restore.targets.rbd import RbdOptions
 
 ACTIONS = ("restore", "dump", "verify")
@@ -30,3 +31,4 @@ class RestoreOptions:
     worker: int = 4                     # parallel requests in flight / verify files at once
     targets: tuple[tuple[str, str], ...] = ()    # --target: (disk or "" for the only disk, rbd:POOL/IMAGE)
     rbd: RbdOptions = field(default_factory=RbdOptions)   # Ceph connection + RBD image options
+    key: KeySpec = field(default_factory=KeySpec)         # encrypted sets: names the secret's source

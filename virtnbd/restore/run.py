@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from virtnbd import errors
-from virtnbd.restore import config, dump, verify
+from virtnbd.restore import config, dump, encrypted, verify
 from virtnbd.restore.apply import apply_plan
 from virtnbd.restore.options import RestoreOptions
 from virtnbd.restore.plan import Layer, Plan, collapse
@@ -44,11 +44,16 @@ class RestoredDisk:
 
 
 def run(options: RestoreOptions) -> None:
+    key, is_encrypted = encrypted.unlock(options)
     selection = make_selection(options)
+    if is_encrypted:
+        selection = encrypted.keyed(selection, key)
     if options.action == "dump":
         dump.show(selection, as_json=options.json, out=sys.stdout)
     elif options.action == "verify":
         verify.run(selection, workers=options.worker)
+        if is_encrypted and key is None:
+            log.warning("%s", encrypted.UNAUTHENTICATED)
     else:
         restore(selection, options)
 

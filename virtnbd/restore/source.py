@@ -34,6 +34,7 @@ class ChainFile:
     point: str
     level: str
     entry: Any = None                      # backupset DiskEntry when known (None for --sequence)
+    stages: tuple[Any, ...] = ()           # extra codec stages (encryption: restore/encrypted.py)
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,37 @@ def _side_file(folder: str, name: str) -> bytes | None:
         return None
     try:
         with open(os.path.join(folder, name), "rb") as f:
-            return f.read()
+            raw = f.read()
     except OSError as err:
         log.warning("%s: cannot read %s: %s", folder, name, err.strerror or err)
         return None
+    return _unsealed(folder, name, raw)
+
+
+def side_file_bytes(folder: str, name: str) -> bytes | None:
+    """A side file's plain bytes (unsealed in an encrypted set)."""
+    return _side_file(folder, name)
+
+
+_KEYS: dict[str, Any] = {}     # folder -> SetKey of an unlocked encrypted set (restore/encrypted.unlock)
+
+
+def use_key(folder: str, key: Any) -> None:
+    """Side files of ``folder`` are sealed with ``key`` (a crypto.setkey.SetKey)."""
+    _KEYS[os.path.abspath(folder)] = key
+
+
+def _unsealed(folder: str, name: str, raw: bytes) -> bytes:
+    from virtnbd.crypto.setkey import is_sealed
+    if not is_sealed(raw):
+        if os.path.abspath(folder) in _KEYS:
+            raise errors.FormatError(path=os.path.join(folder, name), offset=0,
+                                     reason="side file of an encrypted set is not sealed")
+        return raw
+    key = _KEYS.get(os.path.abspath(folder))
+    if key is None:
+        raise errors.KeyRequired(path=os.path.join(folder, name), reason="side file is encrypted: give the set's key")
+    return bytes(key.unseal(name, raw, os.path.join(folder, name)))
 
 
 def image_info_of(folder: str, point: Any, disk: str) -> Mapping[str, Any]:
@@ -203,7 +231,7 @@ def opened(cf: ChainFile) -> Iterator[StreamReader]:
     if not os.path.exists(cf.path):
         raise ChainFileError(path=cf.path, point=cf.point, reason="file is missing")
     try:
-        reader = open_stream(cf.path)
+        reader = open_stream(cf.path, stages=cf.stages)
     except errors.FormatError as err:
         raise ChainFileError(path=cf.path, point=cf.point, reason=f"offset {err.offset}: {err.reason}") from err
     with reader:

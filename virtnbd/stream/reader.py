@@ -272,7 +272,19 @@ class StreamReader:
         entries = self._pread(index_pos, count * fmt.INDEX_ENTRY.size, "index")
         if fmt.checksum(end.checksum + entries + footer[:24]) != index_check:
             raise errors.FormatError(path=self.path, offset=index_pos, reason="index checksum mismatch")
-        return self._parse_index(entries, index_pos, end_pos)
+        refs = self._parse_index(entries, index_pos, end_pos)
+        self._check_end_totals(refs, end_pos)
+        return refs
+
+    def _check_end_totals(self, refs: list[FrameRef], end_pos: int) -> None:
+        """The end frame's totals agree with the index (random access reads no other copy of them)."""
+        payload = self._pread(end_pos + fmt.FRAME.size, fmt.END_PAYLOAD.size, "end frame")
+        data = sum(r.length for r in refs if r.kind == "data")
+        zero = sum(r.length for r in refs if r.kind == "zero")
+        stored = end_pos - self._data_start - len(refs) * fmt.FRAME.size
+        if fmt.END_PAYLOAD.unpack(payload) != (len(refs), data, zero, stored):
+            raise errors.FormatError(path=self.path, offset=end_pos + fmt.FRAME.size,
+                                     reason="end frame totals do not match the index")
 
     def _parse_index(self, entries: bytes, index_pos: int, end_pos: int) -> list[FrameRef]:
         refs: list[FrameRef] = []
