@@ -13,10 +13,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from virtnbd.backup import encryption
-from virtnbd.backup.encryption import BackupCrypt
 from virtnbd.backup.output import SideFiles
 from virtnbd.backupset import manifest, naming
+from virtnbd.backupset.encrypted import EncryptedSet
 from virtnbd.stream.format import StreamMeta
 from virtnbd.stream.writer import StreamWriter
 
@@ -41,7 +40,7 @@ DOMAIN_XML = """<domain type='qemu'>
 class SetBuilder:
     def __init__(self, folder: str, *, size: int = 8 << 20, cluster: int = 64 << 10, disk: str = "sda",
                  compression: str | None = None, seed: int = 1, name: str = "vnbdtest-set",
-                 image_info: dict | None = None, crypt: BackupCrypt | None = None,
+                 image_info: dict | None = None, crypt: EncryptedSet | None = None,
                  shadow_folder: str | None = None) -> None:
         self.folder = folder
         self.size = size
@@ -57,7 +56,7 @@ class SetBuilder:
         self.checkpoints: list[str] = []
         self.points: list[str] = []
         self.image_info = image_info
-        self.crypt = crypt                   # encrypted set (backup/encryption.BackupCrypt)
+        self.crypt = crypt                   # encrypted set (backupset/encrypted.EncryptedSet, from for_backup)
         self.shadow_folder = shadow_folder or folder
         os.makedirs(folder, exist_ok=True)
 
@@ -94,7 +93,7 @@ class SetBuilder:
         path = os.path.join(self.folder, file)
         stages: tuple = ()
         if self.crypt is not None:
-            meta, stages = self.crypt.stream(meta, path)
+            meta, stages = self.crypt.writing(meta, file)
         with open(path, "wb") as f:
             w = StreamWriter(f, meta, path, stages=stages)
             for c in sorted(clusters):
@@ -109,14 +108,15 @@ class SetBuilder:
         xml = DOMAIN_XML.format(name=self.name, uuid=self.uuid)
         point_extra: dict = {}
         if self.crypt is not None:
-            seal = self.crypt.key.seal
-            xml = SideFiles(Path(self.folder), seal).save(f"vmconfig.{point}.xml", xml.encode())
-            point_extra = encryption.point_extra(self.crypt, {"guest_info": {"hostname": "guest-" + self.name}})
+            xml = SideFiles(Path(self.folder), self.crypt.seal_side).save(f"vmconfig.{point}.xml", xml.encode())
+            point_extra = self.crypt.point_extra({"guest_info": {"hostname": "guest-" + self.name}})
         p = manifest.Point(name=point, level=level, parent=parent, checkpoint=checkpoint,
                            time=meta.time, disks={self.disk: entry}, domain_xml=xml, consistency="crash",
                            extra=point_extra)
-        encryption.save_new_ring(self.crypt, Path(self.folder))
-        manifest.commit_point(self.folder, p, self.name, self.uuid, encryption.mac_key(self.crypt))
+        if self.crypt is not None:
+            self.crypt.commit(p, self.name, self.uuid)
+        else:
+            manifest.commit_point(self.folder, p, self.name, self.uuid)
         self._save_shadow(point)
         self.points.append(point)
         return point

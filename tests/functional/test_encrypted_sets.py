@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from tests.functional.restore_sets import SetBuilder, compare
-from virtnbd.backup.encryption import BackupCrypt
+from virtnbd.backupset import encrypted
+from virtnbd.backupset.api import create_set
+from virtnbd.backupset.encrypted import EncryptedSet
 from virtnbd.cli import key as key_cli
 from virtnbd.cli import restore as restore_cli
 from virtnbd.crypto import keyring, keysource, store
@@ -42,10 +44,10 @@ def _secret_file(tmp_path: Path, name: str, text: str | None = None) -> str:
     return str(path)
 
 
-def _crypt(spec: KeySpec) -> BackupCrypt:
-    made = store.new_key(spec)
-    assert made is not None
-    return BackupCrypt(made[1], made[0])
+def _crypt(folder: str, spec: KeySpec) -> EncryptedSet:
+    bset = encrypted.for_backup(create_set(folder), spec, None, "full")
+    assert isinstance(bset, EncryptedSet)
+    return bset
 
 
 class _MarkedSet(SetBuilder):
@@ -60,7 +62,8 @@ class _MarkedSet(SetBuilder):
 
 def _build(tmp_path: Path, compression: str | None, key_file: str, name: str = "set", seed: int = 3) -> _MarkedSet:
     b = _MarkedSet(str(tmp_path / name), size=2 << 20, compression=compression, seed=seed,
-                   crypt=_crypt(KeySpec(key_file=key_file)), shadow_folder=str(tmp_path), name=f"vnbdenc-{name}")
+                   crypt=_crypt(str(tmp_path / name), KeySpec(key_file=key_file)), shadow_folder=str(tmp_path),
+                   name=f"vnbdenc-{name}")
     b.scribble(12)
     b.full()
     for _ in range(3):

@@ -10,7 +10,7 @@ import pytest
 import xxhash
 
 from virtnbd import errors
-from virtnbd.backup.outfile import ALIGN, BLOCK, WRITEBACK_LAG, StagedFile, WriteMode
+from virtnbd.backupset.outfile import ALIGN, BLOCK, WRITEBACK_LAG, StagedFile, WriteMode
 
 
 def _pieces(rng: random.Random, total: int) -> list[bytes]:
@@ -75,7 +75,7 @@ def test_block_size_must_be_aligned(tmp_path: Path) -> None:
 
 def test_o_direct_refused_at_the_first_write_falls_back_to_the_page_cache(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Some filesystems open with O_DIRECT but fail its writes with EINVAL: the file is still written whole."""
-    from virtnbd.backup import outfile
+    from virtnbd.backupset import outfile
 
     real_pwrite = os.pwrite
     refused = []

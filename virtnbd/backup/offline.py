@@ -47,6 +47,7 @@ from virtnbd.backup import output
 from virtnbd.backup import run as backup_run
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backup.plan import Plan, PlannedDisk
+from virtnbd.backupset.api import BackupSet
 from virtnbd.extents import BASE_ALLOCATION, DATA, iter_extents
 from virtnbd.nbdsource import NbdSource
 from virtnbd.virt import bitmaps, checkpoints, connection
@@ -238,14 +239,13 @@ def estimate(options: BackupOptions, plan: Plan) -> dict[str, int]:
 
 # -- the run -----------------------------------------------------------------------
 
-def execute(options: BackupOptions, dom: libvirt.virDomain, folder: Path, plan: Plan, *, domain_xml: str,
-            uuid: str, summary: Any, all_targets: list[str], crypt: Any = None) -> Any:
+def execute(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet, plan: Plan, *, domain_xml: str,
+            uuid: str, summary: Any, all_targets: list[str]) -> Any:
     check_disks(plan, dom.name())
     for path in output.remove_stale_work_dirs(options.scratchdir):
         log.warning("removed scratch folder of a killed run: %s", path)
     clean_leftovers(dom, plan)
-    run_ = OfflineRun(options, dom, folder, plan, domain_xml=domain_xml, uuid=uuid)
-    run_.crypt = crypt
+    run_ = OfflineRun(options, dom, bset, plan, domain_xml=domain_xml, uuid=uuid)
     side = run_.side_files()
     added: list[tuple[str, str]] = []
     defined = False
@@ -259,7 +259,7 @@ def execute(options: BackupOptions, dom: libvirt.virDomain, folder: Path, plan: 
             defined = saved_cp is not None
             saved = run_.save_side_files(side, saved_cp)
             point = run_.point(results, saved, CONSISTENCY, {"offline": True, "libvirt_checkpoint": defined})
-            updated = run_.commit(point, dom.name(), uuid)
+            updated = bset.commit(point, dom.name(), uuid)
     except BaseException:
         side.discard()
         _undo(dom, plan, added, defined)

@@ -7,7 +7,6 @@ removes it again; only the manifest commit makes a point real.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -18,48 +17,22 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from virtnbd import errors, fsutil
+from virtnbd import fsutil
+from virtnbd.backupset.store import LOCK_FILE, LocalStore, folder_lock
+
+__all__ = ["LOCK_FILE", "folder_lock"]   # the folder lock lives with the local store
 from virtnbd.virt.job import pid_alive
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = ".virtnbdbackup.lock"
 CHECKPOINT_DIR = "checkpoints"
 QEMU_USER_MODE = 0o1733   # qemu (libvirt-qemu) creates its socket/scratch here; nobody can list it
 
 
 def prepare_folder(folder: str) -> Path:
-    path = Path(folder)
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as err:
-        raise fsutil.storage_error(path, err) from err
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise errors.BackupSetError(path=str(path), reason="backup folder is not writable")
-    return path
-
-
-@contextlib.contextmanager
-def folder_lock(folder: Path) -> Iterator[None]:
-    """Exclusive lock of the backup folder (flock: a dead holder releases it by itself)."""
-    path = folder / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as err:
-        raise fsutil.storage_error(path, err) from err
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as err:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise errors.LockedError(path=str(folder), pid=holder,
-                                     reason="another virtnbdbackup run uses this folder") from err
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-        os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)
+    """Create the local backup folder (0700) and check it is writable."""
+    LocalStore(folder).prepare()
+    return Path(folder)
 
 
 @contextlib.contextmanager

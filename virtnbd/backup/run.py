@@ -21,19 +21,19 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, BinaryIO, cast
+from typing import Any
 
 import libvirt
 
-from virtnbd import __version__, errors, fsutil, rbdextents
-from virtnbd.backup import consistency, copy, encryption, modes, outfile, output, recovery
+from virtnbd import __version__, errors, rbdextents
+from virtnbd.backup import consistency, copy, modes, output, recovery
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backup.plan import Plan, PlannedDisk, make_plan
+from virtnbd.backupset import encrypted, outfile
 from virtnbd.backupset import manifest as bsmanifest
-from virtnbd.backupset import naming
+from virtnbd.backupset.api import BackupSet, create_set
 from virtnbd.extents import BASE_ALLOCATION, iter_extents
 from virtnbd.nbdsource import NbdSource
-from virtnbd.stream.codec import Stage
 from virtnbd.stream.format import StreamMeta
 from virtnbd.stream.writer import StreamWriter
 from virtnbd.virt import agent, checkpoints, connection, domainxml, xmlbuild
@@ -114,11 +114,12 @@ class _Progress:
 
 
 class BackupRun:
-    def __init__(self, options: BackupOptions, dom: libvirt.virDomain, folder: Path, plan: Plan, *,
+    def __init__(self, options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet, plan: Plan, *,
                  domain_xml: str, uuid: str) -> None:
         self.options = options
         self.dom = dom
-        self.folder = folder
+        self.bset = bset
+        self.folder = Path(bset.location)     # side files (output.SideFiles) are still written locally
         self.plan = plan
         self.domain_xml = domain_xml
         self.uuid = uuid
@@ -126,7 +127,6 @@ class BackupRun:
         self.progress = _Progress(not options.noprogress)
         self.time = _now_iso()
         self.rbd: rbdextents.RbdTracker | None = None     # raw RBD disks (set by _execute)
-        self.crypt: encryption.BackupCrypt | None = None    # encrypted chain: the set's key (set by the caller)
 
     # -- one disk -----------------------------------------------------------------
     def bitmap_for(self, pd: PlannedDisk) -> str | None:
@@ -138,7 +138,7 @@ class BackupRun:
         started = time.monotonic()
         bitmap = self.bitmap_for(pd)
         contexts = (BASE_ALLOCATION, bitmap) if bitmap else (BASE_ALLOCATION,)
-        name = naming.data_file(pd.target, plan.level, plan.point)
+        name = self.bset.data_name(pd.target, plan.level, plan.point)
         with NbdSource(socket, xmlbuild.export_name(pd.target), contexts, connections=opts.connections,
                        depth=opts.depth, buffers=self.buffers_per_disk(),
                        buffer_size=opts.buffer_size, request_size=opts.read_size) as src:
@@ -149,13 +149,9 @@ class BackupRun:
                               extra=MappingProxyType(extra))
             update, close = self.progress.bar(pd.target, src.size)
             try:
-                partial = str(fsutil.partial_path(self.folder / name))
-                with fsutil.partial_file(self.folder / name), \
-                        outfile.StagedFile(partial, blocks=self.staging_blocks_per_disk()) as out:
-                    stages: tuple[Stage, ...] = ()
-                    if self.crypt is not None:
-                        meta, stages = self.crypt.stream(meta, str(self.folder / name))
-                    writer = StreamWriter(cast(BinaryIO, out), meta, path=str(self.folder / name),
+                meta, stages = self.bset.writing(meta, name)     # encrypted set: sealed in the encode workers
+                with self.bset.create_data(name, self.staging_blocks_per_disk()) as out:
+                    writer = StreamWriter(out, meta, path=self.bset.store.describe(name),
                                           level=opts.compress_level, stages=stages)
                     status, dirty = rbdextents.status_for(self.rbd, pd, plan.parent, src.block_status, bitmap)
                     extents = iter_extents(status, src.size, dirty, export=pd.target)
@@ -221,20 +217,15 @@ class BackupRun:
             name=plan.point, level=plan.level, parent=plan.parent if plan.level in ("inc", "diff") else None,
             checkpoint=plan.checkpoint, time=self.time, disks=MappingProxyType({r.target: r.entry for r in results}),
             domain_xml=saved["domain_xml"], checkpoint_xml=saved.get("checkpoint_xml"), consistency=consistency,
-            extra=MappingProxyType(encryption.point_extra(self.crypt, {
+            extra=MappingProxyType(self.bset.point_extra({
                 "qemu_img_info": saved["qemu_img_info"], "boot_files": saved["boot_files"],
                 "tool_version": __version__, "skipped_disks": dict(plan.skipped),
                 "bytes_read": sum(r.bytes_read for r in results), **extra})))
 
     def side_files(self) -> output.SideFiles:
-        """Where this point's side files go (sealed in an encrypted chain)."""
-        crypt = self.crypt
-        return output.SideFiles(self.folder, None if crypt is None else crypt.key.seal)
-
-    def commit(self, point: bsmanifest.Point, domain: str, uuid: str) -> bsmanifest.Manifest:
-        """Commit ``point`` (a new encrypted chain's key slot file first; the manifest authenticated)."""
-        encryption.save_new_ring(self.crypt, self.folder)
-        return bsmanifest.commit_point(self.folder, point, domain, uuid, encryption.mac_key(self.crypt))
+        """Where this point's side files go (sealed by an encrypted set)."""
+        sealed = isinstance(self.bset, encrypted.EncryptedSet)
+        return output.SideFiles(self.folder, self.bset.seal_side if sealed else None)
 
     # -- side files ---------------------------------------------------------------
     def save_side_files(self, side: output.SideFiles, checkpoint_xml: str | None) -> dict[str, Any]:
@@ -380,11 +371,12 @@ def run(options: BackupOptions) -> RunSummary:
     started = time.monotonic()
     with modes.umask(options.umask), connection.connect(options.uri) as conn:
         dom = connection.lookup_domain(conn, options.domain)
-        folder = output.prepare_folder(options.output)
-        with output.folder_lock(folder):
+        bset = create_set(options.output)
+        folder = Path(bset.location)   # recovery and modes still work on the local folder
+        with bset.lock():
             recovery.recover(folder)
             try:
-                summary = _run_locked(options, dom, folder)
+                summary = _run_locked(options, dom, bset)
             finally:
                 modes.apply(folder, options.umask)
     summary.seconds = round(time.monotonic() - started, 3)
@@ -396,22 +388,23 @@ def _offline() -> Any:
     return offline
 
 
-def _run_locked(options: BackupOptions, dom: libvirt.virDomain, folder: Path) -> RunSummary:
+def _run_locked(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet) -> RunSummary:
     name = dom.name()
     uuid = dom.UUIDString()
-    manifest = bsmanifest.load(folder)
+    folder = Path(bset.location)
+    manifest = bset.manifest()
     domain_xml = connection.domain_xml(dom)
     all_disks = domainxml.parse_disks(domain_xml)
     plan = make_plan(options, manifest, all_disks, int(time.time()), folder=str(folder), domain=name, uuid=uuid)
+    bset = encrypted.for_backup(bset, options.key, manifest, plan.level)     # before anything is written
     running = connection.is_running(dom)
 
     def replan(opts: BackupOptions, m: Any) -> Plan:
         return make_plan(opts, m, all_disks, int(time.time()), folder=str(folder), domain=name, uuid=uuid)
 
-    crypt = encryption.resolve(options.key, folder, manifest, plan.level)
     verdict = consistency.preflight(options, dom, folder, manifest, plan, running=running, replan=replan)
-    if verdict.manifest is not manifest and verdict.plan.level in ("copy", "full"):
-        crypt = encryption.resolve(options.key, folder, verdict.manifest, verdict.plan.level)  # chain archived
+    if verdict.manifest is not manifest and verdict.plan.level in ("copy", "full"):      # chain archived
+        bset = encrypted.for_backup(create_set(options.output), options.key, verdict.manifest, verdict.plan.level)
     plan, manifest = verdict.plan, verdict.manifest
     summary = RunSummary(domain=name, level=plan.level, point=plan.point,
                          points=[p.name for p in manifest.points] if manifest else [])
@@ -443,18 +436,16 @@ def _run_locked(options: BackupOptions, dom: libvirt.virDomain, folder: Path) ->
             summary.notes.append(verdict.note)
         if not running:
             log.info("domain %s is shut off: backing up its images read-only with qemu-nbd", name)
-            return _offline().execute(options, dom, folder, plan, domain_xml=domain_xml, uuid=uuid, summary=summary,
-                                      all_targets=[d.target for d in all_disks], crypt=crypt)
+            return _offline().execute(options, dom, bset, plan, domain_xml=domain_xml, uuid=uuid, summary=summary,
+                                   all_targets=[d.target for d in all_disks])
         _clean_stale(dom, plan, options)
-        return _execute(options, dom, folder, plan, domain_xml=domain_xml, uuid=uuid, summary=summary,
-                        all_targets=[d.target for d in all_disks], crypt=crypt)
+        return _execute(options, dom, bset, plan, domain_xml=domain_xml, uuid=uuid, summary=summary,
+                        all_targets=[d.target for d in all_disks])
 
 
-def _execute(options: BackupOptions, dom: libvirt.virDomain, folder: Path, plan: Plan, *, domain_xml: str,
-             uuid: str, summary: RunSummary, all_targets: list[str],
-             crypt: encryption.BackupCrypt | None = None) -> RunSummary:
-    run_ = BackupRun(options, dom, folder, plan, domain_xml=domain_xml, uuid=uuid)
-    run_.crypt = crypt
+def _execute(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet, plan: Plan, *, domain_xml: str,
+             uuid: str, summary: RunSummary, all_targets: list[str]) -> RunSummary:
+    run_ = BackupRun(options, dom, bset, plan, domain_xml=domain_xml, uuid=uuid)
     side = run_.side_files()
     skipped = [t for t in all_targets if t not in {pd.target for pd in plan.disks}]
     checkpoint_xml = _checkpoint_xml(plan, all_targets)
@@ -474,7 +465,7 @@ def _execute(options: BackupOptions, dom: libvirt.virDomain, folder: Path, plan:
             point = run_.point(results, saved, summary.consistency, {
                 "guest_info": guest_info, "libvirt_checkpoint": saved_cp is not None,
                 "rbd_snapshots": [d.target for d in run_.rbd.disks] if run_.rbd else []})
-            updated = run_.commit(point, dom.name(), uuid)
+            updated = bset.commit(point, dom.name(), uuid)
             committed[0] = True
     except BaseException:
         side.discard()

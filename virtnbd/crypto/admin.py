@@ -91,7 +91,7 @@ def run(options: KeyOptions) -> list[str]:
         raise errors.BackupSetError(path=folder, reason="backup folder does not exist")
     if options.action == "list":
         return list_slots(folder)
-    from virtnbd.backup.output import folder_lock
+    from virtnbd.backupset.store import folder_lock
     with folder_lock(Path(folder)):
         if options.action == "add":
             return [f"added key slot {add(folder, options.key, options.new_key).id}"]

@@ -129,7 +129,7 @@ def write_for_restore(selection: Any, restored: Sequence[Any], options: Any) -> 
         else:
             nvram_copy = os.path.abspath(os.path.join(folder, f"{name}_VARS.fd"))
             try:
-                plain = side_file_bytes(selection.folder, os.path.relpath(saved, selection.folder))
+                plain = side_file_bytes(selection.bset or selection.folder, os.path.relpath(saved, selection.folder))
                 if plain is None:
                     raise OSError(f"cannot read {saved}")
                 save_atomic(nvram_copy, plain)

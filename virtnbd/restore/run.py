@@ -44,15 +44,13 @@ class RestoredDisk:
 
 
 def run(options: RestoreOptions) -> None:
-    key, is_encrypted = encrypted.unlock(options)
+    _is_encrypted, keyless = encrypted.prepare(options)
     selection = make_selection(options)
-    if is_encrypted:
-        selection = encrypted.keyed(selection, key)
     if options.action == "dump":
         dump.show(selection, as_json=options.json, out=sys.stdout)
     elif options.action == "verify":
         verify.run(selection, workers=options.worker)
-        if is_encrypted and key is None:
+        if keyless:
             log.warning("%s", encrypted.UNAUTHENTICATED)
     else:
         restore(selection, options)

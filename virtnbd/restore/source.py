@@ -14,9 +14,12 @@ import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from virtnbd import errors
+from virtnbd.backupset import chain as chain_mod
+from virtnbd.backupset.api import BackupSet, open_set
+from virtnbd.backupset.store import LocalStore
 from virtnbd.stream.reader import StreamReader, open_stream
 
 log = logging.getLogger(__name__)
@@ -34,7 +37,7 @@ class ChainFile:
     point: str
     level: str
     entry: Any = None                      # backupset DiskEntry when known (None for --sequence)
-    stages: tuple[Any, ...] = ()           # extra codec stages (encryption: restore/encrypted.py)
+    bset: Any = None                       # the BackupSet holding it (None for --sequence files)
 
 
 @dataclass(frozen=True)
@@ -52,71 +55,39 @@ class Selection:
     manifest: Any                          # backupset Manifest (None for --sequence)
     points: tuple[Any, ...]                # resolved chain of Points, root first (empty for --sequence)
     disks: tuple[DiskChain, ...]
+    bset: BackupSet | None = None          # the set (None for --sequence)
 
 
-def load_manifest(folder: str) -> Any:
-    """The folder's manifest: virtnbd's own, or one derived from a virtnbdbackup folder."""
-    if not os.path.isdir(folder):
-        raise errors.BackupSetError(path=folder, reason="no such backup folder")
-    from virtnbd.backupset import manifest as manifest_mod
-    found = manifest_mod.load(folder)
+def manifest_of(bset: BackupSet) -> Any:
+    found = bset.manifest()
     if found is None:
-        found = _load_legacy(folder)
-    if found is None:
-        raise errors.BackupSetError(path=folder, reason="not a backup folder (no manifest, no virtnbdbackup files)")
+        raise errors.BackupSetError(path=bset.location,
+                                    reason="not a backup folder (no manifest, no virtnbdbackup files)")
     return found
 
 
-def _load_legacy(folder: str) -> Any:
-    try:
-        from virtnbd.backupset import legacy  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    loader = getattr(legacy, "load", None)
-    return loader(folder) if loader is not None else None
-
-
-def _side_file(folder: str, name: str) -> bytes | None:
+def _side_file(folder: str | BackupSet, name: str) -> bytes | None:
     """A side file the backup saved next to the streams (plain names only)."""
+    bset = open_set(folder) if isinstance(folder, str) else folder
     if os.path.isabs(name) or ".." in name.split("/"):
-        log.warning("%s: ignoring side file name %r outside the set", folder, name)
+        log.warning("%s: ignoring side file name %r outside the set", bset.location, name)
         return None
     try:
-        with open(os.path.join(folder, name), "rb") as f:
-            raw = f.read()
-    except OSError as err:
-        log.warning("%s: cannot read %s: %s", folder, name, err.strerror or err)
+        data = bset.read_side(name)
+    except errors.BackupSetError as err:
+        log.warning("%s: cannot read %s: %s", bset.location, name, err.fields.get("reason"))
         return None
-    return _unsealed(folder, name, raw)
+    if data is None:
+        log.warning("%s: cannot read %s: no such file", bset.location, name)
+    return data
 
 
-def side_file_bytes(folder: str, name: str) -> bytes | None:
-    """A side file's plain bytes (unsealed in an encrypted set)."""
+def side_file_bytes(folder: str | BackupSet, name: str) -> bytes | None:
+    """A side file's plain bytes (the set unseals it when it is encrypted)."""
     return _side_file(folder, name)
 
 
-_KEYS: dict[str, Any] = {}     # folder -> SetKey of an unlocked encrypted set (restore/encrypted.unlock)
-
-
-def use_key(folder: str, key: Any) -> None:
-    """Side files of ``folder`` are sealed with ``key`` (a crypto.setkey.SetKey)."""
-    _KEYS[os.path.abspath(folder)] = key
-
-
-def _unsealed(folder: str, name: str, raw: bytes) -> bytes:
-    from virtnbd.crypto.setkey import is_sealed
-    if not is_sealed(raw):
-        if os.path.abspath(folder) in _KEYS:
-            raise errors.FormatError(path=os.path.join(folder, name), offset=0,
-                                     reason="side file of an encrypted set is not sealed")
-        return raw
-    key = _KEYS.get(os.path.abspath(folder))
-    if key is None:
-        raise errors.KeyRequired(path=os.path.join(folder, name), reason="side file is encrypted: give the set's key")
-    return bytes(key.unseal(name, raw, os.path.join(folder, name)))
-
-
-def image_info_of(folder: str, point: Any, disk: str) -> Mapping[str, Any]:
+def image_info_of(folder: str | BackupSet, point: Any, disk: str) -> Mapping[str, Any]:
     """The `qemu-img info` record saved at backup time for ``disk`` (empty when none)."""
     entry = point.disks.get(disk)
     candidates = [((getattr(entry, "extra", None) or {}).get(k)) for k in ("image_info", "qemu_img_info")]
@@ -130,14 +101,18 @@ def image_info_of(folder: str, point: Any, disk: str) -> Mapping[str, Any]:
                 try:
                     loaded = json.loads(raw)
                 except ValueError:
-                    log.warning("%s: %s is not JSON: qcow2 created with default options", folder, info)
+                    log.warning("%s: %s is not JSON: qcow2 created with default options", _where(folder), info)
                     continue
                 if isinstance(loaded, Mapping):
                     return loaded
     return {}
 
 
-def domain_xml_of(folder: str, point: Any) -> str | None:
+def _where(folder: str | BackupSet) -> str:
+    return folder if isinstance(folder, str) else folder.location
+
+
+def domain_xml_of(folder: str | BackupSet, point: Any) -> str | None:
     """The domain XML saved with ``point``: inline text, or the name of a side file."""
     value = getattr(point, "domain_xml", None)
     if not value:
@@ -148,17 +123,18 @@ def domain_xml_of(folder: str, point: Any) -> str | None:
     return raw.decode("utf-8", errors="replace") if raw is not None else None
 
 
-def boot_file_of(folder: str, point: Any, kind: str) -> str | None:
-    """Path of a boot file (``nvram``, ``loader``...) the backup copied into the set."""
+def boot_file_of(folder: str | BackupSet, point: Any, kind: str) -> str | None:
+    """Local path of a boot file (``nvram``, ``loader``...) the backup copied into the set."""
+    bset = open_set(folder) if isinstance(folder, str) else folder
     name = ((getattr(point, "extra", None) or {}).get("boot_files") or {}).get(kind)
-    if isinstance(name, str) and os.path.isfile(os.path.join(folder, name)):
-        return os.path.join(folder, name)
+    if isinstance(name, str) and isinstance(bset.store, LocalStore) and bset.store.path(name).is_file():
+        return bset.store.describe(name)
     return None
 
 
 def select(folder: str, until: str | None, disk: str | None) -> Selection:
-    from virtnbd.backupset import chain as chain_mod
-    manifest = load_manifest(folder)
+    bset = open_set(folder)
+    manifest = manifest_of(bset)
     points = chain_mod.resolve(manifest, until)
     if not points:
         raise errors.ChainError(reason=f"{folder}: the backup set holds no point")
@@ -166,11 +142,16 @@ def select(folder: str, until: str | None, disk: str | None) -> Selection:
     names = [disk] if disk else sorted(last.disks)
     if disk and disk not in last.disks:
         raise errors.UsageError(reason=f"disk {disk!r} not in point {last.name} (has: {', '.join(sorted(last.disks))})")
-    disks = tuple(_disk_chain(folder, points, name) for name in names)
-    return Selection(folder=folder, manifest=manifest, points=tuple(points), disks=disks)
+    disks = tuple(_disk_chain(bset, points, name) for name in names)
+    return Selection(folder=folder, manifest=manifest, points=tuple(points), disks=disks, bset=bset)
 
 
-def _disk_chain(folder: str, points: Sequence[Any], disk: str) -> DiskChain:
+def chain_file(bset: BackupSet, point: Any, entry: Any) -> ChainFile:
+    """The ChainFile of one disk entry of a point of ``bset``."""
+    return ChainFile(bset.store.describe(entry.file), point.name, entry.level or point.level, entry, bset)
+
+
+def _disk_chain(bset: BackupSet, points: Sequence[Any], disk: str) -> DiskChain:
     files: list[ChainFile] = []
     for point in points:
         entry = point.disks.get(disk)
@@ -185,8 +166,8 @@ def _disk_chain(folder: str, points: Sequence[Any], disk: str) -> DiskChain:
         elif not files:
             raise errors.ChainError(reason=f"disk {disk}: chain starts with {level} point {point.name}, "
                                            "no full backup before it")
-        files.append(ChainFile(os.path.join(folder, entry.file), point.name, level, entry))
-    return DiskChain(disk=disk, files=tuple(files), image_info=image_info_of(folder, points[-1], disk))
+        files.append(chain_file(bset, point, entry))
+    return DiskChain(disk=disk, files=tuple(files), image_info=image_info_of(bset, points[-1], disk))
 
 
 def select_sequence(paths: Sequence[str], disk: str | None) -> Selection:
@@ -228,10 +209,10 @@ def select_sequence(paths: Sequence[str], disk: str | None) -> Selection:
 @contextlib.contextmanager
 def opened(cf: ChainFile) -> Iterator[StreamReader]:
     """Open one chain file, every failure named by file and point."""
-    if not os.path.exists(cf.path):
+    if (_size_of(cf) if cf.bset is not None else (0 if os.path.exists(cf.path) else None)) is None:
         raise ChainFileError(path=cf.path, point=cf.point, reason="file is missing")
     try:
-        reader = open_stream(cf.path, stages=cf.stages)
+        reader = open_stream(cf.path) if cf.bset is None else cf.bset.open_data(cf.entry)
     except errors.FormatError as err:
         raise ChainFileError(path=cf.path, point=cf.point, reason=f"offset {err.offset}: {err.reason}") from err
     with reader:
@@ -255,9 +236,15 @@ def check_against_entry(cf: ChainFile, reader: StreamReader) -> None:
         fail(f"is a {meta.level} stream, manifest says {entry.level}")
     stored = getattr(entry, "stored_bytes", None)
     if stored:
-        size = os.path.getsize(cf.path)
+        size = _size_of(cf)
         if size != stored:
             fail(f"size {size} bytes, manifest recorded {stored} (truncated or replaced)")
+
+
+def _size_of(cf: ChainFile) -> int | None:
+    if cf.bset is None:
+        return os.path.getsize(cf.path)
+    return cast(int | None, cf.bset.store.size(cf.entry.file))
 
 
 def describe(err: errors.FormatError, files: Sequence[ChainFile]) -> ChainFileError:

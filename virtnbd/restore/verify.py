@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from virtnbd import errors
-from virtnbd.restore.source import ChainFile, ChainFileError, DiskChain, Selection, load_manifest
+from virtnbd.backupset.api import open_set
+from virtnbd.restore.source import ChainFile, ChainFileError, DiskChain, Selection, chain_file, manifest_of
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,8 @@ class FileResult:
 
 def select_all(folder: str, until: str | None, disk: str | None) -> Selection:
     """Every point of the set (up to ``until`` when given), every disk (or ``disk``), in manifest order."""
-    manifest = load_manifest(folder)
+    bset = open_set(folder)
+    manifest = manifest_of(bset)
     points = list(manifest.points)
     if until is not None:
         names = [p.name for p in points]
@@ -42,12 +44,11 @@ def select_all(folder: str, until: str | None, disk: str | None) -> Selection:
     for point in points:
         for name, entry in point.disks.items():
             if disk is None or name == disk:
-                disks.setdefault(name, []).append(
-                    ChainFile(os.path.join(folder, entry.file), point.name, entry.level or point.level, entry))
+                disks.setdefault(name, []).append(chain_file(bset, point, entry))
     if disk is not None and disk not in disks:
         raise errors.UsageError(reason=f"disk {disk!r} is not in the backup set")
     chains = tuple(DiskChain(name, tuple(files)) for name, files in sorted(disks.items()))
-    return Selection(folder=folder, manifest=manifest, points=tuple(points), disks=chains)
+    return Selection(folder=folder, manifest=manifest, points=tuple(points), disks=chains, bset=bset)
 
 
 def _read_ahead(path: str) -> None:

@@ -23,10 +23,11 @@ LEGACY_PROBE = 64
 
 
 def open_stream(source: str | os.PathLike[str] | BinaryIO, path: str | None = None,
-                stages: tuple[codec.Stage, ...] = ()) -> StreamReader:
+                stages: tuple[codec.Stage, ...] = (), owns: bool = False) -> StreamReader:
     """Open a stream file (or an already open binary file / pipe).
 
     ``stages``: codec stages beyond checksum and compression (given by the set that owns their keys).
+    ``owns``: an open file given as ``source`` is closed with the reader (and on failure).
 
     Detects virtnbdbackup sparse streams and returns a
     :class:`virtnbd.stream.legacy.LegacyStreamReader` for them (same interface).
@@ -39,7 +40,7 @@ def open_stream(source: str | os.PathLike[str] | BinaryIO, path: str | None = No
             raise errors.FormatError(path=name, offset=0, reason=err.strerror or str(err)) from err
         owns = True
     else:
-        f, name, owns = source, str(path or getattr(source, "name", "<stream>")), False
+        f, name = source, str(path or getattr(source, "name", "<stream>"))
     try:
         probe = _peek(f, name)
         if probe.startswith(fmt.MAGIC) or (0 < len(probe) < len(fmt.MAGIC) and fmt.MAGIC.startswith(probe)):
