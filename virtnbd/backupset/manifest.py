@@ -107,26 +107,6 @@ def to_json(m: Manifest, mac_key: bytes | None = None) -> bytes:
     return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
 
 
-def authenticate(folder: str | os.PathLike[str], mac_key: bytes) -> None:
-    """The manifest is exactly what a holder of the key wrote (any changed byte: FormatError)."""
-    path = manifest_path(folder)
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise errors.BackupSetError(path=str(path), reason=err.strerror or str(err)) from err
-    m = from_json(raw, str(path), os.fspath(folder))
-    if raw != to_json(m, mac_key):
-        raise errors.FormatError(path=str(path), offset=0, reason="manifest does not authenticate with the set's "
-                                                                  "key (altered, damaged or not this set's)")
-
-
-def has_auth(folder: str | os.PathLike[str]) -> bool:
-    try:
-        return b'"auth": {' in manifest_path(folder).read_bytes()
-    except OSError:
-        return False
-
-
 class _Schema:
     """Typed access to a decoded JSON object; errors name the file and the key path."""
 
