@@ -82,7 +82,8 @@ class ChecksumStage:
         self.skip_flags = skip_flags
 
     def encode(self, frame: FrameDraft, data: Buf) -> Buf:
-        frame.checksum = fmt.checksum(data)
+        if not self.skip_flags:          # else a later stage (always applied) writes the field
+            frame.checksum = fmt.checksum(data)
         return data
 
     def decode(self, head: FrameHeader, data: Buf, path: str, pos: int) -> Buf:
@@ -129,6 +130,8 @@ class Codec:
         self.frame_flags = functools.reduce(int.__or__, (s.frame_flag for s in self.stages), 0)
         self.header_flags = functools.reduce(int.__or__, (s.header_flag for s in self.stages), 0)
         self.uncompressed = self   # set by pipeline(): the same stages with compression off
+        # frame flags whose stage put xxh3(stored payload) in the header's checksum field already
+        self.checksum_flags = functools.reduce(int.__or__, (getattr(s, "skip_flags", 0) for s in self.stages), 0)
 
     def encode_data(self, offset: int, data: bytes | memoryview) -> EncodedFrame:
         """Run every stage over one data frame and pack its header. Pure and thread-safe."""
@@ -141,7 +144,10 @@ class Codec:
             payload = stage.encode(frame, payload)
         header = fmt.pack_frame(fmt.KIND_DATA, frame.method, offset, length, len(payload), frame.checksum,
                                 frame.flags)
-        stored_checksum = fmt.checksum(payload) if frame.method or frame.flags else b""
+        if frame.flags & self.checksum_flags:
+            stored_checksum = frame.checksum
+        else:
+            stored_checksum = fmt.checksum(payload) if frame.method or frame.flags else b""
         return EncodedFrame("data", offset, length, header, payload, stored_checksum)  # type: ignore[arg-type]
 
     def encode_zero(self, offset: int, length: int) -> EncodedFrame:
@@ -162,9 +168,13 @@ class Codec:
                 return None  # type: ignore[return-value]
         return data  # type: ignore[return-value]
 
-    @staticmethod
-    def stored_checksum(head: FrameHeader, stored: Buf) -> bytes:
-        """The chained-digest part of a payload that is not the disk bytes themselves."""
+    def stored_checksum(self, head: FrameHeader, stored: Buf) -> bytes:
+        """The chained-digest part of a payload that is not the disk bytes themselves.
+
+        A frame whose stage keeps xxh3(stored) in the header (encryption) reuses that
+        field: the stage's decode compares it with the payload."""
+        if head.flags & self.checksum_flags:
+            return head.checksum
         return fmt.checksum(stored) if head.method or head.flags else b""
 
 
