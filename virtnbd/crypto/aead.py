@@ -66,8 +66,8 @@ def nonce_for(number: int) -> bytes:
     return number.to_bytes(NONCE_SIZE, "little")
 
 
-def seal(cipher: str, key: bytes, nonce: bytes, data: bytes | memoryview, ad: bytes) -> bytearray:
-    """Ciphertext followed by the 16-byte tag."""
+def seal(cipher: str, key: bytes, nonce: bytes, data: bytes | memoryview, ad: bytes) -> bytearray | memoryview:
+    """Ciphertext followed by the 16-byte tag (a view: trimming the buffer would cost a copy)."""
     if cipher == AES_GCM:
         enc = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
         enc.authenticate_additional_data(ad)
@@ -75,12 +75,11 @@ def seal(cipher: str, key: bytes, nonce: bytes, data: bytes | memoryview, ad: by
         done = enc.update_into(data, out)  # type: ignore[arg-type]  # any buffer works
         enc.finalize()
         out[done:done + TAG_SIZE] = enc.tag
-        del out[done + TAG_SIZE:]
-        return out
+        return memoryview(out)[:done + TAG_SIZE]
     return bytearray(ChaCha20Poly1305(key).encrypt(nonce, bytes(data), ad))
 
 
-def open_(cipher: str, key: bytes, nonce: bytes, sealed: bytes | memoryview, ad: bytes) -> bytearray:
+def open_(cipher: str, key: bytes, nonce: bytes, sealed: bytes | memoryview, ad: bytes) -> bytearray | memoryview:
     """The plaintext of ``seal``'s output; AuthenticationFailed when anything differs."""
     if len(sealed) < TAG_SIZE:
         raise AuthenticationFailed("shorter than a tag")
@@ -92,8 +91,7 @@ def open_(cipher: str, key: bytes, nonce: bytes, sealed: bytes | memoryview, ad:
             out = bytearray(len(view) - TAG_SIZE + _SLACK)
             done = dec.update_into(view[:-TAG_SIZE], out)  # type: ignore[arg-type]
             dec.finalize()
-            del out[done:]
-            return out
+            return memoryview(out)[:done]
         return bytearray(ChaCha20Poly1305(key).decrypt(nonce, bytes(view), ad))
     except InvalidTag as err:
         raise AuthenticationFailed("tag mismatch") from err

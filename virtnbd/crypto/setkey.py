@@ -104,10 +104,10 @@ class FrameSealer:
     def ad(self, fields: bytes) -> bytes:
         return self.header_digest + fields
 
-    def seal(self, offset: int, fields: bytes, payload: bytes | memoryview) -> bytearray:
+    def seal(self, offset: int, fields: bytes, payload: bytes | memoryview) -> bytearray | memoryview:
         return aead.seal(self.cipher, self.key, aead.nonce_for(offset), payload, self.ad(fields))
 
-    def open(self, offset: int, fields: bytes, sealed: bytes | memoryview) -> bytearray:
+    def open(self, offset: int, fields: bytes, sealed: bytes | memoryview) -> bytearray | memoryview:
         """Raises aead.AuthenticationFailed."""
         return aead.open_(self.cipher, self.key, aead.nonce_for(offset), sealed, self.ad(fields))
 
