@@ -11,7 +11,7 @@ setup(
     description="Online, thin, incremental backup and restore of libvirt/KVM domains over NBD",
     packages=find_packages(include=["virtnbd", "virtnbd.*"]),
     python_requires=">=3.11",
-    install_requires=["lxml", "lz4", "tqdm", "xxhash", "zstandard"],
+    install_requires=["cryptography>=38", "lxml", "lz4", "tqdm", "xxhash", "zstandard"],
     extras_require={
         "test": ["pytest", "pytest-timeout", "hypothesis", "ruff", "mypy", "lxml-stubs", "types-tqdm"],
     },
@@ -23,6 +23,7 @@ setup(
             "virtnbdmap = virtnbd.cli.map:main",
             "virtnbdmount = virtnbd.cli.mount:main",
             "virtnbdjob = virtnbd.cli.job:main",
+            "virtnbdkey = virtnbd.cli.key:main",
         ]
     },
 )

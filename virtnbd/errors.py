@@ -113,3 +113,17 @@ class CephError(VirtnbdError):
 
 class AgentError(VirtnbdError):
     template = "guest agent: {reason}"
+
+
+class EncryptionError(VirtnbdError):
+    """A key is missing, wrong or does not fit the set; a key slot file is damaged."""
+
+    template = "{path}: {reason}"
+
+
+class KeyRequired(EncryptionError):
+    template = "{path}: {reason}"
+
+
+class WrongKey(EncryptionError):
+    template = "{path}: {reason}"

@@ -11,8 +11,11 @@ import os
 import random
 import subprocess
 import time
+from pathlib import Path
 
+from virtnbd.backup.output import SideFiles
 from virtnbd.backupset import manifest, naming
+from virtnbd.backupset.encrypted import EncryptedSet
 from virtnbd.stream.format import StreamMeta
 from virtnbd.stream.writer import StreamWriter
 
@@ -37,7 +40,8 @@ DOMAIN_XML = """<domain type='qemu'>
 class SetBuilder:
     def __init__(self, folder: str, *, size: int = 8 << 20, cluster: int = 64 << 10, disk: str = "sda",
                  compression: str | None = None, seed: int = 1, name: str = "vnbdtest-set",
-                 image_info: dict | None = None) -> None:
+                 image_info: dict | None = None, crypt: EncryptedSet | None = None,
+                 shadow_folder: str | None = None) -> None:
         self.folder = folder
         self.size = size
         self.cluster = cluster
@@ -53,6 +57,8 @@ class SetBuilder:
         self.points: list[str] = []
         self.image_info = image_info
         self.time = "2026-11-22T00:00:00+00:00"   # time of the next point (retention tests set it)
+        self.crypt = crypt                   # encrypted set (backupset/encrypted.EncryptedSet, from for_backup)
+        self.shadow_folder = shadow_folder or folder
         os.makedirs(folder, exist_ok=True)
 
     # -- guest writes -------------------------------------------------------------
@@ -86,8 +92,11 @@ class SetBuilder:
                           checkpoint=checkpoint, parent=parent, time=self.time,
                           compression=self.compression, tool_version="test")
         path = os.path.join(self.folder, file)
+        stages: tuple = ()
+        if self.crypt is not None:
+            meta, stages = self.crypt.writing(meta, file)
         with open(path, "wb") as f:
-            w = StreamWriter(f, meta, path)
+            w = StreamWriter(f, meta, path, stages=stages)
             for c in sorted(clusters):
                 chunk = bytes(self.shadow[c * self.cluster:(c + 1) * self.cluster])
                 if chunk.count(0) == len(chunk):
@@ -97,10 +106,18 @@ class SetBuilder:
             totals = w.finish()
         extra = {"image_info": self.image_info} if self.image_info else {}
         entry = manifest.disk_entry(meta, file, totals, extra)
+        xml = DOMAIN_XML.format(name=self.name, uuid=self.uuid)
+        point_extra: dict = {}
+        if self.crypt is not None:
+            xml = SideFiles(Path(self.folder), self.crypt.seal_side).save(f"vmconfig.{point}.xml", xml.encode())
+            point_extra = self.crypt.point_extra({"guest_info": {"hostname": "guest-" + self.name}})
         p = manifest.Point(name=point, level=level, parent=parent, checkpoint=checkpoint,
-                           time=meta.time, disks={self.disk: entry},
-                           domain_xml=DOMAIN_XML.format(name=self.name, uuid=self.uuid), consistency="crash")
-        manifest.commit_point(self.folder, p, self.name, self.uuid)
+                           time=meta.time, disks={self.disk: entry}, domain_xml=xml, consistency="crash",
+                           extra=point_extra)
+        if self.crypt is not None:
+            self.crypt.commit(p, self.name, self.uuid)
+        else:
+            manifest.commit_point(self.folder, p, self.name, self.uuid)
         self._save_shadow(point)
         self.points.append(point)
         return point
@@ -116,7 +133,7 @@ class SetBuilder:
                     f.write(chunk)
 
     def shadow_path(self, point: str) -> str:
-        return os.path.join(self.folder, f"shadow.{point}.raw")
+        return os.path.join(self.shadow_folder, f"shadow.{point}.raw")
 
     def full(self) -> str:
         name = naming.checkpoint_name(len(self.checkpoints))

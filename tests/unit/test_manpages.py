@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = [("virtnbdbackup", "virtnbd.cli.backup"), ("virtnbdrestore", "virtnbd.cli.restore"),
             ("virtnbdprune", "virtnbd.cli.prune"), ("virtnbdmap", "virtnbd.cli.map"),
-            ("virtnbdmount", "virtnbd.cli.mount"), ("virtnbdjob", "virtnbd.cli.job")]
+            ("virtnbdmount", "virtnbd.cli.mount"), ("virtnbdjob", "virtnbd.cli.job"), ("virtnbdkey", "virtnbd.cli.key")]
 
 
 def load_parser(module_name: str) -> argparse.ArgumentParser:

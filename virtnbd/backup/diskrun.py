@@ -26,8 +26,8 @@ from virtnbd import __version__
 from virtnbd.backup import copy, output
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backup.plan import Plan, PlannedDisk
+from virtnbd.backupset import encrypted, outfile
 from virtnbd.backupset import manifest as bsmanifest
-from virtnbd.backupset import outfile
 from virtnbd.backupset.api import BackupSet
 from virtnbd.source import rbdextents
 from virtnbd.source.extents import BASE_ALLOCATION, iter_extents
@@ -146,9 +146,10 @@ class BackupRun:
                               extra=MappingProxyType(extra))
             update, close = self.progress.bar(pd.target, src.size)
             try:
+                meta, stages = self.bset.writing(meta, name)     # encrypted set: sealed in the encode workers
                 with self.bset.create_data(name, self.staging_blocks_per_disk()) as out:
                     writer = StreamWriter(out, meta, path=self.bset.store.describe(name),
-                                          level=opts.compress_level, stages=self.bset.stages)
+                                          level=opts.compress_level, stages=stages)
                     status, dirty = rbdextents.status_for(self.rbd, pd, plan.parent, src.block_status, bitmap)
                     extents = iter_extents(status, src.size, dirty, export=pd.target)
                     stats = copy.copy_disk(src, writer, extents, pool, read_size=opts.buffer_size,
@@ -214,9 +215,15 @@ class BackupRun:
             name=plan.point, level=plan.level, parent=plan.parent if plan.level in ("inc", "diff") else None,
             checkpoint=plan.checkpoint, time=self.time, disks=MappingProxyType({r.target: r.entry for r in results}),
             domain_xml=saved["domain_xml"], checkpoint_xml=saved.get("checkpoint_xml"), consistency=consistency,
-            extra=MappingProxyType({"qemu_img_info": saved["qemu_img_info"], "boot_files": saved["boot_files"],
-                                    "tool_version": __version__, "skipped_disks": dict(plan.skipped),
-                                    "bytes_read": sum(r.bytes_read for r in results), **extra}))
+            extra=MappingProxyType(self.bset.point_extra({
+                "qemu_img_info": saved["qemu_img_info"], "boot_files": saved["boot_files"],
+                "tool_version": __version__, "skipped_disks": dict(plan.skipped),
+                "bytes_read": sum(r.bytes_read for r in results), **extra})))
+
+    def side_files(self) -> output.SideFiles:
+        """Where this point's side files go (sealed by an encrypted set)."""
+        sealed = isinstance(self.bset, encrypted.EncryptedSet)
+        return output.SideFiles(self.folder, self.bset.seal_side if sealed else None)
 
     # -- side files ---------------------------------------------------------------
     def save_side_files(self, side: output.SideFiles, checkpoint_xml: str | None) -> dict[str, Any]:

@@ -286,7 +286,7 @@ def execute(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet, pla
         log.warning("removed scratch folder of a killed run: %s", path)
     clean_leftovers(dom, plan)
     run_ = OfflineRun(options, dom, bset, plan, domain_xml=domain_xml, uuid=uuid)
-    side = output.SideFiles(run_.folder)
+    side = run_.side_files()
     added: list[tuple[str, str]] = []
     defined = False
     summary.consistency = CONSISTENCY

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from virtnbd.backup.renew import Renew
+from virtnbd.crypto.keysource import KeySpec
 from virtnbd.rbdconn import CephOptions
 from virtnbd.retention.policy import Policy
 from virtnbd.virt.agent import QuiesceOptions
@@ -51,6 +52,7 @@ class BackupOptions:
     keep: Policy | None = None             # retention applied after a committed backup (virtnbdprune rules)
     merge: bool = False                    # ... consolidating points only kept points need
     renew: Renew | None = None             # -l auto: new chain after N incs / when the full is that old
+    key: KeySpec = field(default_factory=KeySpec)           # encryption: names the secret's source, never holds it
 
     @property
     def buffer_size(self) -> int:

@@ -22,6 +22,7 @@ from virtnbd.backup import consistency, modes, offline, output, recovery
 from virtnbd.backup.diskrun import BackupRun, RunSummary, report, size_text
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backup.plan import Plan, PlannedDisk, make_plan
+from virtnbd.backupset import encrypted
 from virtnbd.backupset.api import BackupSet, create_set
 from virtnbd.backupset.store import LocalStore
 from virtnbd.source import rbdextents
@@ -165,12 +166,15 @@ def _run_locked(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet)
     domain_xml = connection.domain_xml(dom)
     all_disks = domainxml.parse_disks(domain_xml)
     plan = make_plan(options, manifest, all_disks, int(time.time()), folder=str(folder), domain=name, uuid=uuid)
+    bset = encrypted.for_backup(bset, options.key, manifest, plan.level)     # before anything is written
     running = connection.is_running(dom)
 
     def replan(opts: BackupOptions, m: Any) -> Plan:
         return make_plan(opts, m, all_disks, int(time.time()), folder=str(folder), domain=name, uuid=uuid)
 
     verdict = consistency.preflight(options, dom, folder, manifest, plan, running=running, replan=replan)
+    if verdict.manifest is not manifest and verdict.plan.level in ("copy", "full"):      # chain archived
+        bset = encrypted.for_backup(create_set(options.output), options.key, verdict.manifest, verdict.plan.level)
     plan, manifest = verdict.plan, verdict.manifest
     summary = RunSummary(domain=name, level=plan.level, point=plan.point,
                          points=[p.name for p in manifest.points] if manifest else [])
@@ -212,7 +216,7 @@ def _run_locked(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet)
 def _execute(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet, plan: Plan, *, domain_xml: str,
              uuid: str, summary: RunSummary, all_targets: list[str]) -> RunSummary:
     run_ = BackupRun(options, dom, bset, plan, domain_xml=domain_xml, uuid=uuid)
-    side = output.SideFiles(run_.folder)
+    side = run_.side_files()
     skipped = [t for t in all_targets if t not in {pd.target for pd in plan.disks}]
     checkpoint_xml = _checkpoint_xml(plan, all_targets)
     try:

@@ -18,9 +18,9 @@ verify and dump reach a set's files only through :class:`BackupSet`::
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager as ContextManager
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from virtnbd import errors
 from virtnbd.backupset import chain as chain_mod
@@ -31,6 +31,7 @@ from virtnbd.backupset.manifest import DiskEntry, Manifest, Point
 from virtnbd.backupset.store import LocalStore, Store, open_store
 from virtnbd.stream.codec import Stage
 from virtnbd.stream.detect import open_stream
+from virtnbd.stream.format import StreamMeta
 from virtnbd.stream.legacy import open_raw_image
 from virtnbd.stream.reader import StreamReader
 
@@ -49,6 +50,9 @@ class BackupSet(Protocol):
     def commit(self, point: Point, domain: str, domain_uuid: str) -> Manifest: ...
     def lock(self) -> ContextManager[None]: ...
     def read_side(self, name: str) -> bytes | None: ...
+    def writing(self, meta: StreamMeta, name: str) -> tuple[StreamMeta, tuple[Stage, ...]]: ...
+    def seal_side(self, name: str, data: bytes) -> bytes: ...
+    def point_extra(self, extra: Mapping[str, Any]) -> dict[str, Any]: ...
 
 
 class StreamSet:
@@ -110,6 +114,18 @@ class StreamSet:
     def read_side(self, name: str) -> bytes | None:
         return self.store.read_bytes(name)
 
+    def writing(self, meta: StreamMeta, name: str) -> tuple[StreamMeta, tuple[Stage, ...]]:
+        """The metadata and codec stages a new stream ``name`` is written with."""
+        return meta, self.stages
+
+    def seal_side(self, name: str, data: bytes) -> bytes:
+        """The bytes a side file is stored as (the plain set stores them as they are)."""
+        return data
+
+    def point_extra(self, extra: Mapping[str, Any]) -> dict[str, Any]:
+        """A new point's ``extra`` as this set stores it."""
+        return dict(extra)
+
 
 class LegacySet(StreamSet):
     """A folder written by abbbi/virtnbdbackup (read only; docs/LEGACY_FORMAT.md)."""
@@ -141,12 +157,19 @@ Probe = Callable[[Store], "BackupSet | None"]
 _KINDS: dict[str, tuple[Probe, Callable[[Store], BackupSet]]] = {}
 
 
-def register_kind(kind: str, probe: Probe, create: Callable[[Store], BackupSet]) -> None:
+def register_kind(kind: str, probe: Probe, create: Callable[[Store], BackupSet], first: bool = False) -> None:
     """A kind of set: ``probe(store)`` returns the set when the store holds one of this kind.
 
-    Probes run in registration order; the first that answers wins.
+    Probes run in registration order (``first``: ahead of all others, for a kind that refines
+    another, e.g. encrypted stream sets); the first that answers wins.
     """
-    _KINDS[kind] = (probe, create)
+    others = {k: v for k, v in _KINDS.items() if k != kind}
+    _KINDS.clear()
+    if first:
+        _KINDS[kind] = (probe, create)
+    _KINDS.update(others)
+    if not first:
+        _KINDS[kind] = (probe, create)
 
 
 def _probe_stream(store: Store) -> BackupSet | None:

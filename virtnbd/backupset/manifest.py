@@ -7,6 +7,8 @@ manifest, never a mix. Schema: docs/FORMAT.md.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -94,9 +96,14 @@ def _point_to_json(p: Point) -> dict[str, Any]:
             "domain_xml": p.domain_xml, "checkpoint_xml": p.checkpoint_xml, "extra": dict(p.extra)}
 
 
-def to_json(m: Manifest) -> bytes:
-    doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "domain": m.domain, "domain_uuid": m.domain_uuid,
-           "points": [_point_to_json(p) for p in m.points]}
+def to_json(m: Manifest, mac_key: bytes | None = None) -> bytes:
+    """The manifest file; with ``mac_key`` (encrypted sets) an ``auth`` record: HMAC-SHA256 of the
+    file as written without it (a reader re-serialises and compares bytes: see :func:`authenticate`)."""
+    doc: dict[str, Any] = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "domain": m.domain,
+                           "domain_uuid": m.domain_uuid, "points": [_point_to_json(p) for p in m.points]}
+    if mac_key is not None:
+        body = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+        doc["auth"] = {"hmac-sha256": hmac.new(mac_key, body, hashlib.sha256).hexdigest()}
     return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
 
 
@@ -243,7 +250,8 @@ def append_point(current: Manifest | None, point: Point, domain: str, domain_uui
     return replace(current, domain=domain, points=(*current.points, point))
 
 
-def commit_point(folder: str | os.PathLike[str], point: Point, domain: str, domain_uuid: str) -> Manifest:
+def commit_point(folder: str | os.PathLike[str], point: Point, domain: str, domain_uuid: str,
+                 mac_key: bytes | None = None) -> Manifest:
     """Append ``point`` to the folder's manifest (created if absent), atomically.
 
     Checks before writing: the folder belongs to the same domain (uuid), the
@@ -261,7 +269,7 @@ def commit_point(folder: str | os.PathLike[str], point: Point, domain: str, doma
     _check_new_point(current, point)
     _check_files(base, point)
     updated = replace(current, domain=domain, points=(*current.points, point), folder=os.fspath(base))
-    fsutil.save_atomic(manifest_path(base), to_json(updated))
+    fsutil.save_atomic(manifest_path(base), to_json(updated, mac_key))
     return updated
 
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from virtnbd import __version__, errors
-from virtnbd.cli import locations, parity, rbdargs, s3args
+from virtnbd.cli import keyargs, locations, parity, rbdargs, s3args
 from virtnbd.cli.shell import OneLineParser, run_main
 from virtnbd.restore.options import ACTIONS, FORMATS, RestoreOptions
 from virtnbd.restore.targets import blockdev
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     rbdargs.add_arguments(p)
     s3args.add_arguments(p)
+    keyargs.add_arguments(p)
     parity.add_arguments(p, parity.RESTORE)
     return p
 
@@ -125,7 +126,8 @@ def parse(argv: Sequence[str]) -> RestoreOptions:
         sequence=sequence, format=args.format or "qcow2", preallocate=args.preallocate,
         adjust_config=args.adjust_config or args.define or bool(args.name), name=args.name, define=args.define,
         uri=args.uri, json=args.json, noprogress=args.noprogress, verbose=args.verbose, strict=args.strict,
-        worker=args.worker, targets=targets, rbd=rbdargs.rbd_options(args), logfile=args.logfile,
+        worker=args.worker, targets=targets, rbd=rbdargs.rbd_options(args), key=keyargs.key_spec(args),
+        logfile=args.logfile,
     )
 
 

@@ -12,7 +12,6 @@ import glob
 import logging
 import os
 import random
-import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,7 +19,7 @@ from lxml import etree
 
 from virtnbd import errors
 from virtnbd.fsutil import save_atomic
-from virtnbd.restore.source import boot_file_of, domain_xml_of
+from virtnbd.restore.source import boot_file_of, domain_xml_of, side_file_bytes
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +129,10 @@ def write_for_restore(selection: Any, restored: Sequence[Any], options: Any) -> 
         else:
             nvram_copy = os.path.abspath(os.path.join(folder, f"{name}_VARS.fd"))
             try:
-                shutil.copyfile(saved, nvram_copy)
+                plain = side_file_bytes(selection.bset or selection.folder, os.path.relpath(saved, selection.folder))
+                if plain is None:
+                    raise OSError(f"cannot read {saved}")
+                save_atomic(nvram_copy, plain)
             except OSError as err:
                 raise errors.StorageError(path=nvram_copy, reason=err.strerror or str(err)) from err
     disks = {r.disk: (r.target, r.format) for r in restored}

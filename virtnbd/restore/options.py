@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from virtnbd.crypto.keysource import KeySpec
 from virtnbd.restore.targets.rbd import RbdOptions
 
 ACTIONS = ("restore", "dump", "verify")
@@ -31,3 +32,4 @@ class RestoreOptions:
     targets: tuple[tuple[str, str], ...] = ()    # --target: (disk or "" for the only disk, rbd:POOL/IMAGE)
     rbd: RbdOptions = field(default_factory=RbdOptions)   # Ceph connection + RBD image options
     logfile: str | None = None          # -L/--logfile: also log (DEBUG) to this file
+    key: KeySpec = field(default_factory=KeySpec)         # encrypted sets: names the secret's source

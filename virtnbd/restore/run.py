@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from virtnbd import errors
-from virtnbd.restore import config, dump, verify
+from virtnbd.restore import config, dump, encrypted, verify
 from virtnbd.restore import plan as plan_mod
 from virtnbd.restore.apply import Engine, Stopped, apply_windows
 from virtnbd.restore.options import RestoreOptions
@@ -47,11 +47,14 @@ class RestoredDisk:
 
 
 def run(options: RestoreOptions) -> None:
+    _is_encrypted, keyless = encrypted.prepare(options)
     selection = make_selection(options)
     if options.action == "dump":
         dump.show(selection, as_json=options.json, out=sys.stdout)
     elif options.action == "verify":
         verify.run(selection, workers=options.worker)
+        if keyless:
+            log.warning("%s", encrypted.UNAUTHENTICATED)
     else:
         restore(selection, options)
 

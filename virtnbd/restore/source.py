@@ -83,6 +83,11 @@ def _side_file(folder: str | BackupSet, name: str) -> bytes | None:
     return data
 
 
+def side_file_bytes(folder: str | BackupSet, name: str) -> bytes | None:
+    """A side file's plain bytes (the set unseals it when it is encrypted)."""
+    return _side_file(folder, name)
+
+
 def image_info_of(folder: str | BackupSet, point: Any, disk: str) -> Mapping[str, Any]:
     """The `qemu-img info` record saved at backup time for ``disk`` (empty when none)."""
     entry = point.disks.get(disk)

@@ -68,17 +68,27 @@ class Stage(Protocol):
 
 
 class ChecksumStage:
-    """xxh3-128 of the disk bytes in the header; the reader compares after all other stages."""
+    """xxh3-128 of the disk bytes in the header; the reader compares after all other stages.
+
+    A later stage with ``replaces_checksum`` (encryption: the plaintext's hash would reveal
+    equal frames) overwrites the field with its own check; frames carrying its flag bits
+    (``skip_flags``) are not compared here."""
 
     name = "checksum"
     frame_flag = 0
     header_flag = 0
 
+    def __init__(self, skip_flags: int = 0) -> None:
+        self.skip_flags = skip_flags
+
     def encode(self, frame: FrameDraft, data: Buf) -> Buf:
-        frame.checksum = fmt.checksum(data)
+        if not self.skip_flags:          # else a later stage (always applied) writes the field
+            frame.checksum = fmt.checksum(data)
         return data
 
     def decode(self, head: FrameHeader, data: Buf, path: str, pos: int) -> Buf:
+        if head.flags & self.skip_flags:
+            return data
         if fmt.checksum(data) != head.checksum:
             raise errors.FormatError(path=path, offset=pos, reason="data checksum mismatch")
         return data
@@ -120,6 +130,8 @@ class Codec:
         self.frame_flags = functools.reduce(int.__or__, (s.frame_flag for s in self.stages), 0)
         self.header_flags = functools.reduce(int.__or__, (s.header_flag for s in self.stages), 0)
         self.uncompressed = self   # set by pipeline(): the same stages with compression off
+        # frame flags whose stage put xxh3(stored payload) in the header's checksum field already
+        self.checksum_flags = functools.reduce(int.__or__, (getattr(s, "skip_flags", 0) for s in self.stages), 0)
 
     def encode_data(self, offset: int, data: bytes | memoryview) -> EncodedFrame:
         """Run every stage over one data frame and pack its header. Pure and thread-safe."""
@@ -132,7 +144,10 @@ class Codec:
             payload = stage.encode(frame, payload)
         header = fmt.pack_frame(fmt.KIND_DATA, frame.method, offset, length, len(payload), frame.checksum,
                                 frame.flags)
-        stored_checksum = fmt.checksum(payload) if frame.method or frame.flags else b""
+        if frame.flags & self.checksum_flags:
+            stored_checksum = frame.checksum
+        else:
+            stored_checksum = fmt.checksum(payload) if frame.method or frame.flags else b""
         return EncodedFrame("data", offset, length, header, payload, stored_checksum)  # type: ignore[arg-type]
 
     def encode_zero(self, offset: int, length: int) -> EncodedFrame:
@@ -142,15 +157,24 @@ class Codec:
         return EncodedFrame("zero", offset, length, header, b"")
 
     def decode(self, head: FrameHeader, stored: Buf, path: str, pos: int) -> Buf:
-        """The verified disk bytes of a data frame from its stored payload."""
-        data = stored
-        for stage in self.reverse:
-            data = stage.decode(head, data, path, pos)
-        return data
+        """The verified disk bytes of a data frame from its stored payload.
 
-    @staticmethod
-    def stored_checksum(head: FrameHeader, stored: Buf) -> bytes:
-        """The chained-digest part of a payload that is not the disk bytes themselves."""
+        A stage that can check but not undo itself (encryption without the key: verify
+        checks the ciphertext's checksum) returns None: the frame stays opaque (None)."""
+        data: Buf | None = stored
+        for stage in self.reverse:
+            data = stage.decode(head, data, path, pos)  # type: ignore[arg-type]
+            if data is None:
+                return None  # type: ignore[return-value]
+        return data  # type: ignore[return-value]
+
+    def stored_checksum(self, head: FrameHeader, stored: Buf) -> bytes:
+        """The chained-digest part of a payload that is not the disk bytes themselves.
+
+        A frame whose stage keeps xxh3(stored) in the header (encryption) reuses that
+        field: the stage's decode compares it with the payload."""
+        if head.flags & self.checksum_flags:
+            return head.checksum
         return fmt.checksum(stored) if head.method or head.flags else b""
 
 
@@ -162,7 +186,8 @@ def pipeline(method: str | None, level: int | None = None, extra: tuple[Stage, .
 @functools.lru_cache(maxsize=64)
 def _pipeline(method: str | None, level: int | None, extra: tuple[Stage, ...]) -> Codec:
     compression.check_method(method, level)
-    codec = Codec((ChecksumStage(), CompressionStage(method, level), *extra))
+    skip = functools.reduce(int.__or__, (s.frame_flag for s in extra if getattr(s, "replaces_checksum", False)), 0)
+    codec = Codec((ChecksumStage(skip), CompressionStage(method, level), *extra))
     codec.uncompressed = codec if method is None else _pipeline(None, None, extra)
     return codec
 

@@ -49,6 +49,7 @@ METHOD_CODES: dict[str | None, int] = {None: METHOD_NONE, "lz4": METHOD_LZ4, "zs
 METHOD_NAMES = {code: name for name, code in METHOD_CODES.items()}
 
 MAX_FRAME_LENGTH = 64 << 20                # largest data frame (uncompressed) a writer may emit
+FLAGGED_SLACK = 64                         # a frame with stage flags may store this much more than length (AEAD tag)
 NO_CHECKSUM = bytes(16)
 
 META_KEYS = ("virtual_size", "disk", "disk_format", "level", "checkpoint", "parent",
@@ -149,7 +150,8 @@ def unpack_frame(raw: bytes, path: str, pos: int, known_flags: int = 0) -> Frame
     if flags & ~known_flags:
         raise errors.FormatError(path=path, offset=pos, reason=f"unknown frame flags {flags:#x}")
     if kind == KIND_DATA:
-        if method not in METHOD_NAMES or not 0 < length <= MAX_FRAME_LENGTH or not 0 < stored <= length:
+        room = length + (FLAGGED_SLACK if flags else 0)
+        if method not in METHOD_NAMES or not 0 < length <= MAX_FRAME_LENGTH or not 0 < stored <= room:
             raise errors.FormatError(path=path, offset=pos, reason="invalid data frame header")
         if method == METHOD_NONE and not flags and stored != length:
             raise errors.FormatError(path=path, offset=pos, reason="uncompressed frame with stored != length")

@@ -22,6 +22,9 @@ from virtnbd.stream.format import FrameRef, StreamMeta, StreamTotals
 INDEX_BATCH = 8192
 
 
+STAGE_SLACK = 64     # bytes a codec stage may add to a frame's payload (read past the last frame of a batch)
+
+
 class _Source:
     """Exact sequential reads with the offset tracked, optional whole-file hashing.
 
@@ -172,10 +175,22 @@ class StreamReader:
         head = prefix + self._src.read(meta_len, "header metadata")
         self._header_check = self._src.read(fmt.HEADER_CHECK_SIZE, "header checksum")
         self.meta: StreamMeta = fmt.decode_meta(head, self._header_check, path)
+        self._bind(stages, fmt.HEADER.unpack(prefix[:fmt.HEADER.size])[2])
         self._data_start = self._src.pos
         self._frames: list[FrameRef] | None = None
         self._starts: list[int] = []
         self._totals: StreamTotals | None = None
+
+    def _bind(self, stages: tuple[codec.Stage, ...], flags: int) -> None:
+        """Stages keyed per stream (encryption) bind to this header; a stream must carry the header
+        flags of every extra stage (an encrypted set holds no plaintext stream)."""
+        missing = self.codec.header_flags & ~flags
+        if missing:
+            raise errors.FormatError(path=self.path, offset=10,
+                                     reason=f"stream lacks header flags {missing:#x} of the set (not encrypted?)")
+        bound = tuple(s.bind(self.meta, self.path) if hasattr(s, "bind") else s for s in stages)
+        if bound != stages:
+            self.codec = codec.reading(bound)
 
     def __enter__(self) -> StreamReader:
         return self
@@ -282,6 +297,7 @@ class StreamReader:
         """
         index_pos, count, end_pos = self._index_location()
         size, esize, data = self.meta.virtual_size, fmt.INDEX_ENTRY.size, fmt.KIND_DATA
+        totals = {True: 0, False: 0}              # data / zero bytes, checked against the end frame
         next_offset, next_pos = 0, self._data_start
         for first in range(0, count, batch):
             raw = self._pread(index_pos + first * esize, min(batch, count - first) * esize, "index")
@@ -293,7 +309,17 @@ class StreamReader:
                     raise errors.FormatError(path=self.path, offset=where, reason="invalid index entry")
                 out.append((kind if raw_kind else kind == data, offset, length, pos))
                 next_offset, next_pos = offset + length, pos + fmt.FRAME.size
+                totals[kind == data] += length
             yield out
+        self._check_end_totals(count, totals[True], totals[False], end_pos)
+
+    def _check_end_totals(self, count: int, data: int, zero: int, end_pos: int) -> None:
+        """The end frame's totals agree with the index (random access reads no other copy of them)."""
+        payload = self._pread(end_pos + fmt.FRAME.size, fmt.END_PAYLOAD.size, "end frame")
+        stored = end_pos - self._data_start - count * fmt.FRAME.size
+        if fmt.END_PAYLOAD.unpack(payload) != (count, data, zero, stored):
+            raise errors.FormatError(path=self.path, offset=end_pos + fmt.FRAME.size,
+                                     reason="end frame totals do not match the index")
 
     def read_batch(self, frames: Sequence[tuple[int, int, int]]) -> list[bytes | bytearray | memoryview]:
         """The verified disk bytes of several data frames ``(pos, offset, length)`` that lie close
@@ -302,7 +328,7 @@ class StreamReader:
         self._need_seek()
         first = frames[0][0]
         last_pos, _, last_len = frames[-1]
-        span = last_pos + fmt.FRAME.size + last_len - first
+        span = last_pos + fmt.FRAME.size + last_len + STAGE_SLACK - first   # a stage may add a tag (AEAD: 16)
         try:
             buf = os.pread(self._fd, span, first) if self._fd is not None else self._pread(first, span, "frames")
         except OSError as err:

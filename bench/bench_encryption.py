@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Encryption benchmark: encrypted ÷ unencrypted backup and restore of the same export, in one run.
+
+Not a test: prints ratios of paired rounds (the order alternates per round) and the peak
+RSS difference. Targets (issue 16): backup and restore ratio <= 1.15 (uncompressed and lz4),
+peak RSS within 16 MiB.
+
+    .venv/bin/python bench/bench_encryption.py [--size 2G] [--data 768M] [--rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.bench_backup import Bench, GiB, MiB, _bench_env, _drop_caches, make_raw, parse_size  # noqa: E402
+from tests.lab.libvirt_lab import DiskSpec, make_lab_dir  # noqa: E402
+
+RESTORE = [sys.executable, str(REPO / "virtnbdrestore")]
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    """(wall seconds, peak RSS KiB) of one command."""
+    _drop_caches()
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_bench_env())
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.monotonic() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{cmd[1]} failed: {proc.stderr.read().decode() if proc.stderr else ''}")
+    return seconds, int(usage.ru_maxrss)
+
+
+def pair(label: str, rounds: int, plain: list[str], enc: list[str], outputs: tuple[Path, Path]) -> dict[str, float]:
+    """``outputs``: what the plain and the encrypted command write (removed before each run)."""
+    ratios, rss_delta = [], []
+    for n in range(rounds):
+        order = [(False, plain), (True, enc)] if n % 2 == 0 else [(True, enc), (False, plain)]
+        got: dict[bool, tuple[float, int]] = {}
+        for encrypted, cmd in order:
+            shutil.rmtree(outputs[encrypted], ignore_errors=True)
+            got[encrypted] = timed(cmd)
+        ratios.append(got[True][0] / got[False][0])
+        rss_delta.append((got[True][1] - got[False][1]) / 1024)
+        print(f"  {label} round {n}: plain {got[False][0]:.2f}s  encrypted {got[True][0]:.2f}s  "
+              f"ratio {ratios[-1]:.3f}  rss {got[False][1] / 1024:.0f} -> {got[True][1] / 1024:.0f} MiB", flush=True)
+    result = {"ratio_median": round(statistics.median(ratios), 3), "rss_delta_mib_max": round(max(rss_delta), 1)}
+    print(f"{label}: encrypted/plain {result['ratio_median']:.3f} (median of {rounds}), "
+          f"RSS delta max {result['rss_delta_mib_max']:+.1f} MiB", flush=True)
+    return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=parse_size, default=2 * GiB)
+    p.add_argument("--data", type=parse_size, default=768 * MiB)
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    bench = Bench(args)
+    work = Path(make_lab_dir(prefix="bench-enc-"))
+    results: dict[str, object] = {}
+    try:
+        key = work / "key"
+        key.write_bytes(os.urandom(32))
+        key.chmod(0o600)
+        raw = work / "disk.raw"
+        make_raw(raw, args.size, args.data, "random", seed=5)
+        dom = bench.domain([DiskSpec("sda", "sata", "qcow2", args.size)], {"sda": raw})
+        raw.unlink()
+        for label, extra in (("uncompressed", []), ("lz4", ["-z"])):
+            base = [*bench_cmd(dom, work / f"plain-{label}"), *extra]
+            enc = [*bench_cmd(dom, work / f"enc-{label}"), *extra, "--key-file", str(key)]
+            results[f"backup_{label}"] = pair(f"backup {label}", args.rounds, base, enc,
+                                              (work / f"plain-{label}", work / f"enc-{label}"))
+            out = work / "restored"
+            results[f"restore_{label}"] = pair(
+                f"restore {label}", args.rounds,
+                [*RESTORE, "-n", "-i", str(work / f"plain-{label}"), "-o", str(out), "--format", "raw"],
+                [*RESTORE, "-n", "-i", str(work / f"enc-{label}"), "-o", str(out), "--format", "raw",
+                 "--key-file", str(key)], (out, out))
+        print(json.dumps(results, indent=1, sort_keys=True))
+    finally:
+        bench.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def bench_cmd(dom: object, folder: Path) -> list[str]:
+    return [sys.executable, str(REPO / "virtnbdbackup"), "-d", dom.name, "-l", "copy", "-o", str(folder),  # type: ignore[attr-defined]
+            "-n", "--no-freeze", "--scratchdir", str(dom.dir)]  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
