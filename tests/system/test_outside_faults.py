@@ -200,9 +200,14 @@ def test_qemu_dies_or_guest_powers_off_during_the_job(make_domain, tmp_path, how
     assert not after.job and after.scratch == ()
 
     _write(dom, 3)                              # written while off
-    if how == "qemu-killed":                    # bitmaps of the session lost: the chain restarts, said so
-        stored = dict(dict(after.image_bitmaps)["sda"])          # never stored, or stored in-use
-        assert "virtnbdbackup.0" not in stored or "in-use" in stored["virtnbdbackup.0"], after
+    stored = dict(dict(after.image_bitmaps)["sda"])
+    lost = "virtnbdbackup.0" not in stored or "in-use" in stored["virtnbdbackup.0"]
+    if how == "qemu-killed":
+        assert lost, after                      # never stored, or stored in-use
+    # A clean power-off stores the bitmaps and the chain continues offline. On a loaded machine
+    # QEMU may not finish quitting within libvirt's SIGTERM grace and is killed: then the bitmaps
+    # are lost as after a crash, and the next run must say so and restart the chain (checked below).
+    if lost:                                    # bitmaps of the session lost: the chain restarts, said so
         summary = ok(dom, "auto", folder)
         assert summary["level"] == "full" and "chain broken" in summary["notes"][0], summary
         archived = next(folder.glob("chain-*"))
