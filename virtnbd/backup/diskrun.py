@@ -73,6 +73,7 @@ class RunSummary:
     points: list[str] = field(default_factory=list)
     estimate: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)     # chain repairs/restarts the user must know about
+    push: dict[str, float] = field(default_factory=dict)   # --push: seconds of QEMU's job and of hashing
 
     def as_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -40,6 +40,7 @@ class BackupOptions:
     agent_timeout: int = 10
     fallback_full: bool = False            # broken chain: move it to chain-<time>/ and start a new one
     umask: int | None = None               # None: files 0600, folders 0700
+    push: bool = False                     # -t qcow2 --push: a libvirt push-mode job writes the images
     # tuning (not on the command line by default)
     read_size: int = 256 << 10             # bytes per NBD read request
     frame_size: int = 1 << 20              # bytes per data frame (one read buffer; several requests)

@@ -18,7 +18,7 @@ from typing import Any
 import libvirt
 
 from virtnbd import errors
-from virtnbd.backup import consistency, modes, offline, output, recovery
+from virtnbd.backup import consistency, modes, offline, output, push, recovery
 from virtnbd.backup.diskrun import BackupRun, RunSummary, report, size_text
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backup.plan import Plan, PlannedDisk, make_plan
@@ -28,6 +28,7 @@ from virtnbd.backupset.store import LocalStore
 from virtnbd.source import rbdextents
 from virtnbd.virt import agent, checkpoints, connection, domainxml, xmlbuild
 from virtnbd.virt.job import BackupJob, abort_stale, refuse_foreign_jobs
+from virtnbd.virt.pushjob import PushJob
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,8 @@ def _check_parent(dom: libvirt.virDomain, plan: Plan) -> None:
                    f"start a new chain with -l full into a new folder")
 
 
-def _clean_stale(dom: libvirt.virDomain, plan: Plan, options: BackupOptions) -> None:
-    abort_stale(dom)
+def _clean_stale(dom: libvirt.virDomain, plan: Plan, options: BackupOptions, folder: Path) -> None:
+    abort_stale(dom, folder)
     refuse_foreign_jobs(dom, [pd.target for pd in plan.disks])
     for path in output.remove_stale_work_dirs(options.scratchdir):
         log.warning("removed scratch folder of a killed run: %s", path)
@@ -204,31 +205,40 @@ def _run_locked(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet)
         if verdict.note:
             log.warning("%s", verdict.note)
             summary.notes.append(verdict.note)
+        if not running and options.push:
+            note = push.OFFLINE_NOTE.format(domain=name)
+            log.warning("%s", note)
+            summary.notes.append(note)
         if not running:
             log.info("domain %s is shut off: backing up its images read-only with qemu-nbd", name)
             return offline.execute(options, dom, bset, plan, domain_xml=domain_xml, uuid=uuid, summary=summary,
                                    all_targets=[d.target for d in all_disks])
-        _clean_stale(dom, plan, options)
+        _clean_stale(dom, plan, options, folder)
         return _execute(options, dom, bset, plan, domain_xml=domain_xml, uuid=uuid, summary=summary,
-                        all_targets=[d.target for d in all_disks])
+                        all_targets=[d.target for d in all_disks], manifest=manifest)
 
 
 def _execute(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet, plan: Plan, *, domain_xml: str,
-             uuid: str, summary: RunSummary, all_targets: list[str]) -> RunSummary:
+             uuid: str, summary: RunSummary, all_targets: list[str], manifest: Any = None) -> RunSummary:
     run_ = BackupRun(options, dom, bset, plan, domain_xml=domain_xml, uuid=uuid)
     side = run_.side_files()
     skipped = [t for t in all_targets if t not in {pd.target for pd in plan.disks}]
     checkpoint_xml = _checkpoint_xml(plan, all_targets)
+    pusher = push.PushRun(run_, manifest) if options.push else None
     try:
+        push_xml = pusher.prepare(skipped) if pusher else None       # before a full drops the old chain
         with output.work_dir(options.scratchdir) as workdir, _created_checkpoint(dom, plan) as committed:
             socket = options.socketfile or str(workdir / "backup.sock")
-            with rbdextents.points(options.ceph, plan, committed, dom) as run_.rbd, BackupJob(dom) as job:
+            job_xml = push_xml or _backup_xml(plan, socket, workdir, skipped)
+            with rbdextents.points(options.ceph, plan, committed, dom) as run_.rbd, \
+                    (pusher.job() if pusher else BackupJob(dom)) as job, \
+                    (pusher.reachable() if pusher else contextlib.nullcontext()):
                 with _quiesced(dom, options) as quiesce:
                     rbdextents.snapshot(run_.rbd, plan)
-                    job.begin(_backup_xml(plan, socket, workdir, skipped), checkpoint_xml)
+                    job.begin(job_xml, checkpoint_xml)
                 summary.consistency = getattr(quiesce, "consistency", "crash")
                 guest_info = dict(getattr(quiesce, "guest_info", {}) or {})
-                results = run_.copy_all(socket)
+                results = pusher.finish(job) if isinstance(job, PushJob) and pusher else run_.copy_all(socket)
                 saved_cp = checkpoints.get_xml(dom, plan.checkpoint) if plan.checkpoint and plan.bitmap_disks else None
                 job.abort()
             saved = run_.save_side_files(side, saved_cp)
@@ -239,5 +249,9 @@ def _execute(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet, pl
             committed[0] = True
     except BaseException:
         side.discard()
+        if pusher:
+            pusher.discard()
         raise
+    if pusher:
+        summary.push = {"job_seconds": round(pusher.job_seconds, 3), "hash_seconds": round(pusher.hash_seconds, 3)}
     return report(summary, plan, updated, results)

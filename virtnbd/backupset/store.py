@@ -147,6 +147,24 @@ def folder_lock(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def folder_in_use(folder: Path) -> bool:
+    """A live process (another one: flock is per open file) holds ``folder``'s backup lock.
+
+    Push-mode jobs carry no process id: a stale one is told by its target folder's lock.
+    """
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 _STORES: dict[str, Callable[[str], Store]] = {}
 
 

@@ -49,6 +49,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("-o", "--output", required=True,
                    help="backup folder (one folder per chain); several domains: the folder holding one per domain")
     p.add_argument("-U", "--uri", default=None, help="libvirt connection URI (default: qemu:///system)")
+    p.add_argument("--push", action="store_true",
+                   help="with -t qcow2: a libvirt push-mode backup job (QEMU) writes each disk's point image "
+                        "instead of virtnbd's own NBD reader (needs a running domain; slower here, see README)")
     p.add_argument("-i", "--include", action="append", type=_list, default=[],
                    help="back up only these disks (target dev names, comma separated or repeated: -i sda,vdb)")
     p.add_argument("-x", "--exclude", action="append", type=_list, default=[],
@@ -128,6 +131,8 @@ def _check_stdout(args: argparse.Namespace) -> None:
 
 def _check_values(args: argparse.Namespace) -> None:
     """Every value checked before anything connects to libvirt."""
+    if args.push and args.type != "qcow2":
+        raise errors.UsageError(reason="--push writes qcow2 sets: use -t qcow2 --push")
     if args.type in _TYPES:
         raise errors.UsageError(reason=_TYPES[args.type])
     if args.worker is not None and args.worker < 1:
@@ -189,7 +194,7 @@ def _backup_options(args: argparse.Namespace, domain: str) -> BackupOptions:
         verbose=args.verbose, strict=args.strict, json=args.json,
         freeze=not args.no_freeze, freeze_mountpoints=_flat(args.freeze_mountpoint), no_freeze=args.no_freeze,
         pause=args.pause, agent_timeout=args.agent_timeout, read_size=args.read_size,
-        fallback_full=args.fallback_full, umask=args.umask,
+        fallback_full=args.fallback_full, umask=args.umask, push=args.push,
         ceph=rbdargs.ceph_options(args), keep=_keep(args), merge=args.merge, renew=args.renew,
         key=keyargs.key_spec(args),
     )

@@ -7,17 +7,20 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 import libvirt
 
 from virtnbd import errors
+from virtnbd.backupset.store import LOCK_FILE, folder_in_use
 from virtnbd.virt import xmlbuild
 from virtnbd.virt.connection import reason
 
 log = logging.getLogger(__name__)
 
 SOCKET_DIR_PREFIX = "virtnbd."
+PUSH_TARGET_SUFFIX = ".qcow2.partial"      # a point image being written (backupset/qcow2set.py)
 _OWNER = re.compile(r"/virtnbd\.(\d+)\.[^/]+/[^/]+$")
 
 
@@ -57,15 +60,18 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def abort_stale(dom: libvirt.virDomain) -> str | None:
+def abort_stale(dom: libvirt.virDomain, folder: Path | None = None) -> str | None:
     """Abort a backup job left behind by a killed run of ours.
 
-    Returns the stale socket path when a job was aborted. A job of a live
-    process of ours, or a job somebody else started, raises LibvirtError.
+    Returns the stale socket path (push mode: the first target) when a job was aborted.
+    A job of a live process of ours, or a job somebody else started, raises LibvirtError.
+    ``folder`` is the backup folder this run holds locked.
     """
     xml = running_job_xml(dom)
     if xml is None:
         return None
+    if xmlbuild.push_targets(xml):
+        return _abort_stale_push(dom, xmlbuild.push_targets(xml), folder)
     socket = xmlbuild.backup_socket(xml)
     pid = owner_pid(socket)
     if pid is None:
@@ -77,6 +83,26 @@ def abort_stale(dom: libvirt.virDomain) -> str | None:
     _abort(dom)
     wait_gone(dom)
     return socket
+
+
+def _abort_stale_push(dom: libvirt.virDomain, targets: list[str], folder: Path | None) -> str:
+    """A push job of ours writes ``*.qcow2.partial`` files into a backup folder; it is stale when
+    no live run holds that folder's lock (the folder this run locked: its job died with it)."""
+    folders = {Path(t).parent for t in targets}
+    ours = all(t.endswith(PUSH_TARGET_SUFFIX) for t in targets) and all(
+        (f / LOCK_FILE).exists() for f in folders)
+    if not ours:
+        raise errors.LibvirtError(reason=f"domain {dom.name()} has a running push backup job not started by "
+                                         f"virtnbdbackup (target {targets[0]}); abort it with "
+                                         f"'virsh domjobabort {dom.name()}'")
+    live = [f for f in folders if f != folder and folder_in_use(f)]
+    if live:
+        raise errors.LibvirtError(reason=f"domain {dom.name()} is being backed up (push mode) into {live[0]} "
+                                         "by a running virtnbdbackup")
+    log.warning("aborting stale push backup job of a killed run (target %s)", targets[0])
+    _abort(dom)
+    wait_gone(dom)
+    return targets[0]
 
 
 def refuse_foreign_jobs(dom: libvirt.virDomain, targets: list[str]) -> None:
@@ -137,9 +163,11 @@ class BackupJob:
         self.dom = dom
         self.started = False
 
+    flags = 0
+
     def begin(self, backup_xml: str, checkpoint_xml: str | None = None) -> None:
         try:
-            self.dom.backupBegin(backup_xml, checkpoint_xml, 0)
+            self.dom.backupBegin(backup_xml, checkpoint_xml, self.flags)
         except libvirt.libvirtError as err:
             raise errors.LibvirtError(reason=f"cannot start backup job: {reason(err)}") from err
         self.started = True

@@ -1,4 +1,4 @@
-"""Pure builders of the XML documents a pull-mode backup job needs."""
+"""Pure builders of the XML documents a backup job needs (pull mode, and push mode for ``--push``)."""
 from __future__ import annotations
 
 import os
@@ -55,6 +55,43 @@ def backup_xml(
     for target in skipped:
         etree.SubElement(el_disks, "disk", name=target, backup="no")
     return _tostring(root)
+
+
+@dataclass(frozen=True)
+class PushDisk:
+    target: str
+    file: str                     # image QEMU writes into; pre-created by us (REUSE_EXTERNAL)
+    full: bool = False            # copy this disk whole inside an incremental job
+
+
+def push_backup_xml(disks: Sequence[PushDisk], skipped: Collection[str] = (), incremental: str | None = None) -> str:
+    """``<domainbackup mode='push'>``: QEMU writes each disk into its pre-created qcow2 ``file``.
+
+    The job is started with ``VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL`` (libvirt opens our image,
+    an overlay keeps its backing name); ``incremental`` as in :func:`backup_xml`.
+    """
+    root = etree.Element("domainbackup", mode="push")
+    if incremental:
+        etree.SubElement(root, "incremental").text = incremental
+    el_disks = etree.SubElement(root, "disks")
+    for disk in disks:
+        attrs = {"name": disk.target, "backup": "yes", "type": "file"}
+        if incremental and disk.full:
+            attrs["backupmode"] = "full"
+        el = etree.SubElement(el_disks, "disk", attrs)
+        etree.SubElement(el, "target", file=os.fspath(disk.file))
+        etree.SubElement(el, "driver", type="qcow2")
+    for target in skipped:
+        etree.SubElement(el_disks, "disk", name=target, backup="no")
+    return _tostring(root)
+
+
+def push_targets(xml: str) -> list[str]:
+    """The image files a running push job writes (empty for a pull job)."""
+    root = etree.fromstring(xml.encode())
+    if root.get("mode") != "push":
+        return []
+    return [str(el.get("file")) for el in root.findall("./disks/disk/target") if el.get("file")]
 
 
 def checkpoint_xml(
