@@ -71,7 +71,7 @@ def test_restore_output_shortcuts() -> None:
     (["-d", "vm", "-o", "-", "-l", "inc"], "-o -: a stream holds one new set"),
     (["-d", "a,b", "-o", "-", "-l", "full"], "-o - goes with one domain"),
     ([*B, "-t", "raw"], "virtnbdrestore --format raw"),
-    ([*B, "-t", "qcow2"], "-t qcow2"),
+    ([*B, "-t", "qcow2", "-z"], "-z/--compress goes with -t stream"),
     (["-o", "/b"], "-d/--domain (or --all)"),
     ([*B, "--all"], "exclude each other"),
     ([*B, "--match", "x*"], "go with --all"),

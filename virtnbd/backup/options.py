@@ -54,6 +54,7 @@ class BackupOptions:
     merge: bool = False                    # ... consolidating points only kept points need
     renew: Renew | None = None             # -l auto: new chain after N incs / when the full is that old
     key: KeySpec = field(default_factory=KeySpec)           # encryption: names the secret's source, never holds it
+    set_kind: str = "stream"               # kind of backup set: "stream" | "qcow2" (-t/--type)
 
     @property
     def buffer_size(self) -> int:

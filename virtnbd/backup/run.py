@@ -22,7 +22,10 @@ from virtnbd.backup import consistency, modes, offline, output, push, recovery
 from virtnbd.backup.diskrun import BackupRun, RunSummary, report, size_text
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backup.plan import Plan, PlannedDisk, make_plan
-from virtnbd.backupset import encrypted
+from virtnbd.backupset import (
+    encrypted,
+    qcow2set,  # noqa: F401  (registers the qcow2 kind)
+)
 from virtnbd.backupset.api import BackupSet, create_set
 from virtnbd.backupset.store import LocalStore
 from virtnbd.source import rbdextents
@@ -134,7 +137,7 @@ def run(options: BackupOptions) -> RunSummary:
     started = time.monotonic()
     with modes.umask(options.umask), connection.connect(options.uri) as conn:
         dom = connection.lookup_domain(conn, options.domain)
-        bset = create_set(options.output)
+        bset = create_set(options.output, options.set_kind)
         if not isinstance(bset.store, LocalStore):
             raise errors.UsageError(reason=f"{bset.location}: backups are written into a local folder for now; "
                                            "restore, dump and verify read sets in object storage")
@@ -175,7 +178,8 @@ def _run_locked(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet)
 
     verdict = consistency.preflight(options, dom, folder, manifest, plan, running=running, replan=replan)
     if verdict.manifest is not manifest and verdict.plan.level in ("copy", "full"):      # chain archived
-        bset = encrypted.for_backup(create_set(options.output), options.key, verdict.manifest, verdict.plan.level)
+        bset = encrypted.for_backup(create_set(options.output, options.set_kind), options.key, verdict.manifest,
+                                    verdict.plan.level)
     plan, manifest = verdict.plan, verdict.manifest
     summary = RunSummary(domain=name, level=plan.level, point=plan.point,
                          points=[p.name for p in manifest.points] if manifest else [])

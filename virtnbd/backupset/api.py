@@ -212,6 +212,10 @@ def create_set(location: str | os.PathLike[str], kind: str = "stream") -> Backup
         raise errors.UsageError(reason=f"unknown kind of backup set {kind!r} (known: {', '.join(_KINDS)})")
     store = open_store(location)
     store.prepare()
+    found = detect(store)
+    if found is not None and (found.kind == "qcow2") != (kind == "qcow2"):
+        raise errors.UsageError(reason=f"{store.location} holds a {found.kind} set: write -t {found.kind} points "
+                                       f"into it, or a -t {kind} set into another folder")
     return entry[1](store)
 
 

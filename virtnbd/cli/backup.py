@@ -32,6 +32,10 @@ def _list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+TYPE_HELP = ("kind of backup set: stream (checked, indexed streams; default) or qcow2 (one qcow2 image per "
+             "disk and point, overlays chained by relative backing names); raw is refused")
+
+
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog=PROG, description="Online, thin, incremental backup of libvirt/KVM domains over NBD.")
     p.add_argument("-d", "--domain", default=None,
@@ -40,7 +44,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("-k", "--killonly", action="store_true",
                    help="only abort a backup job left on the domain by a killed run, then exit")
     p.add_argument("-t", "--type", choices=("stream", "raw", "qcow2"), default="stream",
-                   help="output type: stream (the only one; raw and qcow2 are refused with the virtnbd way)")
+                   help=TYPE_HELP)
     p.add_argument("-L", "--syslog", action="store_true", help="also send the messages to syslog")
     p.add_argument("--quiet", action="store_true", help="only errors on stderr")
     p.add_argument("-l", "--level", choices=LEVELS, default="copy",
@@ -114,7 +118,6 @@ def _flat(lists: Sequence[Sequence[str]]) -> tuple[str, ...]:
 _TYPES = {
     "raw": "-t raw: virtnbd always writes checked, indexed streams; get raw images from any point with "
            "virtnbdrestore --format raw",
-    "qcow2": "-t qcow2: qcow2-chain backup sets are not in this version; use the default -t stream",
 }
 
 
@@ -129,12 +132,24 @@ def _check_stdout(args: argparse.Namespace) -> None:
                                        "virtnbdrestore -i -")
 
 
+def _check_qcow2(args: argparse.Namespace) -> None:
+    """-t qcow2: the images are plain qcow2 (no stream compression, no encryption stage, no pipe)."""
+    if args.compress is not None:
+        raise errors.UsageError(reason="-t qcow2 writes plain qcow2 images: -z/--compress goes with -t stream")
+    if keyargs.key_spec(args).given:
+        raise errors.UsageError(reason="-t qcow2 sets are not encrypted: key options go with -t stream")
+    if args.output == "-":
+        raise errors.UsageError(reason="-o -: a stream set only (-t stream)")
+
+
 def _check_values(args: argparse.Namespace) -> None:
     """Every value checked before anything connects to libvirt."""
     if args.push and args.type != "qcow2":
         raise errors.UsageError(reason="--push writes qcow2 sets: use -t qcow2 --push")
     if args.type in _TYPES:
         raise errors.UsageError(reason=_TYPES[args.type])
+    if args.type == "qcow2":
+        _check_qcow2(args)
     if args.worker is not None and args.worker < 1:
         raise errors.UsageError(reason="-w/--worker must be 1 or more (leave it out for one per disk, at most 4)")
     if args.parallel < 1:
@@ -196,7 +211,7 @@ def _backup_options(args: argparse.Namespace, domain: str) -> BackupOptions:
         pause=args.pause, agent_timeout=args.agent_timeout, read_size=args.read_size,
         fallback_full=args.fallback_full, umask=args.umask, push=args.push,
         ceph=rbdargs.ceph_options(args), keep=_keep(args), merge=args.merge, renew=args.renew,
-        key=keyargs.key_spec(args),
+        key=keyargs.key_spec(args), set_kind=args.type,
     )
 
 

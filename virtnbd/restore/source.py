@@ -18,6 +18,7 @@ from typing import Any, cast
 
 from virtnbd import errors
 from virtnbd.backupset import chain as chain_mod
+from virtnbd.backupset import qcow2set  # noqa: F401  (registers the qcow2 kind)
 from virtnbd.backupset.api import BackupSet, open_set
 from virtnbd.backupset.store import LocalStore
 from virtnbd.stream.detect import open_stream

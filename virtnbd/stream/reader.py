@@ -381,13 +381,7 @@ class StreamReader:
     def frames_in(self, offset: int, length: int) -> list[FrameRef]:
         """Frames overlapping ``offset .. offset+length`` (binary search on the index)."""
         frames = self.frames() if self._frames is None else self._frames
-        i = max(bisect.bisect_right(self._starts, offset) - 1, 0)
-        out = []
-        while i < len(frames) and frames[i].offset < offset + length:
-            if frames[i].offset + frames[i].length > offset:
-                out.append(frames[i])
-            i += 1
-        return out
+        return overlapping(frames, self._starts, offset, length)
 
     # -- sequential ---------------------------------------------------------------
 
@@ -498,3 +492,14 @@ class StreamReader:
         if self._totals is None:  # pragma: no cover - _scan always sets it or raises
             raise errors.FormatError(path=self.path, offset=0, reason="stream not verified")
         return self._totals
+
+
+def overlapping(frames: Sequence[FrameRef], starts: Sequence[int], offset: int, length: int) -> list[FrameRef]:
+    """The frames (sorted by offset, ``starts`` their offsets) overlapping ``offset .. offset+length``."""
+    i = max(bisect.bisect_right(starts, offset) - 1, 0)
+    out = []
+    while i < len(frames) and frames[i].offset < offset + length:
+        if frames[i].offset + frames[i].length > offset:
+            out.append(frames[i])
+        i += 1
+    return out

@@ -67,63 +67,53 @@ def run_tool(argv: list[str], path: str) -> None:
         raise errors.StorageError(path=path, reason=f"{argv[0]} failed: {reason[-1] if reason else err}") from err
 
 
-class Qcow2Target(TargetBase):
-    def __init__(self, request: TargetRequest) -> None:
+class ServedImage:
+    """An existing image served by a private ``qemu-nbd`` and written through libnbd (one connection per thread).
+
+    ``qemu-nbd`` listens on a unix socket in a 0700 temp folder with ``--cache=writeback`` and ``-e``
+    ``workers + 1`` connections. Without ``persistent`` it exits by itself once the last client is gone,
+    so a killed writer leaves no server behind. Used by the qcow2 restore target and by the qcow2
+    backup set's pull writer (``virtnbd/backupset/qcow2set.py``).
+    """
+
+    def __init__(self, path: str, workers: int, *, fmt: str = "qcow2", label: str | None = None,
+                 persistent: bool = True) -> None:
         import nbd  # Debian python3-libnbd
 
         self._nbd = nbd
-        self.name = request.spec
-        self.path = request.spec
-        self.tmp = temp_name(self.path)
-        self.virtual_size = request.virtual_size
-        self.workers = max(1, request.workers)
-        self.bytes_written = 0
-        self.zero_bytes = 0
+        self.path = path
+        self.label = label or path
+        self.workers = max(1, workers)
+        self.fmt = fmt
+        self.persistent = persistent
         self._lock = threading.Lock()
         self._local = threading.local()
         self._handles: list[Any] = []
         self._proc: subprocess.Popen[bytes] | None = None
         self._sockdir: str | None = None
-        refuse_existing(self.path)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp)
-        try:
-            opts = create_options(request.image_info)
-            if request.preallocate:
-                opts.append("preallocation=metadata")
-            argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
-            if opts:
-                argv += ["-o", ",".join(opts)]
-            run_tool([*argv, self.tmp, str(self.virtual_size)], self.path)
-            os.chmod(self.tmp, 0o600)
-            self._start_server()
-        except BaseException:
-            self.abort()
-            raise
+        self.sock = ""
 
-    # -- qemu-nbd -------------------------------------------------------
-    def _start_server(self) -> None:
-        self._sockdir = tempfile.mkdtemp(prefix="virtnbd-restore-")
+    def start(self) -> None:
+        self._sockdir = tempfile.mkdtemp(prefix="virtnbd-image-")
         self.sock = os.path.join(self._sockdir, "nbd.sock")
-        argv = [
-            "qemu-nbd", "-f", "qcow2", "--cache=writeback", "--aio=threads", "--discard=unmap",
-            "-e", str(self.workers + 1), "-t", "-k", self.sock, self.tmp,
-        ]
+        argv = ["qemu-nbd", "-f", self.fmt, "--cache=writeback", "--aio=threads", "--discard=unmap",
+                "-e", str(self.workers + 1), *(["-t"] if self.persistent else []), "-k", self.sock, self.path]
         try:
             self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.PIPE, start_new_session=True)
         except FileNotFoundError as err:
-            raise errors.StorageError(path=self.path, reason="qemu-nbd not found (install qemu-utils)") from err
+            raise errors.StorageError(path=self.label, reason="qemu-nbd not found (install qemu-utils)") from err
         deadline = time.monotonic() + START_TIMEOUT
         while not os.path.exists(self.sock):
             if self._proc.poll() is not None:
                 err_text = self._proc.stderr.read().decode(errors="replace").strip() if self._proc.stderr else ""
-                raise errors.StorageError(path=self.path, reason=f"qemu-nbd failed: {err_text}")
+                raise errors.StorageError(path=self.label, reason=f"qemu-nbd failed: {err_text}")
             if time.monotonic() > deadline:
-                raise errors.StorageError(path=self.path, reason="qemu-nbd did not start")
+                raise errors.StorageError(path=self.label, reason="qemu-nbd did not start")
             time.sleep(0.01)
 
-    def _handle(self) -> Any:
+    def handle(self) -> Any:
+        """This thread's NBD connection to the image."""
         h = getattr(self._local, "h", None)
         if h is None:
             h = self._nbd.NBD()
@@ -136,46 +126,38 @@ class Qcow2Target(TargetBase):
             self._local.h = h
         return h
 
-    # -- Target ---------------------------------------------------------
     def write(self, offset: int, data: bytes | memoryview) -> None:
-        h = self._handle()
+        h = self.handle()
         view = memoryview(data)
         try:
             for pos in range(0, len(view), MAX_REQUEST):
                 h.pwrite(view[pos:pos + MAX_REQUEST], offset + pos)
         except self._nbd.Error as err:
-            raise errors.StorageError(path=self.tmp, reason=f"nbd write at {offset}: {err}") from err
-        with self._lock:
-            self.bytes_written += len(view)
+            raise errors.StorageError(path=self.path, reason=f"nbd write at {offset}: {err}") from err
 
     def zero(self, offset: int, length: int) -> None:
-        # Fresh image without backing file: unallocated clusters read as zero.
-        with self._lock:
-            self.zero_bytes += length
+        """Zeroes at ``offset``: qemu records them as zero clusters (never exposing a backing file)."""
+        h = self.handle()
+        try:
+            for pos in range(0, length, 1 << 30):
+                h.zero(min(1 << 30, length - pos), offset + pos)
+        except self._nbd.Error as err:
+            raise errors.StorageError(path=self.path, reason=f"nbd write-zeroes at {offset}: {err}") from err
 
-    def commit(self) -> None:
+    def finish(self) -> None:
+        """Flush every connection and stop qemu-nbd (the image is closed cleanly); raises on failure."""
         try:
             for h in self._handles:
                 h.flush()
-            self._close_handles()
-            self._stop_server(check=True)
-            os.replace(self.tmp, self.path)
-            fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         except self._nbd.Error as err:
-            self.abort()
-            raise errors.StorageError(path=self.tmp, reason=f"nbd flush: {err}") from err
-        except OSError as err:
-            self.abort()
-            raise storage_error(self.path, err) from err
-        except BaseException:
-            self.abort()
-            raise
+            raise errors.StorageError(path=self.path, reason=f"nbd flush: {err}") from err
+        self._close_handles()
+        self._stop_server(check=True)
 
-    def abort(self) -> None:
+    def stop(self) -> None:
+        """Drop the connections and the server without checking anything (abort paths)."""
         self._close_handles()
         self._stop_server(check=False)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp)
 
     def _close_handles(self) -> None:
         for h in self._handles:
@@ -198,7 +180,63 @@ class Qcow2Target(TargetBase):
             if proc.stderr:
                 proc.stderr.close()
             if check and rc not in (0, -signal.SIGTERM):
-                raise errors.StorageError(path=self.tmp, reason=f"qemu-nbd exited with {rc}: {err_text}")
+                raise errors.StorageError(path=self.path, reason=f"qemu-nbd exited with {rc}: {err_text}")
         if self._sockdir is not None:
             shutil.rmtree(self._sockdir, ignore_errors=True)
             self._sockdir = None
+
+
+class Qcow2Target(TargetBase):
+    def __init__(self, request: TargetRequest) -> None:
+        self.name = request.spec
+        self.path = request.spec
+        self.tmp = temp_name(self.path)
+        self.virtual_size = request.virtual_size
+        self.bytes_written = 0
+        self.zero_bytes = 0
+        self._lock = threading.Lock()
+        self.image = ServedImage(self.tmp, request.workers, label=self.path)
+        refuse_existing(self.path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
+        try:
+            opts = create_options(request.image_info)
+            if request.preallocate:
+                opts.append("preallocation=metadata")
+            argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
+            if opts:
+                argv += ["-o", ",".join(opts)]
+            run_tool([*argv, self.tmp, str(self.virtual_size)], self.path)
+            os.chmod(self.tmp, 0o600)
+            self.image.start()
+        except BaseException:
+            self.abort()
+            raise
+
+    # -- Target ---------------------------------------------------------
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        self.image.write(offset, data)
+        with self._lock:
+            self.bytes_written += len(data)
+
+    def zero(self, offset: int, length: int) -> None:
+        # Fresh image without backing file: unallocated clusters read as zero.
+        with self._lock:
+            self.zero_bytes += length
+
+    def commit(self) -> None:
+        try:
+            self.image.finish()
+            os.replace(self.tmp, self.path)
+            fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        except OSError as err:
+            self.abort()
+            raise storage_error(self.path, err) from err
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        self.image.stop()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
