@@ -243,5 +243,6 @@ def _execute(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet, pl
             committed[0] = True
     except BaseException:
         side.discard()
+        run_.discard_images()
         raise
     return report(summary, plan, updated, results)
