@@ -8,6 +8,7 @@ dump names the kind.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.libvirt_lab import DiskSpec, MiB, compare_images, random_writes
+from tests.lab.libvirt_lab import JOB_SAFE_KINDS, DiskSpec, MiB, compare_images, random_writes
 from tests.system.backup_helpers import REPO, ok
 from tests.system.chain_helpers import check_restored
 
@@ -35,6 +36,19 @@ def image_info(path: Path) -> dict:  # type: ignore[type-arg]
     out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)], capture_output=True, text=True,
                          check=True).stdout
     return dict(json.loads(out))
+
+
+def servers_of(folder: Path) -> list[int]:
+    """Live qemu-nbd processes serving a file of ``folder`` (zombies have no command line)."""
+    found = []
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"qemu-nbd") and any(str(folder).encode() in a for a in argv):
+            found.append(pid)
+    return found
 
 
 def build_chain(dom, folder: Path) -> dict[str, dict[str, Path]]:  # type: ignore[no-untyped-def]
@@ -103,3 +117,117 @@ def test_qcow2_chain_every_point_exact(make_domain, tmp_path) -> None:  # type: 
     dump = restore_cli("-i", str(tmp_path / "copied"), "-a", "dump", "--json")
     assert dump.returncode == 0, dump.stderr
     assert json.loads(dump.stdout)["kind"] == "qcow2"
+
+
+def test_qcow2_flipped_bytes_caught(make_domain, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """30 single-byte flips at random offsets of the set's images: verify names file and region every
+    time; a restore of the point refuses (or, never seen, is exact)."""
+    import random
+
+    from virtnbd import errors
+    from virtnbd.restore import verify as verify_mod
+    from virtnbd.restore.options import RestoreOptions
+    from virtnbd.restore.run import restore, select
+
+    dom = make_domain(disks=[DiskSpec(t, "sata", "qcow2", 16 * MiB) for t in DISKS])
+    folder = dom.dir / "backup"
+    expected: dict[str, dict[str, Path]] = {}
+    for step, level in enumerate(("full", "inc", "inc")):
+        for n, target in enumerate(DISKS):
+            dom.disk(target).apply_all(random_writes(seed=700 + 10 * step + n, n=10, size=16 * MiB))
+        point = ok(dom, level, folder, "-t", "qcow2")["point"]
+        expected[point] = {t: dom.disk(t).snapshot(f"f{step}") for t in DISKS}
+    verify_mod.run(verify_mod.select_all(str(folder), None, None))       # intact: passes
+    manifest = json.loads((folder / "virtnbd.manifest.json").read_text())
+    files = {e["file"]: (p["name"], e["extra"]["integrity"]["region_bytes"])
+             for p in manifest["points"] for e in p["disks"].values()}
+    sizes = {name: (folder / name).stat().st_size for name in files}
+    rng = random.Random(12)
+    refused = 0
+    for flip in range(30):
+        name = rng.choices(list(sizes), weights=list(sizes.values()))[0]
+        offset = rng.randrange(sizes[name])
+        path = folder / name
+        with path.open("r+b") as f:
+            f.seek(offset)
+            old = f.read(1)
+            f.seek(offset)
+            f.write(bytes([old[0] ^ rng.randrange(1, 256)]))
+        try:
+            with pytest.raises(errors.VirtnbdError) as caught:
+                verify_mod.run(verify_mod.select_all(str(folder), None, None))
+            region = files[name][1]
+            start = offset // region * region
+            assert name in str(caught.value) and f"file bytes {start}..{start + region}" in \
+                str(caught.value).replace(f"..{sizes[name]}", f"..{start + region}"), (flip, offset, caught.value)
+            point = files[name][0]
+            out = tmp_path / f"flip{flip}"
+            try:
+                restore(select(str(folder), point, None),
+                        RestoreOptions(input=str(folder), output=str(out), until=point, format="raw", noprogress=True))
+            except errors.VirtnbdError as err:
+                assert name in str(err), err
+                refused += 1
+                assert not list(out.glob("*.raw")), "a refused restore left an image"
+            else:
+                for target, image in expected[point].items():
+                    compare_images(out / f"{target}.raw", image, fmt="raw")
+        finally:
+            with path.open("r+b") as f:
+                f.seek(offset)
+                f.write(old)
+    assert refused == 30
+    verify_mod.run(verify_mod.select_all(str(folder), None, None))
+
+
+@pytest.mark.parametrize("sig", [15, 9], ids=["SIGTERM", "SIGKILL"])
+def test_qcow2_killed_inc_leaves_nothing(make_domain, tmp_path, sig) -> None:  # type: ignore[no-untyped-def]
+    """SIGTERM/SIGKILL in the middle of an inc's image: no point, no qemu-nbd left; SIGTERM also leaves
+    no job, no checkpoint, no partial image (after SIGKILL the next run clears them); the next inc is exact."""
+    import time
+
+    from tests.system.backup_helpers import backup_cmd, env, job_running, leftovers
+
+    dom = make_domain(disks=[DiskSpec("sda", "sata", "qcow2", 64 * MiB)])
+    sda = dom.disk("sda")
+    folder = dom.dir / "backup"
+    sda.write_data(0, 4 * MiB, seed=1)
+    ok(dom, "full", folder, "-t", "qcow2")
+    expected = {"virtnbdbackup.0": {"sda": sda.snapshot("k0")}}
+    sda.write_data(8 * MiB, 48 * MiB, seed=2)
+    proc = subprocess.Popen(backup_cmd(dom, "inc", folder, "-t", "qcow2", "--read-size", "4K"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    deadline = time.monotonic() + 60
+    try:
+        while not [p for p in folder.glob("*.partial") if p.stat().st_size > 2 * MiB]:
+            assert proc.poll() is None, f"backup ended before it could be killed: {proc.communicate()}"
+            assert time.monotonic() < deadline, "no partial image grew"
+            time.sleep(0.005)
+        proc.send_signal(sig)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    names = [p["name"] for p in json.loads((folder / "virtnbd.manifest.json").read_text())["points"]]
+    assert names == ["virtnbdbackup.0"]
+    assert not (folder / "sda.virtnbdbackup.1.qcow2").exists()
+    if sig == 15:
+        assert proc.returncode == 128 + sig, err
+        assert "interrupted by signal SIGTERM" in err
+        assert not job_running(dom)
+        assert leftovers(folder, dom.dir) == []
+        assert [c.getName() for c in dom.dom.listAllCheckpoints()] == ["virtnbdbackup.0"]
+    else:
+        assert proc.returncode == -sig
+    time.sleep(0.5)
+    assert not servers_of(folder), "a qemu-nbd of the killed run is still there"
+
+    sda.apply_all(random_writes(seed=3, n=20, size=64 * MiB, kinds=JOB_SAFE_KINDS))   # a stale job may run
+    assert ok(dom, "inc", folder, "-t", "qcow2")["point"] == "virtnbdbackup.1"
+    assert not job_running(dom)
+    assert leftovers(folder, dom.dir) == []
+    expected["virtnbdbackup.1"] = {"sda": sda.snapshot("k1")}
+    for point, images in expected.items():
+        compare_images(folder / f"sda.{point}.qcow2", images["sda"], fmt="qcow2")
+        check_restored(folder, point, images, tmp_path)
