@@ -231,3 +231,47 @@ def test_qcow2_killed_inc_leaves_nothing(make_domain, tmp_path, sig) -> None:  #
     for point, images in expected.items():
         compare_images(folder / f"sda.{point}.qcow2", images["sda"], fmt="qcow2")
         check_restored(folder, point, images, tmp_path)
+
+
+def test_qcow2_disks_change_offline_raw_include(make_domain, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """-x, a raw disk, a disk hot-plugged and one grown mid-chain, an offline inc, -p and a -i copy:
+    every image and every restore exact; new, grown and raw disks get standalone images."""
+    size = 12 * MiB
+    dom = make_domain(disks=[DiskSpec("sda", "sata", "qcow2", size), DiskSpec("sdb", "sata", "raw", size),
+                             DiskSpec("sdc", "sata", "qcow2", 4 * MiB)])
+    folder = dom.dir / "backup"
+    expected: dict[str, dict[str, Path]] = {}
+
+    def step(seed: int, level: str, *extra: str) -> str:
+        for n, disk in enumerate(dom.disks.values()):
+            disk.apply_all(random_writes(seed=seed + n, n=6, size=disk.size))
+        point = str(ok(dom, level, folder, "-t", "qcow2", "-x", "sdc", *extra)["point"])
+        expected[point] = {t: d.snapshot(f"{point}-{t}") for t, d in dom.disks.items() if t != "sdc"}
+        return point
+
+    step(900, "full")
+    printonly = ok(dom, "inc", folder, "-t", "qcow2", "-p")
+    assert printonly["skipped"] and not list(folder.glob("*.virtnbdbackup.1.*"))
+    dom.attach_disk(DiskSpec("vdb", "virtio", "qcow2", 4 * MiB))
+    dom.disk("sda").resize(size + 4 * MiB)
+    p1 = step(910, "inc")
+    p2 = step(920, "inc")
+    dom.stop()
+    p3 = step(930, "inc")                       # offline: read from the images with qemu-nbd
+    dom.start()
+    p4 = step(940, "inc")
+    backing = {p: image_info(folder / f"{t}.{p}.qcow2").get("backing-filename")
+               for p in (p1, p2, p3, p4) for t in ("sda", "sdb", "vdb")}
+    assert backing[p1] is None                  # sda grown, sdb raw, vdb new: standalone
+    assert image_info(folder / f"sda.{p2}.qcow2")["backing-filename"] == f"sda.{p1}.qcow2"
+    assert image_info(folder / f"vdb.{p3}.qcow2")["backing-filename"] == f"vdb.{p2}.qcow2"
+    assert "backing-filename" not in image_info(folder / f"sdb.{p3}.qcow2")   # raw disk: whole each time
+    assert not list(folder.glob("sdc.*"))
+    check_images(folder, expected)
+    for point, images in expected.items():
+        check_restored(folder, point, images, tmp_path)
+
+    copy_dir = tmp_path / "copy"
+    ok(dom, "copy", copy_dir, "-t", "qcow2", "-i", "sda")
+    assert sorted(p.name for p in copy_dir.glob("*.qcow2")) == ["sda.copy.qcow2"]
+    compare_images(copy_dir / "sda.copy.qcow2", dom.disk("sda").snapshot("copy"), fmt="qcow2")
