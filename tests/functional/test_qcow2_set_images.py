@@ -114,3 +114,25 @@ def test_region_size_bounded() -> None:
     assert region_for(0) == MiB and region_for(256 * MiB) == MiB
     assert region_for(256 * MiB + 1) == 2 * MiB
     assert region_for(4 << 30) == 16 * MiB
+
+
+def test_sequence_of_qcow2_images_restores(tmp_path: Path) -> None:
+    """virtnbdrestore --sequence takes a set's qcow2 images (root first), checked by the set's records."""
+    import sys
+
+    folder = tmp_path / "set"
+    bset = create_set(str(folder), "qcow2")
+    ones = b"\x01" * MiB
+    _add(bset, "virtnbdbackup.0", "full", None, [(0, ones, MiB)])
+    _add(bset, "virtnbdbackup.1", "inc", "virtnbdbackup.0", [(0, None, 64 << 10), (MiB, ones, MiB)])
+    files = [str(folder / f"sda.virtnbdbackup.{n}.qcow2") for n in (0, 1)]
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, str(root / "virtnbdrestore"), "-n", "-i", str(folder), "--sequence", ",".join(files),
+           "-o", str(tmp_path / "out"), "--format", "raw"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    data = (tmp_path / "out" / "sda.raw").read_bytes()
+    assert len(data) == SIZE and data[:2 * MiB] == bytes(64 << 10) + b"\x01" * (2 * MiB - (64 << 10))
+    assert data[2 * MiB:] == bytes(SIZE - 2 * MiB)
+    proc = subprocess.run([*cmd[:6], files[1], *cmd[7:]], capture_output=True, text=True, check=False)
+    assert proc.returncode != 0 and "first file is a inc" in proc.stderr
