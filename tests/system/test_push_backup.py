@@ -93,3 +93,18 @@ def test_push_chain_two_disks_every_point_exact(make_domain, tmp_path) -> None: 
     moved = tmp_path / "moved"
     shutil.copytree(folder, moved)
     _check_images(moved, {"virtnbdbackup.4": expected["virtnbdbackup.4"]})
+
+
+def test_push_of_a_shut_off_domain_is_written_by_the_pull_path(make_domain) -> None:  # type: ignore[no-untyped-def]
+    dom = make_domain(disks=[DiskSpec("sda", "sata", "qcow2", SIZE)])
+    sda = dom.disk("sda")
+    folder = dom.dir / "backup"
+    sda.write_data(0, 2 * MiB, seed=3)
+    ok(dom, "full", folder, *PUSH)
+    sda.write_pattern(8 * MiB, 1 * MiB, 0x42)
+    p1 = sda.snapshot("p1")
+    dom.stop()
+    summary = ok(dom, "inc", folder, *PUSH)
+    assert any("--push needs a running QEMU" in note for note in summary["notes"]), summary["notes"]
+    assert not summary.get("push")
+    compare_images(_image(folder, "virtnbdbackup.1", "sda"), p1, fmt="qcow2")

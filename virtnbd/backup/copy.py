@@ -14,13 +14,13 @@ import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
+from typing import Protocol
 
 from virtnbd import errors
 from virtnbd.source.extents import DATA, Extent, split
 from virtnbd.source.nbdsource import Chunk, NbdSource
 from virtnbd.stream.codec import Codec
-from virtnbd.stream.format import EncodedFrame
-from virtnbd.stream.writer import StreamWriter
+from virtnbd.stream.format import EncodedFrame, StreamMeta
 
 _ZEROS: dict[int, bytes] = {}
 
@@ -40,6 +40,16 @@ def is_zero(chunk: Chunk) -> bool:
         return False
     # bytearray == bytes is a memcmp; a memoryview comparison would go byte by byte
     return (buf if n == len(buf) else buf[:n]) == _zeros(n)
+
+
+class FrameSink(Protocol):
+    """Where the copy loop puts frames: a StreamWriter, or a qcow2 image (backup/qcow2write.py)."""
+
+    @property
+    def codec(self) -> Codec: ...
+    @property
+    def meta(self) -> StreamMeta: ...
+    def add(self, frame: EncodedFrame) -> None: ...
 
 
 @dataclass
@@ -162,7 +172,7 @@ class _Item:
                 self.read.result().release()
 
 
-def copy_disk(source: NbdSource, writer: StreamWriter, extents: Iterable[Extent], pool: Executor, *,
+def copy_disk(source: NbdSource, writer: FrameSink, extents: Iterable[Extent], pool: Executor, *,
               read_size: int, progress: Callable[[int], None] | None = None,
               cancel: threading.Event | None = None) -> CopyStats:
     """Copy ``extents`` of ``source`` into ``writer``; returns what was written.
@@ -190,7 +200,7 @@ def copy_disk(source: NbdSource, writer: StreamWriter, extents: Iterable[Extent]
 class _CopyLoop:
     """State of one copy: reads in flight (at most the source's buffer count), frames in order."""
 
-    def __init__(self, source: NbdSource, writer: StreamWriter, pool: Executor,
+    def __init__(self, source: NbdSource, writer: FrameSink, pool: Executor,
                  progress: Callable[[int], None] | None) -> None:
         self.source = source
         self.writer = writer

@@ -23,10 +23,10 @@ from typing import Any
 import libvirt
 
 from virtnbd import __version__
-from virtnbd.backup import copy, output
+from virtnbd.backup import copy, output, qcow2write
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backup.plan import Plan, PlannedDisk
-from virtnbd.backupset import encrypted, outfile
+from virtnbd.backupset import encrypted, outfile, qcow2set
 from virtnbd.backupset import manifest as bsmanifest
 from virtnbd.backupset.api import BackupSet
 from virtnbd.source import rbdextents
@@ -125,6 +125,7 @@ class BackupRun:
         self.progress = _Progress(not options.noprogress)
         self.time = _now_iso()
         self.rbd: rbdextents.RbdTracker | None = None     # raw RBD disks (set by _execute)
+        self.images: list[qcow2set.PreparedImage] = []    # qcow2 set: this run's images, until the commit
 
     # -- one disk -----------------------------------------------------------------
     def bitmap_for(self, pd: PlannedDisk) -> str | None:
@@ -132,40 +133,87 @@ class BackupRun:
         return _bitmap_for(pd)
 
     def copy_one(self, pd: PlannedDisk, socket: str, pool: ThreadPoolExecutor) -> DiskResult:
-        opts, plan = self.options, self.plan
+        opts = self.options
         started = time.monotonic()
         bitmap = self.bitmap_for(pd)
         contexts = (BASE_ALLOCATION, bitmap) if bitmap else (BASE_ALLOCATION,)
-        name = self.bset.data_name(pd.target, plan.level, plan.point)
         with NbdSource(socket, xmlbuild.export_name(pd.target), contexts, connections=opts.connections,
                        depth=opts.depth, buffers=self.buffers_per_disk(),
                        buffer_size=opts.buffer_size, request_size=opts.read_size) as src:
-            extra = {"whole_disk": pd.mode == "full", "reason": pd.reason} if plan.level in ("inc", "diff") else {}
-            meta = StreamMeta(virtual_size=src.size, disk=pd.target, disk_format=pd.disk.format, level=plan.level,
-                              checkpoint=plan.checkpoint, parent=plan.parent if plan.level in ("inc", "diff") else None,
-                              time=self.time, compression=opts.method, tool_version=__version__,
-                              extra=MappingProxyType(extra))
             update, close = self.progress.bar(pd.target, src.size)
             try:
-                meta, stages = self.bset.writing(meta, name)     # encrypted set: sealed in the encode workers
-                with self.bset.create_data(name, self.staging_blocks_per_disk()) as out:
-                    writer = StreamWriter(out, meta, path=self.bset.store.describe(name),
-                                          level=opts.compress_level, stages=stages)
-                    status, dirty = rbdextents.status_for(self.rbd, pd, plan.parent, src.block_status, bitmap)
-                    extents = iter_extents(status, src.size, dirty, export=pd.target)
-                    stats = copy.copy_disk(src, writer, extents, pool, read_size=opts.buffer_size,
-                                           progress=update, cancel=self.cancel)
-                    totals = writer.finish()
+                if self.bset.kind == qcow2set.KIND:
+                    image, done = self._copy_image(pd, src, bitmap, pool, update)
+                else:
+                    meta, totals, stats = self._copy_stream(pd, src, bitmap, pool, update)
             finally:
                 close()
             bytes_read = src.counters.bytes_read
-        entry = bsmanifest.disk_entry(meta, name, totals, {
-            "bytes_read": bytes_read, "mode": pd.mode, "read_zero_bytes": stats.read_zero_bytes,
-            "bus": pd.disk.bus, "source": pd.disk.path or pd.disk.name or ""})
+        extra = {"bytes_read": bytes_read, "mode": pd.mode, "read_zero_bytes": 0,
+                 "bus": pd.disk.bus, "source": pd.disk.path or pd.disk.name or ""}
+        if self.bset.kind == qcow2set.KIND:
+            extra["read_zero_bytes"] = done.stats.read_zero_bytes
+            entry = self._finish_image(image, done, extra)
+        else:
+            extra["read_zero_bytes"] = stats.read_zero_bytes
+            entry = bsmanifest.disk_entry(meta, self.bset.data_name(pd.target, self.plan.level, self.plan.point),
+                                          totals, extra)
         seconds = time.monotonic() - started
-        log.info("%s: %s data, %s zero, %s stored, %s read in %.1fs", pd.target, size_text(totals.data_bytes),
-                 size_text(totals.zero_bytes), size_text(totals.stored_bytes), size_text(bytes_read), seconds)
+        log.info("%s: %s data, %s zero, %s stored, %s read in %.1fs", pd.target, size_text(entry.data_bytes),
+                 size_text(entry.zero_bytes), size_text(entry.stored_bytes), size_text(bytes_read), seconds)
         return DiskResult(pd.target, entry, bytes_read, seconds)
+
+    def _extents(self, pd: PlannedDisk, src: NbdSource, bitmap: str | None) -> Any:
+        status, dirty = rbdextents.status_for(self.rbd, pd, self.plan.parent, src.block_status, bitmap)
+        return iter_extents(status, src.size, dirty, export=pd.target)
+
+    def _copy_stream(self, pd: PlannedDisk, src: NbdSource, bitmap: str | None, pool: ThreadPoolExecutor,
+                     update: Callable[[int], None] | None) -> tuple[StreamMeta, Any, copy.CopyStats]:
+        opts, plan = self.options, self.plan
+        name = self.bset.data_name(pd.target, plan.level, plan.point)
+        extra = {"whole_disk": pd.mode == "full", "reason": pd.reason} if plan.level in ("inc", "diff") else {}
+        meta = StreamMeta(virtual_size=src.size, disk=pd.target, disk_format=pd.disk.format, level=plan.level,
+                          checkpoint=plan.checkpoint, parent=plan.parent if plan.level in ("inc", "diff") else None,
+                          time=self.time, compression=opts.method, tool_version=__version__,
+                          extra=MappingProxyType(extra))
+        meta, stages = self.bset.writing(meta, name)     # encrypted set: sealed in the encode workers
+        with self.bset.create_data(name, self.staging_blocks_per_disk()) as out:
+            writer = StreamWriter(out, meta, path=self.bset.store.describe(name),
+                                  level=opts.compress_level, stages=stages)
+            stats = copy.copy_disk(src, writer, self._extents(pd, src, bitmap), pool, read_size=opts.buffer_size,
+                                   progress=update, cancel=self.cancel)
+            totals = writer.finish()
+        return meta, totals, stats
+
+    def _copy_image(self, pd: PlannedDisk, src: NbdSource, bitmap: str | None, pool: ThreadPoolExecutor,
+                    update: Callable[[int], None] | None) -> tuple[qcow2set.PreparedImage, qcow2write.ImageCopy]:
+        """qcow2 set: the point's image prepared (overlay on the parent's image for a disk read by its
+        bitmap, standalone otherwise), then filled by the same copy loop."""
+        plan = self.plan
+        relative = plan.level in ("inc", "diff")
+        backing = qcow2set.backing_image(self.bset.manifest(), plan.parent, pd.target) \
+            if relative and pd.mode == "inc" else None
+        image = qcow2set.prepare_image(self.bset, disk=pd.target, point=plan.point, level=plan.level,
+                                       virtual_size=src.size, backing=backing, checkpoint=plan.checkpoint,
+                                       parent=plan.parent if relative else None, disk_format=pd.disk.format)
+        self.images.append(image)
+        done = qcow2write.copy_into_image(src, image, self._extents(pd, src, bitmap), pool,
+                                          read_size=self.options.buffer_size, progress=update, cancel=self.cancel)
+        return image, done
+
+    def _finish_image(self, image: qcow2set.PreparedImage, done: qcow2write.ImageCopy,
+                      extra: dict[str, Any]) -> bsmanifest.DiskEntry:
+        started = time.monotonic()
+        entry = qcow2set.finish_image(self.bset, image, data_bytes=done.stats.data_bytes,
+                                      zero_bytes=done.stats.zero_bytes, extra=extra)
+        log.debug("%s: integrity records of %s in %.2fs", image.disk, image.name, time.monotonic() - started)
+        return entry
+
+    def discard_images(self) -> None:
+        """A run that does not commit: its prepared or finished images go (no point lists them)."""
+        for image in self.images:
+            qcow2set.discard_image(self.bset, image)
+        self.images.clear()
 
     def workers(self) -> int:
         return max(1, self.options.workers or min(len(self.plan.disks), 4))

@@ -302,6 +302,7 @@ def execute(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet, pla
             updated = bset.commit(point, dom.name(), uuid)
     except BaseException:
         side.discard()
+        run_.discard_images()
         _undo(dom, plan, added, defined)
         raise
     if plan.level == "full":

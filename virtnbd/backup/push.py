@@ -28,8 +28,8 @@ from lxml import etree
 
 from virtnbd import errors
 from virtnbd.backup.diskrun import BackupRun, DiskResult, size_text
-from virtnbd.backup.plan import PlannedDisk, chain_points
-from virtnbd.backupset.qcow2set import PreparedImage, backing_image, discard_image, finish_image, prepare_image
+from virtnbd.backup.plan import PlannedDisk
+from virtnbd.backupset.qcow2set import PreparedImage, backing_image, finish_image, prepare_image
 from virtnbd.virt import connection, xmlbuild
 from virtnbd.virt.pushjob import PushJob
 
@@ -40,35 +40,30 @@ OFFLINE_NOTE = ("--push needs a running QEMU: domain {domain} is shut off, so th
 
 
 class PushRun:
-    """One point's push job: images prepared, job XML, wait, finish; ``discard`` on failure."""
+    """One point's push job: images prepared, job XML, wait, finish (``run_.discard_images`` on failure)."""
 
-    def __init__(self, run_: BackupRun, manifest: Any) -> None:
+    def __init__(self, run_: BackupRun) -> None:
         self.run = run_
-        self.manifest = manifest
         self.images: list[PreparedImage] = []
         self.hash_seconds = 0.0
         self.job_seconds = 0.0
 
-    def parent_point(self) -> str | None:
-        plan = self.run.plan
-        if plan.level not in ("inc", "diff"):
-            return None
-        return next((p.name for p in chain_points(self.manifest) if p.checkpoint == plan.parent), None)
-
     def prepare(self, skipped: list[str]) -> str:
         """Create every disk's target image; the push job's XML."""
         check_reachable(self.run.dom, self.run.folder)
-        parent = self.parent_point()
+        manifest = self.run.bset.manifest()
         for pd in self.run.plan.disks:
-            self.images.append(self._prepare_one(pd, parent))
+            self.images.append(self._prepare_one(pd, manifest))
+            self.run.images.append(self.images[-1])      # removed by run_.discard_images() unless committed
         disks = [xmlbuild.PushDisk(img.disk, img.path, full=img.backing is None) for img in self.images]
         plan = self.run.plan
         uses_bitmaps = any(pd.mode == "inc" for pd in plan.disks)
         return xmlbuild.push_backup_xml(disks, skipped, incremental=plan.incremental if uses_bitmaps else None)
 
-    def _prepare_one(self, pd: PlannedDisk, parent: str | None) -> PreparedImage:
+    def _prepare_one(self, pd: PlannedDisk, manifest: Any) -> PreparedImage:
         plan = self.run.plan
-        backing = backing_image(self.manifest, parent, pd.target) if pd.mode == "inc" else None
+        relative = plan.level in ("inc", "diff") and pd.mode == "inc"
+        backing = backing_image(manifest, plan.parent, pd.target) if relative else None
         return prepare_image(self.run.bset, disk=pd.target, point=plan.point, level=plan.level,
                              virtual_size=_capacity(self.run.dom, pd.target), backing=backing,
                              checkpoint=plan.checkpoint, parent=plan.parent if plan.level in ("inc", "diff") else None,
@@ -106,9 +101,6 @@ class PushRun:
                  size_text(zero), entry.file, seconds)
         return DiskResult(img.disk, entry, data, seconds)
 
-    def discard(self) -> None:
-        for img in self.images:
-            discard_image(img)
 
 
 def _mode(plan: Any, disk: str) -> str:

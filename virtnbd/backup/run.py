@@ -219,16 +219,16 @@ def _run_locked(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet)
                                    all_targets=[d.target for d in all_disks])
         _clean_stale(dom, plan, options, folder)
         return _execute(options, dom, bset, plan, domain_xml=domain_xml, uuid=uuid, summary=summary,
-                        all_targets=[d.target for d in all_disks], manifest=manifest)
+                        all_targets=[d.target for d in all_disks])
 
 
 def _execute(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet, plan: Plan, *, domain_xml: str,
-             uuid: str, summary: RunSummary, all_targets: list[str], manifest: Any = None) -> RunSummary:
+             uuid: str, summary: RunSummary, all_targets: list[str]) -> RunSummary:
     run_ = BackupRun(options, dom, bset, plan, domain_xml=domain_xml, uuid=uuid)
     side = run_.side_files()
     skipped = [t for t in all_targets if t not in {pd.target for pd in plan.disks}]
     checkpoint_xml = _checkpoint_xml(plan, all_targets)
-    pusher = push.PushRun(run_, manifest) if options.push else None
+    pusher = push.PushRun(run_) if options.push else None
     try:
         push_xml = pusher.prepare(skipped) if pusher else None       # before a full drops the old chain
         with output.work_dir(options.scratchdir) as workdir, _created_checkpoint(dom, plan) as committed:
@@ -253,8 +253,7 @@ def _execute(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet, pl
             committed[0] = True
     except BaseException:
         side.discard()
-        if pusher:
-            pusher.discard()
+        run_.discard_images()
         raise
     if pusher:
         summary.push = {"job_seconds": round(pusher.job_seconds, 3), "hash_seconds": round(pusher.hash_seconds, 3)}

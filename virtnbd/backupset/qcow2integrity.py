@@ -2,9 +2,10 @@
 
 Recorded in the manifest entry at commit (``extra["integrity"]``)::
 
-    {"algorithm": "sha256", "region_bytes": 67108864, "size": <file bytes>,
+    {"algorithm": "sha256", "region_bytes": R, "size": <file bytes>,
      "regions": ["<hex>", ...]}          # region i covers file bytes [i*R, min((i+1)*R, size))
 
+R is a power of two, at least 1 MiB, chosen so that a file has at most about 256 regions.
 ``digest`` (the entry's ``digest`` field) is the sha256 of the concatenated region digests.
 A single changed byte anywhere in the file changes its region's hash, so a check names the
 file and the region. Regions are hashed in parallel threads (hashlib releases the GIL).
@@ -21,8 +22,17 @@ from typing import Any
 from virtnbd import errors
 
 ALGORITHM = "sha256"
-REGION = 64 << 20
+MIN_REGION = 1 << 20
+MAX_REGIONS = 256
 CHUNK = 8 << 20
+
+
+def region_for(size: int) -> int:
+    """Region size for a file of ``size`` bytes: a power of two >= 1 MiB, at most ~256 regions."""
+    region = MIN_REGION
+    while region * MAX_REGIONS < size:
+        region *= 2
+    return region
 
 
 @dataclass(frozen=True)
@@ -62,7 +72,7 @@ def _hash_region(fd: int, start: int, end: int) -> str:
     return h.hexdigest()
 
 
-def hash_regions(path: str, region: int = REGION, workers: int = 2) -> tuple[int, tuple[str, ...]]:
+def hash_regions(path: str, region: int, workers: int = 2) -> tuple[int, tuple[str, ...]]:
     """(file size, sha256 hex of each region) of the file at ``path``."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -75,8 +85,9 @@ def hash_regions(path: str, region: int = REGION, workers: int = 2) -> tuple[int
     return size, hashes
 
 
-def image_integrity(path: str, region: int = REGION) -> Integrity:
+def image_integrity(path: str, region: int | None = None) -> Integrity:
     """The integrity record of a finished point image (its file, as stored). Used by push mode too."""
+    region = region or region_for(os.path.getsize(path))
     size, hashes = hash_regions(path, region)
     return Integrity(size, region, hashes)
 
@@ -87,9 +98,11 @@ def check_integrity(path: str, record: Integrity) -> None:
     if size != record.size:
         raise errors.FormatError(path=path, offset=min(size, record.size),
                                  reason=f"file is {size} bytes, the manifest recorded {record.size}")
-    for index, (got, want) in enumerate(zip(hashes, record.regions, strict=True)):
-        if got != want:
-            start = index * record.region_bytes
-            end = min(start + record.region_bytes, size)
-            raise errors.FormatError(path=path, offset=start,
-                                     reason=f"region {start}..{end} (bytes) changed: sha256 differs from the manifest")
+    bad = [i for i, (got, want) in enumerate(zip(hashes, record.regions, strict=True)) if got != want]
+    if bad:
+        start = bad[0] * record.region_bytes
+        end = min(start + record.region_bytes, size)
+        more = f" (and {len(bad) - 1} more region(s))" if len(bad) > 1 else ""
+        raise errors.FormatError(path=path, offset=start,
+                                 reason=f"file bytes {start}..{end} changed: sha256 of the region differs from "
+                                        f"the manifest{more}")

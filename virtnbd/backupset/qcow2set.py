@@ -16,6 +16,7 @@ when :meth:`Qcow2Set.commit` appends it to the manifest. Push mode uses the same
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -95,6 +96,9 @@ def prepare_image(bset: BackupSet, *, disk: str, point: str, level: str, virtual
     store = _local(bset)
     name = image_name(disk, point)
     path = str(store.path(partial_name(name)))
+    found = bset.manifest()
+    if any(e.file == name for p in (found.points if found else ()) for e in p.disks.values()):
+        raise errors.BackupSetError(path=bset.location, reason=f"{name} belongs to a committed point already")
     for leftover in (path, str(store.path(name))):
         if os.path.lexists(leftover):            # under the lock and not in the manifest: a killed run's
             log.warning("removed %s left by a run that never committed", os.path.basename(leftover))
@@ -139,12 +143,19 @@ def finish_image(bset: BackupSet, image: PreparedImage, *, data_bytes: int, zero
                      extra=MappingProxyType(info))
 
 
-def discard_image(image: PreparedImage) -> None:
-    """Remove a prepared image that will not be committed (failed or interrupted run)."""
-    try:
-        os.unlink(image.path)
-    except FileNotFoundError:
-        pass
+def discard_image(bset: BackupSet, image: PreparedImage) -> None:
+    """Remove a prepared (partial) or finished image that will not be committed (failed run).
+
+    Never removes an image some committed point lists. Used by push mode too.
+    """
+    found = bset.manifest()
+    listed = {e.file for p in (found.points if found else ()) for e in p.disks.values()}
+    for path in (image.path, str(_local(bset).path(image.name))):
+        if os.path.basename(path) in listed:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            log.info("removed %s of the run that did not commit", os.path.basename(path))
 
 
 def _qemu_img(argv: list[str], path: str) -> None:

@@ -43,8 +43,7 @@ def build_parser() -> OneLineParser:
     _add_fleet_arguments(p)
     p.add_argument("-k", "--killonly", action="store_true",
                    help="only abort a backup job left on the domain by a killed run, then exit")
-    p.add_argument("-t", "--type", choices=("stream", "raw", "qcow2"), default="stream",
-                   help=TYPE_HELP)
+    _add_type_arguments(p)
     p.add_argument("-L", "--syslog", action="store_true", help="also send the messages to syslog")
     p.add_argument("--quiet", action="store_true", help="only errors on stderr")
     p.add_argument("-l", "--level", choices=LEVELS, default="copy",
@@ -53,9 +52,6 @@ def build_parser() -> OneLineParser:
     p.add_argument("-o", "--output", required=True,
                    help="backup folder (one folder per chain); several domains: the folder holding one per domain")
     p.add_argument("-U", "--uri", default=None, help="libvirt connection URI (default: qemu:///system)")
-    p.add_argument("--push", action="store_true",
-                   help="with -t qcow2: a libvirt push-mode backup job (QEMU) writes each disk's point image "
-                        "instead of virtnbd's own NBD reader (needs a running domain; slower here, see README)")
     p.add_argument("-i", "--include", action="append", type=_list, default=[],
                    help="back up only these disks (target dev names, comma separated or repeated: -i sda,vdb)")
     p.add_argument("-x", "--exclude", action="append", type=_list, default=[],
@@ -99,6 +95,15 @@ def build_parser() -> OneLineParser:
     rbdargs.add_ceph_arguments(p.add_argument_group("Ceph (raw RBD disks: incrementals from RBD snapshots + diff)"))
     parity.add_arguments(p, parity.BACKUP)
     return p
+
+
+def _add_type_arguments(p: argparse.ArgumentParser) -> None:
+    """-t/--type and --push (who writes a qcow2 set's images)."""
+    p.add_argument("-t", "--type", choices=("stream", "raw", "qcow2"), default="stream",
+                   help=TYPE_HELP)
+    p.add_argument("--push", action="store_true",
+                   help="with -t qcow2: a libvirt push-mode backup job (QEMU) writes each disk's point image "
+                        "instead of virtnbd's own NBD reader (needs a running domain; slower here, see README)")
 
 
 def _umask(text: str) -> int:

@@ -38,7 +38,8 @@ def as_dict(selection: Selection, with_xml: bool = False) -> dict[str, Any]:
         return {"folder": selection.folder, "sequence": [_stream(cf.path, cf.point) for chain in selection.disks
                                                          for cf in chain.files]}
     m = selection.manifest
-    return {"folder": selection.folder, "domain": m.domain, "domain_uuid": m.domain_uuid,
+    kind = selection.bset.kind if selection.bset is not None else "stream"
+    return {"folder": selection.folder, "kind": kind, "domain": m.domain, "domain_uuid": m.domain_uuid,
             "points": [_point(p, with_xml) for p in selection.points]}
 
 
@@ -68,7 +69,8 @@ def table(data: Mapping[str, Any]) -> str:
         rows += [(s["file"], s["disk"], s["level"], s["checkpoint"] or "-", s["parent"] or "-",
                   _size(s["virtual_size"]), s["time"]) for s in data["sequence"]]
         return _format(rows)
-    head = f"domain {data['domain']} ({data['domain_uuid']}), folder {data['folder']}\n"
+    kind = data.get("kind", "stream")
+    head = f"domain {data['domain']} ({data['domain_uuid']}), {kind} set, folder {data['folder']}\n"
     rows = [("POINT", "LEVEL", "PARENT", "TIME", "CONSISTENCY", "DISK", "SIZE", "DATA", "STORED", "FILE")]
     for p in data["points"]:
         disks = list(p["disks"].values()) or [None]

@@ -164,10 +164,11 @@ def select_sequence(paths: Sequence[str], disk: str | None) -> Selection:
     names: set[str] = set()
     seen_checkpoints: list[str | None] = []
     for path in paths:
-        with opened(ChainFile(path, "?", "?")) as reader:
+        found = _listed_image(path)
+        with opened(found or ChainFile(path, "?", "?")) as reader:
             meta = reader.meta
         point = meta.checkpoint or os.path.basename(path)
-        cf = ChainFile(path, point, meta.level)
+        cf = found or ChainFile(path, point, meta.level)
         names.add(meta.disk)
         if len(names) > 1:
             raise ChainFileError(path=path, point=point, reason=f"is disk {meta.disk}, the sequence mixes disks")
@@ -192,6 +193,21 @@ def select_sequence(paths: Sequence[str], disk: str | None) -> Selection:
         raise errors.UsageError(reason=f"--disk {disk}: the sequence holds disk {name}")
     folder = os.path.dirname(os.path.abspath(paths[0]))
     return Selection(folder=folder, manifest=None, points=(), disks=(DiskChain(name, tuple(files)),))
+
+
+def _listed_image(path: str) -> ChainFile | None:
+    """A qcow2 point image given to --sequence: its point and manifest entry (integrity record) from
+    the set in its folder; None for stream files."""
+    if not path.endswith(".qcow2"):
+        return None
+    name = os.path.basename(path)
+    bset = open_set(os.path.dirname(os.path.abspath(path)))
+    for point in manifest_of(bset).points:
+        for entry in point.disks.values():
+            if entry.file == name:
+                return chain_file(bset, point, entry)
+    raise ChainFileError(path=path, point="?", reason="not listed by the manifest of its folder (qcow2 images "
+                                                      "are read with the integrity records of their set)")
 
 
 @contextlib.contextmanager
