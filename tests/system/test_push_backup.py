@@ -1,13 +1,15 @@
 """``virtnbdbackup -t qcow2 --push``: libvirt push-mode jobs write the point images (real libvirtd + QEMU).
 
 Proof by bytes: every point's image, opened as qemu opens it (its relative backing chain), compares
-identical with the disk as it was at that point (``qemu-img compare``).
+identical with the disk as it was at that point (``qemu-img compare``), every point restores
+identical with ``virtnbdrestore --until``, and ``-a verify`` passes on the integrity records.
 """
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ import pytest
 from tests.lab.images import compare_images
 from tests.lab.libvirt_lab import DiskSpec, MiB, random_writes
 from tests.system.backup_helpers import job_running, leftovers, ok
+from tests.system.chain_helpers import REPO, check_restored
 
 pytestmark = pytest.mark.system
 
@@ -88,6 +91,11 @@ def test_push_chain_two_disks_every_point_exact(make_domain, tmp_path) -> None: 
     assert _backing(folder / f"sdb.{diff}.qcow2") == "sdb.virtnbdbackup.3.qcow2"
     assert _backing(folder / "sda.virtnbdbackup.4.qcow2") == "sda.virtnbdbackup.3.qcow2"
     _check_images(folder, expected)
+    for point, images in expected.items():                # virtnbdrestore --until, every point
+        check_restored(folder, point, images, tmp_path)
+    verify = subprocess.run([sys.executable, str(REPO / "virtnbdrestore"), "-n", "-i", str(folder), "-a", "verify"],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert verify.returncode == 0, verify.stderr
 
     # the folder copied elsewhere still opens (relative backing names)
     moved = tmp_path / "moved"
