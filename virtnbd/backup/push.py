@@ -55,7 +55,8 @@ class PushRun:
         for pd in self.run.plan.disks:
             self.images.append(self._prepare_one(pd, manifest))
             self.run.images.append(self.images[-1])      # removed by run_.discard_images() unless committed
-        disks = [xmlbuild.PushDisk(img.disk, img.path, full=img.backing is None) for img in self.images]
+        disks = [xmlbuild.PushDisk(img.disk, os.path.abspath(img.path), full=img.backing is None)
+                 for img in self.images]
         plan = self.run.plan
         uses_bitmaps = any(pd.mode == "inc" for pd in plan.disks)
         return xmlbuild.push_backup_xml(disks, skipped, incremental=plan.incremental if uses_bitmaps else None)
@@ -70,7 +71,8 @@ class PushRun:
                              disk_format=pd.disk.format)
 
     def targets(self) -> list[str]:
-        return [img.path for img in self.images]
+        """Absolute paths, as the job's XML names them (libvirt wants them absolute)."""
+        return [os.path.abspath(img.path) for img in self.images]
 
     def job(self) -> PushJob:
         return PushJob(self.run.dom, self.targets())
@@ -150,14 +152,22 @@ def check_reachable(dom: Any, folder: Path) -> None:
     ids = qemu_ids(dom)
     if ids is None or ids[0] == 0:
         return
-    uid, gid = ids
-    for parent in Path(os.path.abspath(folder)).parents:
+    blocked = unsearchable_parent(folder, *ids)
+    if blocked is not None:
+        mode = stat.S_IMODE(blocked.stat().st_mode)
+        raise errors.UsageError(reason=f"--push: QEMU runs as uid {ids[0]} and cannot reach {folder}: {blocked} "
+                                       f"is not searchable by it (mode {mode:04o}); use a folder QEMU can "
+                                       "reach, or pull mode (no --push)")
+
+
+def unsearchable_parent(folder: Path, uid: int, gid: int) -> Path | None:
+    """The first parent of ``folder`` that user ``uid`` (group ``gid``) may not search, None if none."""
+    for parent in reversed(Path(os.path.abspath(folder)).parents):
         st = parent.stat()
         bit = stat.S_IXUSR if st.st_uid == uid else stat.S_IXGRP if st.st_gid == gid else stat.S_IXOTH
         if not st.st_mode & bit:
-            raise errors.UsageError(reason=f"--push: QEMU runs as uid {uid} and cannot reach {folder}: {parent} "
-                                           f"is not searchable by it (mode {stat.S_IMODE(st.st_mode):04o}); "
-                                           "use a folder QEMU can reach, or pull mode (no --push)")
+            return parent
+    return None
 
 
 @contextlib.contextmanager

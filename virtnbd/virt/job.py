@@ -88,14 +88,15 @@ def abort_stale(dom: libvirt.virDomain, folder: Path | None = None) -> str | Non
 def _abort_stale_push(dom: libvirt.virDomain, targets: list[str], folder: Path | None) -> str:
     """A push job of ours writes ``*.qcow2.partial`` files into a backup folder; it is stale when
     no live run holds that folder's lock (the folder this run locked: its job died with it)."""
-    folders = {Path(t).parent for t in targets}
+    folders = {Path(t).parent.resolve() for t in targets}
     ours = all(t.endswith(PUSH_TARGET_SUFFIX) for t in targets) and all(
         (f / LOCK_FILE).exists() for f in folders)
     if not ours:
         raise errors.LibvirtError(reason=f"domain {dom.name()} has a running push backup job not started by "
                                          f"virtnbdbackup (target {targets[0]}); abort it with "
                                          f"'virsh domjobabort {dom.name()}'")
-    live = [f for f in folders if f != folder and folder_in_use(f)]
+    own = folder.resolve() if folder is not None else None
+    live = [f for f in folders if f != own and folder_in_use(f)]
     if live:
         raise errors.LibvirtError(reason=f"domain {dom.name()} is being backed up (push mode) into {live[0]} "
                                          "by a running virtnbdbackup")
