@@ -152,7 +152,7 @@ class BackupRun:
         extra = {"bytes_read": bytes_read, "mode": pd.mode, "read_zero_bytes": 0,
                  "bus": pd.disk.bus, "source": pd.disk.path or pd.disk.name or ""}
         if self.bset.kind == qcow2set.KIND:
-            extra["read_zero_bytes"] = done.stats.read_zero_bytes
+            extra["read_zero_bytes"] = done.read_zero_bytes
             entry = self._finish_image(image, done, extra)
         else:
             extra["read_zero_bytes"] = stats.read_zero_bytes
@@ -186,7 +186,7 @@ class BackupRun:
         return meta, totals, stats
 
     def _copy_image(self, pd: PlannedDisk, src: NbdSource, bitmap: str | None, pool: ThreadPoolExecutor,
-                    update: Callable[[int], None] | None) -> tuple[qcow2set.PreparedImage, qcow2write.ImageCopy]:
+                    update: Callable[[int], None] | None) -> tuple[qcow2set.PreparedImage, copy.CopyStats]:
         """qcow2 set: the point's image prepared (overlay on the parent's image for a disk read by its
         bitmap, standalone otherwise), then filled by the same copy loop."""
         plan = self.plan
@@ -195,17 +195,18 @@ class BackupRun:
             if relative and pd.mode == "inc" else None
         image = qcow2set.prepare_image(self.bset, disk=pd.target, point=plan.point, level=plan.level,
                                        virtual_size=src.size, backing=backing, checkpoint=plan.checkpoint,
-                                       parent=plan.parent if relative else None, disk_format=pd.disk.format)
+                                       parent=plan.parent if relative else None, disk_format=pd.disk.format,
+                                       create=backing is not None)
         self.images.append(image)
         done = qcow2write.copy_into_image(src, image, self._extents(pd, src, bitmap), pool,
                                           read_size=self.options.buffer_size, progress=update, cancel=self.cancel)
         return image, done
 
-    def _finish_image(self, image: qcow2set.PreparedImage, done: qcow2write.ImageCopy,
+    def _finish_image(self, image: qcow2set.PreparedImage, done: copy.CopyStats,
                       extra: dict[str, Any]) -> bsmanifest.DiskEntry:
         started = time.monotonic()
-        entry = qcow2set.finish_image(self.bset, image, data_bytes=done.stats.data_bytes,
-                                      zero_bytes=done.stats.zero_bytes, extra=extra)
+        entry = qcow2set.finish_image(self.bset, image, data_bytes=done.data_bytes, zero_bytes=done.zero_bytes,
+                                      extra=extra)
         log.debug("%s: integrity records of %s in %.2fs", image.disk, image.name, time.monotonic() - started)
         return entry
 

@@ -1,27 +1,30 @@
-"""Integrity records of a qcow2 point image: sha256 of every fixed region of the image FILE.
+"""Integrity records of a qcow2 point image: xxh3-128 of every fixed region of the image FILE.
 
 Recorded in the manifest entry at commit (``extra["integrity"]``)::
 
-    {"algorithm": "sha256", "region_bytes": R, "size": <file bytes>,
+    {"algorithm": "xxh3-128", "region_bytes": R, "size": <file bytes>,
      "regions": ["<hex>", ...]}          # region i covers file bytes [i*R, min((i+1)*R, size))
 
 R is a power of two, at least 1 MiB, chosen so that a file has at most about 256 regions.
-``digest`` (the entry's ``digest`` field) is the sha256 of the concatenated region digests.
+``digest`` (the entry's ``digest`` field) is the xxh3-128 of the concatenated region digests.
 A single changed byte anywhere in the file changes its region's hash, so a check names the
-file and the region. Regions are hashed in parallel threads (hashlib releases the GIL).
+file and the region. xxh3-128 is the checksum stream frames carry too: it detects damage (not
+forgery: whoever can rewrite an image can rewrite the manifest) at ~3 GB/s per core here, where
+sha256 ran at ~0.45 GB/s and would have made verify CPU-bound. Four threads overlap reads and hashing.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import xxhash
+
 from virtnbd import errors
 
-ALGORITHM = "sha256"
+ALGORITHM = "xxh3-128"
 MIN_REGION = 1 << 20
 MAX_REGIONS = 256
 CHUNK = 8 << 20
@@ -43,7 +46,7 @@ class Integrity:
 
     @property
     def digest(self) -> str:
-        return hashlib.sha256(b"".join(bytes.fromhex(h) for h in self.regions)).hexdigest()
+        return xxhash.xxh3_128(b"".join(bytes.fromhex(h) for h in self.regions)).hexdigest()
 
     def as_json(self) -> dict[str, Any]:
         return {"algorithm": ALGORITHM, "region_bytes": self.region_bytes, "size": self.size,
@@ -53,7 +56,7 @@ class Integrity:
 def from_json(record: Any, path: str) -> Integrity:
     """The record of a manifest entry (FormatError when it is missing or not understood)."""
     if not isinstance(record, Mapping) or record.get("algorithm") != ALGORITHM:
-        raise errors.FormatError(path=path, offset=0, reason="no sha256 integrity record in the manifest")
+        raise errors.FormatError(path=path, offset=0, reason=f"no {ALGORITHM} integrity record in the manifest")
     try:
         return Integrity(int(record["size"]), int(record["region_bytes"]), tuple(str(h) for h in record["regions"]))
     except (KeyError, TypeError, ValueError) as err:
@@ -61,7 +64,7 @@ def from_json(record: Any, path: str) -> Integrity:
 
 
 def _hash_region(fd: int, start: int, end: int) -> str:
-    h = hashlib.sha256()
+    h = xxhash.xxh3_128()
     pos = start
     while pos < end:
         data = os.pread(fd, min(CHUNK, end - pos), pos)
@@ -72,8 +75,8 @@ def _hash_region(fd: int, start: int, end: int) -> str:
     return h.hexdigest()
 
 
-def hash_regions(path: str, region: int, workers: int = 2) -> tuple[int, tuple[str, ...]]:
-    """(file size, sha256 hex of each region) of the file at ``path``."""
+def hash_regions(path: str, region: int, workers: int = 4) -> tuple[int, tuple[str, ...]]:
+    """(file size, xxh3-128 hex of each region) of the file at ``path``."""
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
@@ -104,5 +107,5 @@ def check_integrity(path: str, record: Integrity) -> None:
         end = min(start + record.region_bytes, size)
         more = f" (and {len(bad) - 1} more region(s))" if len(bad) > 1 else ""
         raise errors.FormatError(path=path, offset=start,
-                                 reason=f"file bytes {start}..{end} changed: sha256 of the region differs from "
+                                 reason=f"file bytes {start}..{end} changed: {ALGORITHM} of the region differs from "
                                         f"the manifest{more}")

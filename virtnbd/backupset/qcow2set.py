@@ -11,7 +11,7 @@ Layout (docs/FORMAT.md, "qcow2 sets")::
 
 A point's image is written under ``<name>.partial`` (:func:`prepare_image`), filled by our pull
 engine or by a libvirt push job, then :func:`finish_image` flushes it, records its integrity
-(sha256 of every fixed region of the image FILE) and renames it; the point becomes real only
+(xxh3-128 of every fixed region of the image FILE) and renames it; the point becomes real only
 when :meth:`Qcow2Set.commit` appends it to the manifest. Push mode uses the same functions.
 """
 from __future__ import annotations
@@ -89,10 +89,14 @@ def backing_image(manifest: Manifest | None, parent_point: str | None, disk: str
 
 def prepare_image(bset: BackupSet, *, disk: str, point: str, level: str, virtual_size: int,
                   backing: str | None, checkpoint: str | None, parent: str | None,
-                  disk_format: str = "qcow2", create_options: tuple[str, ...] = ()) -> PreparedImage:
+                  disk_format: str = "qcow2", create_options: tuple[str, ...] = (),
+                  create: bool = True) -> PreparedImage:
     """Create the point's target image under its partial name (0600): thin standalone qcow2 when
     ``backing`` is None (copy/full, or a disk new to the chain), else an overlay whose backing file
-    is the RELATIVE name ``backing`` with ``-F qcow2``. Used by push mode too (libvirt reuses it)."""
+    is the RELATIVE name ``backing`` with ``-F qcow2``. Used by push mode too (libvirt reuses it).
+
+    ``create=False``: names and checks only, the caller creates ``path`` itself (the pull engine
+    writes standalone images directly, ``backup/qcow2write.py``)."""
     store = _local(bset)
     name = image_name(disk, point)
     path = str(store.path(partial_name(name)))
@@ -110,8 +114,9 @@ def prepare_image(bset: BackupSet, *, disk: str, point: str, level: str, virtual
         argv += ["-b", backing, "-F", "qcow2"]
     if create_options:
         argv += ["-o", ",".join(create_options)]
-    _qemu_img([*argv, path, str(virtual_size)], path)
-    os.chmod(path, 0o600)
+    if create:
+        _qemu_img([*argv, path, str(virtual_size)], path)
+        os.chmod(path, 0o600)
     return PreparedImage(disk=disk, point=point, level=level, name=name, path=path, virtual_size=virtual_size,
                          backing=backing, checkpoint=checkpoint, parent=parent, disk_format=disk_format)
 

@@ -80,13 +80,17 @@ class FileTarget(TargetBase):
     def finish(self) -> None:
         """Subclasses write their last bytes (metadata) here, before the fsync."""
 
-    def commit(self) -> None:
+    def complete(self) -> None:
+        """Last bytes written, fsynced and closed, still under the partial name (``commit`` renames)."""
         fd = self._fd("commit")
+        self.finish()
+        os.fsync(fd)
+        os.close(fd)
+        self.fd = None
+
+    def commit(self) -> None:
         try:
-            self.finish()
-            os.fsync(fd)
-            os.close(fd)
-            self.fd = None
+            self.complete()
             os.replace(self.tmp, self.path)
             fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         except OSError as err:
