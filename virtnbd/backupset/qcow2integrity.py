@@ -10,7 +10,7 @@ R is a power of two, at least 1 MiB, chosen so that a file has at most about 256
 A single changed byte anywhere in the file changes its region's hash, so a check names the
 file and the region. xxh3-128 is the checksum stream frames carry too: it detects damage (not
 forgery: whoever can rewrite an image can rewrite the manifest) at ~3 GB/s per core here, where
-sha256 ran at ~0.45 GB/s and would have made verify CPU-bound. Four threads overlap reads and hashing.
+sha256 ran at ~0.45 GB/s and would have made verify CPU-bound. Two threads overlap reads and hashing.
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def _hash_region(fd: int, start: int, end: int) -> str:
     return h.hexdigest()
 
 
-def hash_regions(path: str, region: int, workers: int = 4) -> tuple[int, tuple[str, ...]]:
+def hash_regions(path: str, region: int, workers: int = 2) -> tuple[int, tuple[str, ...]]:
     """(file size, xxh3-128 hex of each region) of the file at ``path``."""
     fd = os.open(path, os.O_RDONLY)
     try:
