@@ -127,3 +127,9 @@ class KeyRequired(EncryptionError):
 
 class WrongKey(EncryptionError):
     template = "{path}: {reason}"
+
+
+class SecretError(VirtnbdError):
+    """A password file, private key or certificate folder cannot be used (missing, readable by others)."""
+
+    template = "{path}: {reason}"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from virtnbd import fsutil
 from virtnbd.backupset.store import LOCK_FILE, LocalStore, folder_lock
+from virtnbd.secrets import RedactFilter
 
 __all__ = ["LOCK_FILE", "folder_lock"]   # the folder lock lives with the local store
 from virtnbd.virt.job import pid_alive
@@ -54,6 +55,7 @@ def run_log(folder: Path, level: str, stamp: str) -> Iterator[Path]:
     handler = _RunLogHandler(path, encoding="utf-8")
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactFilter())
     root = logging.getLogger()
     root.addHandler(handler)
     try:

@@ -29,6 +29,7 @@ from typing import Any
 from virtnbd import errors
 from virtnbd.ops import hooks, metrics, stdio
 from virtnbd.ops.options import FleetOptions
+from virtnbd.secrets import redact_json
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ def summary_table(results: list[DomainResult]) -> list[str]:
 
 
 def _print_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=1, sort_keys=True)
+    json.dump(redact_json(obj), sys.stdout, indent=1, sort_keys=True)
     sys.stdout.write("\n")
     sys.stdout.flush()
 
