@@ -133,3 +133,9 @@ class SecretError(VirtnbdError):
     """A password file, private key or certificate folder cannot be used (missing, readable by others)."""
 
     template = "{path}: {reason}"
+
+
+class RemoteError(VirtnbdError):
+    """A remote host (over ssh) refused or failed a step; the reason names the cause and the fix."""
+
+    template = "{host}: {reason}"

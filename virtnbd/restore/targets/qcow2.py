@@ -69,21 +69,7 @@ def run_tool(argv: list[str], path: str) -> None:
 
 class Qcow2Target(TargetBase):
     def __init__(self, request: TargetRequest) -> None:
-        import nbd  # Debian python3-libnbd
-
-        self._nbd = nbd
-        self.name = request.spec
-        self.path = request.spec
-        self.tmp = temp_name(self.path)
-        self.virtual_size = request.virtual_size
-        self.workers = max(1, request.workers)
-        self.bytes_written = 0
-        self.zero_bytes = 0
-        self._lock = threading.Lock()
-        self._local = threading.local()
-        self._handles: list[Any] = []
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._sockdir: str | None = None
+        self._init_state(request, request.spec)
         refuse_existing(self.path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
@@ -100,6 +86,23 @@ class Qcow2Target(TargetBase):
         except BaseException:
             self.abort()
             raise
+
+    def _init_state(self, request: TargetRequest, path: str) -> None:
+        import nbd  # Debian python3-libnbd
+
+        self._nbd = nbd
+        self.name = request.spec
+        self.path = path
+        self.tmp = temp_name(self.path)
+        self.virtual_size = request.virtual_size
+        self.workers = max(1, request.workers)
+        self.bytes_written = 0
+        self.zero_bytes = 0
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._handles: list[Any] = []
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sockdir: str | None = None
 
     # -- qemu-nbd -------------------------------------------------------
     def _start_server(self) -> None:
@@ -128,13 +131,16 @@ class Qcow2Target(TargetBase):
         if h is None:
             h = self._nbd.NBD()
             try:
-                h.connect_unix(self.sock)
+                self._connect(h)
             except self._nbd.Error as err:
                 raise errors.NbdError(export=self.sock, reason=str(err)) from err
             with self._lock:
                 self._handles.append(h)
             self._local.h = h
         return h
+
+    def _connect(self, h: Any) -> None:
+        h.connect_unix(self.sock)
 
     # -- Target ---------------------------------------------------------
     def write(self, offset: int, data: bytes | memoryview) -> None:
