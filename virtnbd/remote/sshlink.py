@@ -117,14 +117,27 @@ def _why(stderr: str, ep: Endpoint) -> str:
 class SshLink:
     """A master ssh connection; ``run``/``popen`` go through it. Context manager."""
 
-    def __init__(self, ep: Endpoint) -> None:
+    def __init__(self, ep: Endpoint, password_file: str | None = None) -> None:
         self.ep = ep
         self._dir = tempfile.mkdtemp(prefix="virtnbd-ssh-")
         self.control = os.path.join(self._dir, "ctl")
         self._master: subprocess.Popen[bytes] | None = None
+        self._env: dict[str, str] | None = None
+        if password_file:
+            self._env = self._askpass(password_file)
+
+    def _askpass(self, password_file: str) -> dict[str, str]:
+        """``--password-file``: OpenSSH asks a helper that prints the file's first line (never argv)."""
+        path = os.path.join(self._dir, "askpass")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(f"#!/bin/sh\nexec head -n 1 {shlex.quote(os.path.abspath(password_file))}\n")
+        os.chmod(path, 0o700)
+        return {**os.environ, "SSH_ASKPASS": path, "SSH_ASKPASS_REQUIRE": "force"}
 
     def base(self) -> list[str]:
-        return ["ssh", *ssh_options(self.ep), "-o", f"ControlPath={self.control}"]
+        # OpenSSH keeps the FIRST value of an option: the askpass set-up must come before the defaults
+        batch = ["-o", "BatchMode=no", "-o", "NumberOfPasswordPrompts=1"] if self._env else []
+        return ["ssh", *batch, *ssh_options(self.ep), "-o", f"ControlPath={self.control}"]
 
     def __enter__(self) -> SshLink:
         try:
@@ -142,7 +155,7 @@ class SshLink:
                 "exec cat >/dev/null"]
         log.debug("ssh master: %s", " ".join(redact_argv(argv)))
         self._master = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, start_new_session=True)
+                                        stderr=subprocess.PIPE, start_new_session=True, env=self._env)
         deadline = time.monotonic() + CONNECT_TIMEOUT + 5
         while not self._ready():
             if self._master.poll() is not None:

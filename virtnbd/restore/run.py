@@ -98,7 +98,7 @@ def _host(options: RestoreOptions) -> Iterator[remote.RemoteHost | None]:
     if options.remote is None:
         yield None
         return
-    with remote.open_host(options.remote) as host:
+    with remote.open_host(options.remote, options.password_file) as host:
         yield host
 
 

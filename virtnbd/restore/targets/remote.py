@@ -135,7 +135,7 @@ class RemoteHost:
 
 
 @contextlib.contextmanager
-def open_host(options: RemoteOptions) -> Iterator[RemoteHost]:
+def open_host(options: RemoteOptions, password_file: str | None = None) -> Iterator[RemoteHost]:
     if options.tls and options.tls_cert is None:
         raise errors.UsageError(reason="a remote restore writes over NBD with TLS: give --tls-cert DIR (ca-cert.pem, "
                                        "client-cert.pem, client-key.pem signed by the host's CA), or --no-tls")
@@ -144,7 +144,7 @@ def open_host(options: RemoteOptions) -> Iterator[RemoteHost]:
     if not options.tls:
         log.warning("--no-tls: the restored disks cross the network UNENCRYPTED and the host's qemu-nbd accepts "
                     "any client on %s", options.nbd_ip or "its loopback")
-    with SshLink(endpoint(options.uri, options.known_hosts)) as link:
+    with SshLink(endpoint(options.uri, options.known_hosts), password_file) as link:
         yield RemoteHost(options, link)
 
 
