@@ -34,7 +34,7 @@ _REMOTE_ROWS: tuple[Foreign, ...] = (
     Foreign(("--ssh-user",), "refused", REMOTE, takes_value=True),
     Foreign(("--ssh-port",), "refused", REMOTE, takes_value=True),
     Foreign(("--password",), "refused", "passwords are never taken on the command line (they show in ps "
-            "and shell history): put it in a file (mode 0600) and give --password-file FILE", takes_value=True),
+            "and shell history); " + REMOTE, takes_value=True),
     Foreign(("-P", "--nbd-port"), "refused", REMOTE, takes_value=True),
     Foreign(("-I", "--nbd-ip"), "refused", REMOTE, takes_value=True),
     Foreign(("--tls",), "refused", REMOTE),
@@ -68,7 +68,8 @@ RESTORE: tuple[Foreign, ...] = (
     Foreign(("--nocolor",), "ignored", "virtnbd prints no colours"),
     Foreign(("-C", "--config-file"), "refused", "the domain XML saved with the restored point "
             "(vmconfig.<point>.xml) is adjusted; choose the point with -u/--until", takes_value=True),
-    *(r for r in _REMOTE_ROWS if r.flags[-1] in ("--password",)),
+    Foreign(("--password",), "refused", "passwords are never taken on the command line (they show in ps "
+            "and shell history): put it in a file (mode 0600) and give --password-file FILE", takes_value=True),
     Foreign(("--user",), "refused", "the user goes into the URI: -U qemu+ssh://USER@HOST/system", takes_value=True),
     Foreign(("--ssh-user",), "refused", "the ssh user goes into the URI: -U qemu+ssh://USER@HOST/system",
             takes_value=True),
