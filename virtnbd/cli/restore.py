@@ -13,7 +13,7 @@ from virtnbd.cli import hostargs, keyargs, locations, parity, rbdargs, s3args
 from virtnbd.cli.shell import OneLineParser, run_main
 from virtnbd.restore.options import ACTIONS, FORMATS, RestoreOptions
 from virtnbd.restore.targets import blockdev
-from virtnbd.restore.targets.remote import RemoteOptions
+from virtnbd.restore.targets.remote import NEEDS_CERT, RemoteOptions
 
 PROG = "virtnbdrestore"
 
@@ -140,6 +140,9 @@ def _remote(args: argparse.Namespace) -> RemoteOptions | None:
     if remote is not None and (args.output == "-" or not args.output and not args.target):
         raise errors.UsageError(reason="a remote restore (-U on another host) needs -o FOLDER on that host "
                                        "(or -o rbd:POOL)")
+    files = bool(args.output) and not str(args.output).startswith("rbd:")
+    if remote is not None and remote.tls and not remote.tls_cert and files:
+        raise errors.UsageError(reason=NEEDS_CERT)
     return remote
 
 

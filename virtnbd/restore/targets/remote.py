@@ -49,6 +49,10 @@ READY_TIMEOUT = 60.0
 COMMIT_TIMEOUT = 120.0
 
 
+NEEDS_CERT = ("a remote restore writes over NBD with TLS: give --tls-cert DIR (ca-cert.pem, client-cert.pem, "
+              "client-key.pem signed by the host's CA), or --no-tls")
+
+
 @dataclass(frozen=True)
 class RemoteOptions:
     """What virtnbdrestore's options say about a remote host (built by cli/restore.py)."""
@@ -136,9 +140,6 @@ class RemoteHost:
 
 @contextlib.contextmanager
 def open_host(options: RemoteOptions, password_file: str | None = None) -> Iterator[RemoteHost]:
-    if options.tls and options.tls_cert is None:
-        raise errors.UsageError(reason="a remote restore writes over NBD with TLS: give --tls-cert DIR (ca-cert.pem, "
-                                       "client-cert.pem, client-key.pem signed by the host's CA), or --no-tls")
     if options.tls_cert:
         secrets.check_tls_dir(options.tls_cert)
     if not options.tls:
@@ -188,6 +189,8 @@ class RemoteTarget(Qcow2Target):
         if request.preallocate:
             opts.append("preallocation=metadata" if request.format == "qcow2" else "preallocation=full")
         o = self.host.options
+        if o.tls and not o.tls_cert:
+            raise errors.UsageError(reason=NEEDS_CERT)
         tlsdir = "-" if not o.tls else (o.server_tls_dir or "")
         args = [self.tmp, self.path, request.format, str(self.virtual_size), ",".join(opts),
                 o.nbd_ip or "127.0.0.1", " ".join(map(str, _ports(o.nbd_port))), tlsdir, str(self.workers + 1)]
