@@ -127,3 +127,9 @@ class KeyRequired(EncryptionError):
 
 class WrongKey(EncryptionError):
     template = "{path}: {reason}"
+
+
+class RemoteError(VirtnbdError):
+    """A remote KVM host could not be reached or used (ssh, host key, TLS, ports, remote tools)."""
+
+    template = "{host}: {reason}"
