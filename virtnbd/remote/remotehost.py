@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import shlex
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
@@ -61,10 +60,9 @@ IN_USE = "Address already in use"
 TLS_HINTS = ("tls", "x509", "certificate")
 
 
-def ports(first: int) -> list[int]:
-    """The ports a run tries: FIRST..FIRST+63, from a random place (parallel runs rarely collide)."""
-    start = random.randrange(PORT_RANGE)
-    return [first + (start + i) % PORT_RANGE for i in range(PORT_RANGE)]
+def ports(first: int) -> range:
+    """The ports a run tries, in order: FIRST..FIRST+63 (parallel runs take the next free one)."""
+    return range(first, first + PORT_RANGE)
 
 
 class RemoteHost:
