@@ -8,8 +8,8 @@ work folder of ours.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -33,8 +33,8 @@ SIZE = 8 * MiB
 
 def _cmd(lab: RemoteLab, dom: LabDomain, level: str, folder: Path, *extra: str,
          tls: Path | None = None, known_hosts: Path | None = None, scheme: str = "qemu+ssh") -> list[str]:
-    return [sys.executable, BACKUP, "-U", lab.uri(scheme), "-d", dom.name, "-l", level, "-o", str(folder), "-n", "--json",
-            "--scratchdir", str(dom.dir), "--tls-cert", str(tls or lab.client_tls),
+    return [sys.executable, BACKUP, "-U", lab.uri(scheme), "-d", dom.name, "-l", level, "-o", str(folder), "-n",
+            "--json", "--scratchdir", str(dom.dir), "--tls-cert", str(tls or lab.client_tls),
             "--ssh-known-hosts", str(known_hosts or lab.known_hosts), *extra]
 
 
