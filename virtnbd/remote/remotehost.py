@@ -30,14 +30,15 @@ d=$(mktemp -d "$1/virtnbd.$3.XXXXXXXX") || exit 1
 chmod 1733 "$d"
 echo "$d"
 trap '' HUP INT TERM PIPE
-read -r _ || true
+line=; read -r line || true
 for f in "$d"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null; done
 for f in "$d"/*.pid; do
   [ -f "$f" ] || continue; p=$(cat "$f"); i=0
   while kill -0 "$p" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
   kill -9 "$p" 2>/dev/null
 done
-if command -v virsh >/dev/null 2>&1 && virsh -q -c qemu:///system backup-dumpxml "$2" 2>/dev/null | grep -qF "$d/"
+if [ "$line" != done ] && command -v virsh >/dev/null 2>&1 &&
+   virsh -q -c qemu:///system backup-dumpxml "$2" 2>/dev/null | grep -qF "$d/"
 then virsh -q -c qemu:///system domjobabort "$2" >/dev/null 2>&1; fi
 rm -rf "$d"
 echo gone

@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -343,8 +343,7 @@ class NbdSource:
             self.size = main.get_size()
             self.multi_conn = bool(main.can_multi_conn())
             self.max_block = int(main.get_block_size(nbd.SIZE_MAXIMUM) or 0)
-            for _ in range(self._wanted if self.multi_conn else 1):
-                self._handles.append(_open(self.socket, self.export, ()))
+            self._open_readers(self._wanted if self.multi_conn else 1)
         except nbd.Error as err:
             self.close()
             raise errors.NbdError(export=self.export, reason=_nbd_reason(err)) from err
@@ -361,6 +360,19 @@ class NbdSource:
             self._workers.append(worker)
         log.debug("nbd %s: size %d, multi-conn %s, %d reader connection(s), depth %d",
                   self.export, self.size, self.multi_conn, len(self._workers), self._depth)
+
+    def _open_readers(self, count: int) -> None:
+        """The reader connections; over TCP opened at once (each TLS handshake is a round trip or more)."""
+        if not isinstance(self.socket, TcpAddress) or count == 1:
+            self._handles.extend(_open(self.socket, self.export, ()) for _ in range(count))
+            return
+        with ThreadPoolExecutor(count, thread_name_prefix="nbd-connect") as pool:
+            futures = [pool.submit(_open, self.socket, self.export, ()) for _ in range(count)]
+            for fut in futures:         # every handle kept (closed by close() on failure), then errors raised
+                with contextlib.suppress(errors.NbdError):
+                    self._handles.append(fut.result())
+            for fut in futures:
+                fut.result()
 
     def block_status(self, offset: int, count: int) -> Mapping[str, Sequence[tuple[int, int]]]:
         """{context: [(length, flags), ...]} from ``offset``; see :mod:`virtnbd.source.extents`."""
