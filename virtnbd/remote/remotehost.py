@@ -58,7 +58,7 @@ echo /etc/pki/qemu
 """
 
 IN_USE = "Address already in use"
-TLS_HINTS = ("tls", "x509", "certificate")
+TLS_HINTS = ("tls", "x509", "cert", "credentials")
 
 
 def ports(first: int) -> range:
