@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from virtnbd import errors
 from virtnbd.remote import uri as uri_mod
@@ -59,3 +60,12 @@ def session(uri: str | None, options: RemoteOptions) -> Iterator[tuple[str | Non
             yield libvirt_uri(target, ssh), host
     finally:
         ssh.close()
+
+
+@contextlib.contextmanager
+def connected(uri: str | None, options: RemoteOptions) -> Iterator[Any]:
+    """A libvirt connection to ``uri`` (a remote one through :func:`session`), closed at exit."""
+    from virtnbd.virt import connection
+
+    with session(uri, options) as (libvirt_uri_, _host), connection.connect(libvirt_uri_) as conn:
+        yield conn
