@@ -89,6 +89,8 @@ def test_chain_over_ssh_online_offline_online(remote_lab: RemoteLab, make_domain
 
     dom.stop()
     write_all(dom, 3, 4, SAFE)
+    estimate = _ok(remote_lab, dom, "inc", folder, "-p")      # -p offline: the remote export's bitmap measured
+    assert estimate["skipped"] and 0 < estimate["estimate"]["sda"] <= SIZE
     off = _ok(remote_lab, dom, "inc", folder)
     assert off["consistency"] == "offline" and off["remote"]["nbd"][0].startswith("nbds://")
     expected[off["point"]] = snap_all(dom, "p2")
