@@ -136,6 +136,6 @@ class SecretError(VirtnbdError):
 
 
 class RemoteError(VirtnbdError):
-    """A remote host (over ssh) refused or failed a step; the reason names the cause and the fix."""
+    """A remote KVM host could not be reached or used (ssh, host key, TLS, ports, remote tools)."""
 
     template = "{host}: {reason}"

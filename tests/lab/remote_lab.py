@@ -3,8 +3,8 @@
 What it sets up in one folder (``DIR``, default ``/var/lib/vnbdtest-remote`` or ``$VNBD_REMOTE_LAB``):
 
 - ``DIR/pki``: a throw-away CA (``certtool``, Debian ``gnutls-bin``); ``pki/server`` holds
-  ``ca-cert.pem``, ``server-cert.pem`` (CN and SAN ``localhost``, SAN IP ``127.0.0.1``) and
-  ``server-key.pem`` (owned by ``libvirt-qemu``, 0600: QEMU reads it itself); ``pki/client``
+  ``ca-cert.pem``, ``server-cert.pem`` (CN and SAN ``localhost``, SAN IP ``127.0.0.1``),
+  ``server-key.pem`` (owned by ``libvirt-qemu``, 0600: QEMU reads it itself) and ``dh-params.pem``; ``pki/client``
   (0700) holds ``ca-cert.pem``, ``client-cert.pem``, ``client-key.pem`` (0600) - the layout both
   QEMU's ``tls-creds-x509`` and libnbd's ``set_tls_certificates(DIR)`` read. ``pki/foreign``:
   a client certificate of ANOTHER CA (for refusal tests).
@@ -176,6 +176,17 @@ def _make_pki(pki: Path) -> None:
     tmp.rename(pki)
 
 
+def _dh_params(server: Path) -> None:
+    """``dh-params.pem`` (RFC 7919 group): without it QEMU generates DH parameters at every job start (~0.7 s)."""
+    target = server / "dh-params.pem"
+    if target.exists():
+        return
+    tmp = server / ".dh-params.pem.tmp"
+    _certtool("--get-dh-params", "--sec-param", "medium", "--outfile", str(tmp))
+    tmp.chmod(0o644)
+    os.replace(tmp, target)
+
+
 def _set_modes(pki: Path) -> None:
     pki.chmod(0o755)
     (pki / "server").chmod(0o755)
@@ -226,6 +237,7 @@ def configure(folder: Path) -> bool:
     if not (folder / "pki" / "foreign" / "client-key.pem").exists():
         shutil.rmtree(folder / "pki", ignore_errors=True)
         _make_pki(folder / "pki")
+    _dh_params(folder / "pki" / "server")
     if _conf_current(folder):
         return False
     _write_conf(folder)

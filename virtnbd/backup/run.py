@@ -9,6 +9,7 @@ so the manifest's newest point stays the parent of the next inc.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -25,6 +26,9 @@ from virtnbd.backup.plan import Plan, PlannedDisk, make_plan
 from virtnbd.backupset import encrypted
 from virtnbd.backupset.api import BackupSet, create_set
 from virtnbd.backupset.store import LocalStore
+from virtnbd.remote import host
+from virtnbd.remote.host import Host
+from virtnbd.remote.session import NO_TLS_WARNING, session
 from virtnbd.source import rbdextents
 from virtnbd.virt import agent, checkpoints, connection, domainxml, xmlbuild
 from virtnbd.virt.job import BackupJob, abort_stale, refuse_foreign_jobs
@@ -113,8 +117,8 @@ def _uses_bitmaps(plan: Plan) -> bool:
     return any(pd.mode == "inc" for pd in plan.disks)
 
 
-def _backup_xml(plan: Plan, socket: str, workdir: Path, skipped: list[str]) -> str:
-    disks = [xmlbuild.BackupDisk(pd.target, str(workdir / f"{pd.target}.scratch.qcow2"), full=pd.mode != "inc")
+def _backup_xml(plan: Plan, socket: str | xmlbuild.TcpServer, workdir: str, skipped: list[str]) -> str:
+    disks = [xmlbuild.BackupDisk(pd.target, f"{workdir}/{pd.target}.scratch.qcow2", full=pd.mode != "inc")
              for pd in plan.disks]
     return xmlbuild.backup_xml(socket, disks, skipped,
                                incremental=plan.incremental if _uses_bitmaps(plan) else None)
@@ -131,7 +135,8 @@ def _checkpoint_xml(plan: Plan, all_targets: list[str]) -> str | None:
 
 def run(options: BackupOptions) -> RunSummary:
     started = time.monotonic()
-    with modes.umask(options.umask), connection.connect(options.uri) as conn:
+    with modes.umask(options.umask), session(options.uri, options.remote) as (uri, on_host), \
+            connection.connect(uri) as conn:
         dom = connection.lookup_domain(conn, options.domain)
         bset = create_set(options.output)
         if not isinstance(bset.store, LocalStore):
@@ -150,8 +155,19 @@ def run(options: BackupOptions) -> RunSummary:
                 raise errors.LibvirtError(reason=connection.reason(err)) from err
             finally:
                 modes.apply(folder, options.umask)
+        _remote_facts(summary, on_host)
     summary.seconds = round(time.monotonic() - started, 3)
     return summary
+
+
+def _remote_facts(summary: RunSummary, on_host: Host) -> None:
+    """A remote run's host, NBD addresses, TLS and ssh round trips in the summary; --no-tls as a note."""
+    facts = on_host.facts()
+    if facts is None:
+        return
+    summary.remote = dataclasses.asdict(facts)
+    if not facts.tls:
+        summary.notes.append(NO_TLS_WARNING)
 
 
 def _offline() -> Any:
@@ -220,12 +236,15 @@ def _execute(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet, pl
     skipped = [t for t in all_targets if t not in {pd.target for pd in plan.disks}]
     checkpoint_xml = _checkpoint_xml(plan, all_targets)
     try:
-        with output.work_dir(options.scratchdir) as workdir, _created_checkpoint(dom, plan) as committed:
-            socket = options.socketfile or str(workdir / "backup.sock")
+        on_host = host.current()
+        with on_host.work_dir(options.scratchdir, dom.name()) as workdir, \
+                _created_checkpoint(dom, plan) as committed:
             with rbdextents.points(options.ceph, plan, committed, dom) as run_.rbd, BackupJob(dom) as job:
                 with _quiesced(dom, options) as quiesce:
                     rbdextents.snapshot(run_.rbd, plan)
-                    job.begin(_backup_xml(plan, socket, workdir, skipped), checkpoint_xml)
+                    socket = on_host.begin_job(
+                        lambda server: job.begin(_backup_xml(plan, server, workdir, skipped), checkpoint_xml),
+                        workdir, options.socketfile)
                 summary.consistency = getattr(quiesce, "consistency", "crash")
                 guest_info = dict(getattr(quiesce, "guest_info", {}) or {})
                 results = run_.copy_all(socket)
