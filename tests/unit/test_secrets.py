@@ -1,4 +1,4 @@
-"""Secrets (virtnbd/secrets.py, cli/hostargs.py, remote/sshlink.py): redaction, refusals, file checks."""
+"""Secrets (virtnbd/secrets.py, cli/hostargs.py, restore/targets/remote.py): redaction, refusals, file checks."""
 from __future__ import annotations
 
 import io
@@ -10,7 +10,8 @@ import pytest
 
 from virtnbd import errors, secrets
 from virtnbd.cli import restore, shell
-from virtnbd.remote import sshlink
+from virtnbd.remote.options import RemoteOptions
+from virtnbd.restore.targets import remote
 
 URI = "qemu+ssh://root@host.example:2222/system?keyfile=/root/.ssh/id&no_verify=1"
 
@@ -112,23 +113,29 @@ def test_tls_dir_checks(tmp_path: Path) -> None:
     assert secrets.check_tls_dir(str(tmp_path)) == str(tmp_path)
 
 
-def test_ssh_endpoint_from_uri(tmp_path: Path) -> None:
+def test_ssh_target_and_askpass_order(tmp_path: Path) -> None:
     key = tmp_path / "id"
     key.write_text("k")
     key.chmod(0o600)
-    ep = sshlink.endpoint(f"qemu+ssh://root@h.example:2222/system?keyfile={key}", "/kh")
-    assert (ep.user, ep.host, ep.port, ep.keyfile, ep.known_hosts) == ("root", "h.example", 2222, str(key), "/kh")
-    opts = sshlink.ssh_options(ep)
-    assert "StrictHostKeyChecking=yes" in opts and "BatchMode=yes" in opts and "UserKnownHostsFile=/kh" in opts
-    assert sshlink.endpoint("qemu+libssh://h/system?known_hosts=/pinned").known_hosts == "/pinned"
+    target = remote.ssh_target(f"qemu+ssh://root@h.example:2222/system?keyfile={key}")
+    assert (target.user, target.host, target.ssh_port, target.keyfile) == ("root", "h.example", 2222, str(key))
+    pw = tmp_path / "pw"
+    pw.write_text("x\n")
+    link = remote.RestoreSsh(target, RemoteOptions(known_hosts="/kh"), str(pw))
+    try:
+        argv = link.base_argv()
+        # OpenSSH keeps the first value: BatchMode=no must come before the shared BatchMode=yes
+        assert argv.index("BatchMode=no") < argv.index("BatchMode=yes")
+        assert "StrictHostKeyChecking=yes" in argv and "UserKnownHostsFile=/kh" in argv
+        assert str(pw) not in " ".join(argv)
+    finally:
+        link.close()
     key.chmod(0o644)
     with pytest.raises(errors.SecretError, match="ssh private key"):
-        sshlink.endpoint(f"qemu+ssh://h/system?keyfile={key}")
+        remote.ssh_target(f"qemu+ssh://h/system?keyfile={key}")
     with pytest.raises(errors.UsageError, match="over ssh"):
-        sshlink.endpoint("qemu+tls://h/system")
-    assert not sshlink.is_remote("qemu:///system") and sshlink.is_remote(URI)
-    assert sshlink.remote_command(["sh", "-c", "echo $1", "x y"]) == "sh -c 'echo $1' 'x y'"
-    assert sshlink.shown(["sh", "-c", "a\nb", "qemu+tcp://u:S3cret@h/"]) == "sh -c <script> qemu+tcp://u@h/"
+        remote.ssh_target("qemu+tls://h/system")
+    assert remote.shown(["sh", "-c", "a\nb", "qemu+tcp://u:S3cret@h/"]) == "sh -c <script> qemu+tcp://u@h/"
 
 
 def test_restore_remote_options() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from virtnbd import errors, secrets
-from virtnbd.remote.sshlink import is_remote
+from virtnbd.remote.uri import parse as parse_uri
 from virtnbd.restore.targets.remote import RemoteOptions
 
 
@@ -49,7 +49,7 @@ def add_restore_host(p: argparse.ArgumentParser) -> None:
 def remote_options(args: argparse.Namespace) -> RemoteOptions | None:
     """RemoteOptions when -U names another host and the action writes images; else None."""
     wanted = [o for o in ("ssh_known_hosts", "tls_cert", "nbd_tls_dir", "nbd_ip", "nbd_port") if getattr(args, o)]
-    if not is_remote(args.uri) or args.action != "restore":
+    if parse_uri(args.uri) is None or args.action != "restore":
         if wanted or args.no_tls:
             flag = "--no-tls" if not wanted else "--" + wanted[0].replace("_", "-")
             raise errors.UsageError(reason=f"{flag} goes with a remote restore (-U qemu+ssh://USER@HOST/system)")

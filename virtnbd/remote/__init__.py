@@ -8,6 +8,6 @@
                   ``RemoteHost``; ``current()`` is the run's host
 - :mod:`nbd`      where a backup job's NBD server listens and how the client reaches it (TLS, ports)
 
-Restore side (issue #15, branch i15r): :mod:`sshlink` is the restore's ssh connection, written before
-:mod:`ssh` existed (see restore/targets/remote.py); to be folded into :mod:`ssh`.
+The restore side (restore/targets/remote.py) uses :mod:`ssh` too (``RestoreSsh`` adds a socket
+forward and the ``--password-file`` askpass helper).
 """

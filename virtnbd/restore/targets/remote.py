@@ -27,6 +27,7 @@ import contextlib
 import logging
 import os
 import random
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -36,7 +37,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from virtnbd import errors, secrets
-from virtnbd.remote.sshlink import SshLink, endpoint
+from virtnbd.remote import options as remote_options
+from virtnbd.remote import session as remote_session
+from virtnbd.remote import uri as uri_mod
+from virtnbd.remote.ssh import SshConnection, explain
 from virtnbd.restore.targets.base import TargetRequest
 from virtnbd.restore.targets.qcow2 import Qcow2Target, create_options
 
@@ -118,24 +122,101 @@ echo committed
 '''
 
 
-class RemoteHost:
-    """One remote host for a restore run: the ssh link, the TLS settings, folder and file helpers."""
+class RestoreSsh(SshConnection):
+    """The backup side's ssh connection (virtnbd/remote/ssh.py) plus what a restore needs:
+    a checked ``check_run``, an ``-O forward`` of a local unix socket, and ``--password-file``
+    answering an encrypted key's passphrase through an askpass helper (never argv)."""
 
-    def __init__(self, options: RemoteOptions, link: SshLink) -> None:
+    def __init__(self, target: uri_mod.RemoteUri, options: remote_options.RemoteOptions,
+                 password_file: str | None = None) -> None:
+        super().__init__(target, options)
+        self._askpass: str | None = None
+        if password_file:
+            self._askpass = str(self._dir / "askpass")
+            with open(self._askpass, "w", encoding="utf-8") as f:
+                f.write(f"#!/bin/sh\nexec head -n 1 {shlex.quote(os.path.abspath(password_file))}\n")
+            os.chmod(self._askpass, 0o700)
+
+    def base_argv(self) -> list[str]:
+        argv = super().base_argv()
+        if self._askpass:       # OpenSSH keeps the FIRST value of an option: these go before BatchMode=yes
+            argv[1:1] = ["-o", "BatchMode=no", "-o", "NumberOfPasswordPrompts=1"]
+        return argv
+
+    def open(self) -> RestoreSsh:
+        if not self._askpass:
+            super().open()
+            return self
+        saved = {k: os.environ.get(k) for k in ("SSH_ASKPASS", "SSH_ASKPASS_REQUIRE")}
+        os.environ.update(SSH_ASKPASS=self._askpass, SSH_ASKPASS_REQUIRE="force")   # the master only
+        try:
+            super().open()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        return self
+
+    def check_run(self, command: list[str], stdin: bytes | None = None) -> str:
+        log.debug("remote %s: %s", self.target.host, shown(command))
+        done = self.run(command, input=stdin)
+        if done.returncode != 0:
+            lines = done.stderr.decode(errors="replace").strip().splitlines()
+            raise errors.RemoteError(host=self.target.host,
+                                     reason=f"{command[0]}: {lines[-1] if lines else f'exit {done.returncode}'}")
+        return done.stdout.decode(errors="replace")
+
+    def forward(self, local_socket: str, remote_port: int, remote_host: str = "127.0.0.1") -> None:
+        """Forward a local unix socket to REMOTE_HOST:REMOTE_PORT as seen from the host."""
+        spec = f"{local_socket}:{remote_host}:{remote_port}"
+        done = subprocess.run([*self.base_argv(), "-O", "forward", "-L", spec, *self._dest()],
+                              capture_output=True, timeout=30, check=False)
+        if done.returncode != 0:
+            raise errors.RemoteError(host=self.target.host, reason=f"ssh forward to {remote_host}:{remote_port}: "
+                                     f"{explain(done.stderr.decode(errors='replace'), self.where, self.known_hosts)}")
+
+
+def shown(command: list[str]) -> str:
+    """A remote command as logged: secrets removed, inline scripts shortened."""
+    return " ".join("<script>" if "\n" in a else a for a in secrets.redact_argv(command))
+
+
+def ssh_target(uri: str) -> uri_mod.RemoteUri:
+    """The ssh-reachable host of ``uri`` (UsageError for local URIs and non-ssh transports)."""
+    target = uri_mod.parse(uri)
+    if target is None or target.transport not in uri_mod.SSH_TRANSPORTS:
+        raise errors.UsageError(reason=f"{secrets.redact_uri(uri)}: a remote restore reaches the host over ssh: "
+                                       "use a qemu+ssh://USER@HOST[:PORT]/system URI")
+    if target.keyfile:
+        secrets.check_private(target.keyfile, "ssh private key (keyfile= in the URI)")
+    return target
+
+
+class RemoteHost:
+    """One remote host for a restore run: the ssh connection, the TLS settings, folder and file helpers."""
+
+    def __init__(self, options: RemoteOptions, link: RestoreSsh, target: uri_mod.RemoteUri) -> None:
         self.options = options
         self.link = link
-        self.name = link.ep.host
+        self.target = target
+        self.name = target.host
 
     def make_folder(self, path: str) -> None:
-        self.link.run(["mkdir", "-p", "--", path])
+        self.link.check_run(["mkdir", "-p", "--", path])
 
     def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
         """A small file on the host, written under a temp name and renamed."""
         script = 'umask 077; cat > "$1.tmp" && chmod "$2" "$1.tmp" && mv -- "$1.tmp" "$1"'
-        self.link.run(["sh", "-c", script, "sh", path, f"{mode:o}"], stdin=data)
+        self.link.check_run(["sh", "-c", script, "sh", path, f"{mode:o}"], stdin=data)
 
     def libvirt_uri(self) -> str:
-        return self.link.libvirt_uri(self.options.uri)
+        return remote_session.libvirt_uri(self.target, self.link)
+
+    def popen(self, command: list[str]) -> subprocess.Popen[bytes]:
+        log.debug("remote %s: %s", self.name, shown(command))
+        return self.link.popen(command)
 
 
 @contextlib.contextmanager
@@ -145,8 +226,15 @@ def open_host(options: RemoteOptions, password_file: str | None = None) -> Itera
     if not options.tls:
         log.warning("--no-tls: the restored disks cross the network UNENCRYPTED and the host's qemu-nbd accepts "
                     "any client on %s", options.nbd_ip or "its loopback")
-    with SshLink(endpoint(options.uri, options.known_hosts), password_file) as link:
-        yield RemoteHost(options, link)
+    target = ssh_target(options.uri)
+    ssh_options = remote_options.RemoteOptions(tls=options.tls, known_hosts=options.known_hosts,
+                                               tls_dir=options.tls_cert or remote_options.DEFAULT_TLS_DIR)
+    link = RestoreSsh(target, ssh_options, password_file)
+    try:
+        link.open()
+        yield RemoteHost(options, link, target)
+    finally:
+        link.close()
 
 
 def spec_path(spec: str) -> str:
@@ -194,7 +282,7 @@ class RemoteTarget(Qcow2Target):
         tlsdir = "-" if not o.tls else (o.server_tls_dir or "")
         args = [self.tmp, self.path, request.format, str(self.virtual_size), ",".join(opts),
                 o.nbd_ip or "127.0.0.1", " ".join(map(str, _ports(o.nbd_port))), tlsdir, str(self.workers + 1)]
-        self._supervisor = self.host.link.popen(["sh", "-c", SUPERVISOR, "sh", *args])
+        self._supervisor = self.host.popen(["sh", "-c", SUPERVISOR, "sh", *args])
         line = self._read_line(READY_TIMEOUT)
         if not line.startswith("ready "):
             raise self._fail(self._supervisor_error() or "the remote restore helper ended without starting qemu-nbd")
