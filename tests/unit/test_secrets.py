@@ -155,3 +155,18 @@ def test_json_dump_is_redacted() -> None:
     out = io.StringIO()
     json.dump(secrets.redact_json({"xml": "<graphics passwd='S3cret'/>"}), out)
     assert "S3cret" not in out.getvalue()
+
+
+def test_backup_refuses_uri_secrets_and_takes_a_password_file(tmp_path: Path) -> None:
+    from virtnbd.cli import backup
+    base = ["-d", "vm", "-o", "/b"]
+    with pytest.raises(errors.UsageError, match="--password-file") as err:
+        backup.parse([*base, "-U", "qemu+tcp://admin:S3cret@h/system"])
+    assert "S3cret" not in str(err.value)
+    pw = tmp_path / "pw"
+    pw.write_text("S3cret\n")
+    pw.chmod(0o600)
+    assert backup.parse([*base, "--password-file", str(pw)]).remote.password_file == str(pw)
+    pw.chmod(0o604)
+    with pytest.raises(errors.SecretError, match="chmod 600"):
+        backup.parse([*base, "--password-file", str(pw)])

@@ -136,7 +136,7 @@ def _checkpoint_xml(plan: Plan, all_targets: list[str]) -> str | None:
 def run(options: BackupOptions) -> RunSummary:
     started = time.monotonic()
     with modes.umask(options.umask), session(options.uri, options.remote) as (uri, on_host), \
-            connection.connect(uri) as conn:
+            connection.connect(uri, options.remote.password_file) as conn:
         dom = connection.lookup_domain(conn, options.domain)
         bset = create_set(options.output)
         if not isinstance(bset.store, LocalStore):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from virtnbd import errors
+from virtnbd.cli.hostargs import checked_uri
 from virtnbd.remote.options import CONNECT_TIMEOUT, DEFAULT_TLS_DIR, RemoteOptions
 
 
@@ -34,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ssh-known-hosts", default=None, metavar="FILE",
                    help="known_hosts file the remote host's ssh key is checked against (default ~/.ssh/known_hosts; "
                         "an unknown or changed key stops the run)")
+    g.add_argument("--password-file", metavar="FILE",
+                   help="libvirt's password (or ssh key passphrase) for -U: the first line of FILE (mode 0600); "
+                        "never on the command line")
     g.add_argument("--connect-timeout", type=int, default=CONNECT_TIMEOUT, metavar="SECONDS",
                    help=f"timeout of every connect to a remote host: ssh, NBD (default {CONNECT_TIMEOUT})")
 
@@ -41,5 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def remote_options(args: argparse.Namespace) -> RemoteOptions:
     if args.connect_timeout <= 0:
         raise errors.UsageError(reason="--connect-timeout must be positive")
+    checked_uri(getattr(args, "uri", None), args.password_file)
     return RemoteOptions(tls=not args.no_tls, tls_dir=args.tls_cert, nbd_ip=args.nbd_ip, nbd_port=args.nbd_port,
-                         known_hosts=args.ssh_known_hosts, timeout=args.connect_timeout)
+                         known_hosts=args.ssh_known_hosts, timeout=args.connect_timeout,
+                         password_file=args.password_file)

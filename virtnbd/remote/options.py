@@ -17,6 +17,7 @@ class RemoteOptions:
     nbd_port: int | None = None             # first port tried (default 10809)
     known_hosts: str | None = None          # None: OpenSSH's default (~/.ssh/known_hosts)
     timeout: int = CONNECT_TIMEOUT          # seconds for every connect (ssh, NBD)
+    password_file: str | None = None        # --password-file: libvirt's password / key passphrase (never argv)
 
     @property
     def first_port(self) -> int:

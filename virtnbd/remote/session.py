@@ -67,5 +67,6 @@ def connected(uri: str | None, options: RemoteOptions) -> Iterator[Any]:
     """A libvirt connection to ``uri`` (a remote one through :func:`session`), closed at exit."""
     from virtnbd.virt import connection
 
-    with session(uri, options) as (libvirt_uri_, _host), connection.connect(libvirt_uri_) as conn:
+    with session(uri, options) as (libvirt_uri_, _host), \
+            connection.connect(libvirt_uri_, options.password_file) as conn:
         yield conn
