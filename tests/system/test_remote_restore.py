@@ -6,6 +6,7 @@
 - nothing is left on the host (no qemu-nbd of ours, no helper temp folder, no ``.partial``) after a good
   restore, a failed one (image exists, corrupt set mid-write, client certificate of another CA, changed
   host key) and a SIGKILLed one;
+- ``-o rbd:POOL`` with ``-D``: written through librbd from here (no TLS certificates needed), defined there;
 - ``--password-file`` really answers a passphrase (an encrypted ssh key, over qemu+libssh and qemu+ssh)
   and ``-v`` logs carry no secret; a URI with a password is refused without printing it;
 - README's pipe: ``virtnbdbackup -o - | ssh HOST 'virtnbdrestore -i - -o /path'``, then compare.
@@ -234,3 +235,29 @@ def test_backup_piped_through_ssh_into_restore(remote_lab: RemoteLab, make_domai
     backup.stderr.close()
     assert restore.returncode == 0, restore.stderr
     compare_images(out / "sda.raw", expected, fmt="raw")
+
+
+@pytest.mark.ceph
+def test_rbd_target_with_remote_define(remote_lab: RemoteLab, remote_conn: object, ceph_cluster,  # type: ignore[no-untyped-def]
+                                       tmp_path: Path) -> None:
+    import uuid
+
+    from tests.lab import ceph_lab
+
+    pool = f"vnbdtest{uuid.uuid4().hex[:8]}"
+    ceph_lab.create_pool(ceph_cluster, pool)
+    name = f"i15r-rbd-{os.getpid()}"
+    ceph = ["--ceph-conf", str(ceph_cluster.conf), "--ceph-id", ceph_cluster.client_id,
+            "--ceph-keyring", str(ceph_cluster.keyring)]
+    try:
+        res = _run("-i", str(SET), "-U", remote_lab.uri(), "--ssh-known-hosts", str(remote_lab.known_hosts), "-n",
+                   "-o", f"rbd:{pool}", *ceph, "-D", "-N", name)
+        assert res.returncode == 0, res.stderr
+        dest = tmp_path / "export.raw"
+        ceph_cluster.rbd("export", "--no-progress", f"{pool}/sda", str(dest))
+        assert hashlib.sha256(dest.read_bytes()).hexdigest() == EXPECTED["p2"]
+        xml = remote_conn.lookupByName(name).XMLDesc(0)  # type: ignore[attr-defined]
+        assert "protocol='rbd'" in xml and f"name='{pool}/sda'" in xml
+    finally:
+        _undefine(remote_conn, name)
+        ceph_cluster.ceph("osd", "pool", "rm", pool, pool, "--yes-i-really-really-mean-it")
