@@ -38,9 +38,9 @@ EXPECTED = dict(line.split() for line in (SET.parent / "plain.expected").read_te
 PASSPHRASE = "i15r-Passphrase-7f3a"   # an encrypted ssh key's; must never reach a log
 
 
-def _run(*argv: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def _run(*argv: str, timeout: float = 180, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, RESTORE, *argv], capture_output=True, text=True, timeout=timeout,
-                          check=False)
+                          check=False, cwd=cwd)
 
 
 def _remote_args(lab: RemoteLab, *, scheme: str = "qemu+ssh", known: Path | None = None,
@@ -251,8 +251,9 @@ def test_rbd_target_with_remote_define(remote_lab: RemoteLab, remote_conn: objec
             "--ceph-keyring", str(ceph_cluster.keyring)]
     try:
         res = _run("-i", str(SET), "-U", remote_lab.uri(), "--ssh-known-hosts", str(remote_lab.known_hosts), "-n",
-                   "-o", f"rbd:{pool}", *ceph, "-D", "-N", name)
+                   "-o", f"rbd:{pool}", *ceph, "-D", "-N", name, cwd=tmp_path)
         assert res.returncode == 0, res.stderr
+        assert (tmp_path / f"{name}.xml").is_file()      # rbd outputs have no folder: the XML goes to the cwd
         dest = tmp_path / "export.raw"
         ceph_cluster.rbd("export", "--no-progress", f"{pool}/sda", str(dest))
         assert hashlib.sha256(dest.read_bytes()).hexdigest() == EXPECTED["p2"]
