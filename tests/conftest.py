@@ -32,4 +32,5 @@ from tests.lab.nbd_lab import (  # noqa: E402, F401
     nbdkit_sparse_random,
     qemu_nbd_bitmap,
 )
+from tests.lab.remote_lab import remote_lab  # noqa: E402, F401
 from tests.lab.rgw_lab import s3_bucket, s3_endpoint  # noqa: E402, F401

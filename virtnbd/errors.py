@@ -127,3 +127,15 @@ class KeyRequired(EncryptionError):
 
 class WrongKey(EncryptionError):
     template = "{path}: {reason}"
+
+
+class SecretError(VirtnbdError):
+    """A password file, private key or certificate folder cannot be used (missing, readable by others)."""
+
+    template = "{path}: {reason}"
+
+
+class RemoteError(VirtnbdError):
+    """A remote KVM host could not be reached or used (ssh, host key, TLS, ports, remote tools)."""
+
+    template = "{host}: {reason}"

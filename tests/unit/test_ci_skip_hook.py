@@ -135,7 +135,7 @@ def ci_tree(tmp_path: Path, tests: dict[str, str]) -> Path:
     (tree / "scripts" / "lab").mkdir(parents=True)
     shutil.copy2(ROOT / ".ci" / "run", tree / ".ci" / "run")
     shutil.copy2(ROOT / "scripts" / "test", tree / "scripts" / "test")
-    for stub in ("scripts/setup", "scripts/lab/libvirtd"):
+    for stub in ("scripts/setup", "scripts/lab/libvirtd", "scripts/lab/remote"):
         (tree / stub).write_text("#!/bin/sh\nexit 0\n")
         (tree / stub).chmod(0o755)
     (tree / ".venv").symlink_to(ROOT / ".venv")

@@ -31,7 +31,7 @@ from virtnbd.backupset import manifest as bsmanifest
 from virtnbd.backupset.api import BackupSet
 from virtnbd.source import rbdextents
 from virtnbd.source.extents import BASE_ALLOCATION, iter_extents
-from virtnbd.source.nbdsource import NbdSource
+from virtnbd.source.nbdsource import Address, NbdSource
 from virtnbd.stream.format import StreamMeta
 from virtnbd.stream.writer import StreamWriter
 from virtnbd.virt import connection, domainxml, xmlbuild
@@ -74,6 +74,7 @@ class RunSummary:
     estimate: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)     # chain repairs/restarts the user must know about
     push: dict[str, float] = field(default_factory=dict)   # --push: seconds of QEMU's job and of hashing
+    remote: dict[str, Any] | None = None              # remote runs: host, nbd addresses, tls, ssh_round_trips
 
     def as_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -132,7 +133,7 @@ class BackupRun:
         """NBD context of the disk's dirty bitmap (offline runs read a persistent one)."""
         return _bitmap_for(pd)
 
-    def copy_one(self, pd: PlannedDisk, socket: str, pool: ThreadPoolExecutor) -> DiskResult:
+    def copy_one(self, pd: PlannedDisk, socket: Address, pool: ThreadPoolExecutor) -> DiskResult:
         opts = self.options
         started = time.monotonic()
         bitmap = self.bitmap_for(pd)
@@ -231,7 +232,7 @@ class BackupRun:
         return max(3, self.options.staging // self.parallel_disks() // outfile.BLOCK)
 
     # -- all disks ----------------------------------------------------------------
-    def copy_all(self, socket: str) -> list[DiskResult]:
+    def copy_all(self, socket: Address) -> list[DiskResult]:
         opts = self.options
         disks = self.plan.disks
         workers = self.workers()
@@ -296,7 +297,7 @@ class BackupRun:
         for kind, path in boot.items():
             base = Path(path).name
             if kind == "tpm_state":
-                copied = side.copy_tree(f"tpm.{point}", path) if Path(path).is_dir() else None
+                copied = side.copy_tree(f"tpm.{point}", path)
             elif kind == "loader":
                 copied = side.copy_file(f"loader.{point}.{base}", path)
             else:

@@ -31,15 +31,10 @@ be exported offline: the run says so and asks for a running domain.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
-import shutil
-import signal
-import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import libvirt
@@ -51,8 +46,9 @@ from virtnbd.backup import output
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backup.plan import Plan, PlannedDisk
 from virtnbd.backupset.api import BackupSet
+from virtnbd.remote import host
 from virtnbd.source.extents import BASE_ALLOCATION, DATA, iter_extents
-from virtnbd.source.nbdsource import NbdSource
+from virtnbd.source.nbdsource import Address, NbdSource
 from virtnbd.virt import bitmaps, checkpoints, connection
 
 log = logging.getLogger(__name__)
@@ -79,75 +75,25 @@ def check_disks(plan: Plan, domain: str) -> None:
 
 # -- qemu-nbd exports -------------------------------------------------------------
 
-def _nbd_cmd(pd: PlannedDisk, socket: Path, bitmap: str | None) -> list[str]:
-    cmd = [QEMU_NBD, "--read-only", "--persistent", "--shared=16", f"--format={pd.disk.format}",
-           f"--export-name={pd.target}", f"--socket={socket}", "--cache=none", "--aio=threads"]
-    if bitmap:
-        cmd.append(f"--bitmap={bitmap}")
-    return [*cmd, str(pd.disk.path)]
+def _specs(plan: Plan) -> list[host.ExportSpec]:
+    return [host.ExportSpec(pd.target, str(pd.disk.path), pd.disk.format,
+                            plan.parent if pd.mode == "inc" else None) for pd in plan.disks]
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the backup process dies (a killed run leaves no export holding the image)."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _wait_socket(proc: subprocess.Popen[bytes], socket: Path, target: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while not socket.exists():
-        if proc.poll() is not None:
-            err = (proc.stderr.read() if proc.stderr else b"").decode(errors="replace").strip()
-            last = err.splitlines()[-1] if err else f"exit {proc.returncode}"
-            raise errors.NbdError(export=target, reason=f"qemu-nbd ended: {last}")
-        if time.monotonic() > deadline:
-            raise errors.NbdError(export=target, reason=f"qemu-nbd did not create {socket} in {START_TIMEOUT:.0f}s")
-        time.sleep(0.01)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if proc.stderr:
-        proc.stderr.close()
-
-
-@contextlib.contextmanager
-def exports(plan: Plan, workdir: Path) -> Iterator[dict[str, str]]:
-    """One read-only qemu-nbd per disk (export name = target); all stopped at exit."""
-    if shutil.which(QEMU_NBD) is None:
-        raise errors.UsageError(reason="offline backup needs qemu-nbd (package qemu-utils)")
-    procs: list[subprocess.Popen[bytes]] = []
-    sockets: dict[str, str] = {}
-    try:
-        for pd in plan.disks:
-            socket = workdir / f"{pd.target}.nbd.sock"
-            bitmap = plan.parent if pd.mode == "inc" else None
-            proc = subprocess.Popen(_nbd_cmd(pd, socket, bitmap), stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                    preexec_fn=_die_with_parent)  # noqa: PLW1509 (one call, no locks taken)
-            procs.append(proc)
-            _wait_socket(proc, socket, pd.target)
-            sockets[pd.target] = str(socket)
-        yield sockets
-    finally:
-        for proc in procs:
-            _stop(proc)
+def exports(plan: Plan, workdir: str) -> contextlib.AbstractContextManager[dict[str, Address]]:
+    """One read-only qemu-nbd per disk on the disks' host (export name = target); all stopped at exit."""
+    return host.current().exports(_specs(plan), workdir)
 
 
 class OfflineRun(backup_run.BackupRun):
     """A backup run whose disks come from per-disk qemu-nbd exports."""
 
-    sockets: dict[str, str]
+    sockets: dict[str, Address]
 
     def bitmap_for(self, pd: PlannedDisk) -> str | None:
         return _context(self.plan.parent) if pd.mode == "inc" and self.plan.parent else None
 
-    def copy_one(self, pd: PlannedDisk, socket: str, pool: ThreadPoolExecutor) -> backup_run.DiskResult:
+    def copy_one(self, pd: PlannedDisk, socket: Address, pool: ThreadPoolExecutor) -> backup_run.DiskResult:
         return super().copy_one(pd, self.sockets[pd.target], pool)
 
 
@@ -267,7 +213,7 @@ def estimate(options: BackupOptions, plan: Plan) -> dict[str, int]:
     """
     check_disks(plan, "")
     sizes: dict[str, int] = {}
-    with output.work_dir(options.scratchdir) as workdir, exports(plan, workdir) as sockets:
+    with host.current().work_dir(options.scratchdir, "") as workdir, exports(plan, workdir) as sockets:
         for pd in plan.disks:
             bitmap = _context(plan.parent) if pd.mode == "inc" and plan.parent else None
             contexts = (BASE_ALLOCATION, bitmap) if bitmap else (BASE_ALLOCATION,)
@@ -291,7 +237,7 @@ def execute(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet, pla
     defined = False
     summary.consistency = CONSISTENCY
     try:
-        with output.work_dir(options.scratchdir) as workdir:
+        with host.current().work_dir(options.scratchdir, dom.name()) as workdir:
             add_bitmaps(plan, added)
             with exports(plan, workdir) as run_.sockets:
                 results = run_.copy_all("")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from virtnbd.backup.renew import Renew
 from virtnbd.crypto.keysource import KeySpec
 from virtnbd.rbdconn import CephOptions
+from virtnbd.remote.options import RemoteOptions
 from virtnbd.retention.policy import Policy
 from virtnbd.virt.agent import QuiesceOptions
 
@@ -55,6 +56,7 @@ class BackupOptions:
     renew: Renew | None = None             # -l auto: new chain after N incs / when the full is that old
     key: KeySpec = field(default_factory=KeySpec)           # encryption: names the secret's source, never holds it
     set_kind: str = "stream"               # kind of backup set: "stream" | "qcow2" (-t/--type)
+    remote: RemoteOptions = field(default_factory=RemoteOptions)   # -U of another host: TLS, NBD address, ssh
 
     @property
     def buffer_size(self) -> int:

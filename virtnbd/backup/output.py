@@ -10,23 +10,24 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from virtnbd import fsutil
+from virtnbd import errors, fsutil
 from virtnbd.backupset.store import LOCK_FILE, LocalStore, folder_lock
+from virtnbd.secrets import RedactFilter
 
 __all__ = ["LOCK_FILE", "folder_lock"]   # the folder lock lives with the local store
+from virtnbd.remote import host
 from virtnbd.virt.job import pid_alive
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
-QEMU_USER_MODE = 0o1733   # qemu (libvirt-qemu) creates its socket/scratch here; nobody can list it
+QEMU_USER_MODE = host.QEMU_USER_MODE
 
 
 def prepare_folder(folder: str) -> Path:
@@ -54,6 +55,7 @@ def run_log(folder: Path, level: str, stamp: str) -> Iterator[Path]:
     handler = _RunLogHandler(path, encoding="utf-8")
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactFilter())
     root = logging.getLogger()
     root.addHandler(handler)
     try:
@@ -63,23 +65,9 @@ def run_log(folder: Path, level: str, stamp: str) -> Iterator[Path]:
         handler.close()
 
 
-@contextlib.contextmanager
-def work_dir(scratchdir: str) -> Iterator[Path]:
-    """Private folder ``virtnbd.<pid>.<random>`` for the socket and scratch files; removed at exit.
-
-    The pid in the name lets a later run recognise a job left by a killed run.
-    """
-    base = Path(scratchdir)
-    path = base / f"virtnbd.{os.getpid()}.{secrets.token_hex(4)}"
-    try:
-        path.mkdir(mode=0o700)
-        os.chmod(path, QEMU_USER_MODE)
-    except OSError as err:
-        raise fsutil.storage_error(path, err) from err
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+def work_dir(scratchdir: str) -> contextlib.AbstractContextManager[Path]:
+    """Private local folder ``virtnbd.<pid>.<random>`` for the socket and scratch files; removed at exit."""
+    return host.local_work_dir(scratchdir)
 
 
 def remove_stale_work_dirs(scratchdir: str, alive: frozenset[int] = frozenset()) -> list[Path]:
@@ -114,9 +102,9 @@ class SideFiles:
 
     def copy_file(self, name: str, source: str) -> str | None:
         try:
-            data = Path(source).read_bytes()
+            data = host.current().read_file(source)
         except OSError as err:
-            log.warning("cannot copy %s: %s", source, err.strerror)
+            log.warning("cannot copy %s: %s", source, err.strerror or err)
             return None
         return self.save(name, data)
 
@@ -128,7 +116,8 @@ class SideFiles:
         tmp = self.folder / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            shutil.copytree(source, tmp, symlinks=True)
+            if not host.current().fetch_tree(source, tmp):
+                return None
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
         except OSError as err:
@@ -151,11 +140,13 @@ class SideFiles:
 def qemu_img_info(path: str) -> dict[str, object] | None:
     """``qemu-img info --output=json`` (shared lock: the image is in use)."""
     try:
-        out = subprocess.run(["qemu-img", "info", "--force-share", "--output=json", path],
-                             capture_output=True, text=True, timeout=60, check=True).stdout
-        info = json.loads(out)
-    except (OSError, subprocess.SubprocessError, json.JSONDecodeError) as err:
-        log.warning("qemu-img info %s failed: %s", path, getattr(err, "stderr", None) or err)
+        proc = host.current().run(["qemu-img", "info", "--force-share", "--output=json", path], timeout=60)
+        if proc.returncode != 0:
+            log.warning("qemu-img info %s failed: %s", path, proc.stderr.strip())
+            return None
+        info = json.loads(proc.stdout)
+    except (OSError, subprocess.SubprocessError, json.JSONDecodeError, errors.RemoteError) as err:
+        log.warning("qemu-img info %s failed: %s", path, err)
         return None
     return info if isinstance(info, dict) else None
 

@@ -9,9 +9,10 @@ so the manifest's newest point stays the parent of the next inc.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,9 @@ from virtnbd.backupset import (
 )
 from virtnbd.backupset.api import BackupSet, create_set
 from virtnbd.backupset.store import LocalStore
+from virtnbd.remote import host
+from virtnbd.remote.host import Host
+from virtnbd.remote.session import NO_TLS_WARNING, session
 from virtnbd.source import rbdextents
 from virtnbd.virt import agent, checkpoints, connection, domainxml, xmlbuild
 from virtnbd.virt.job import BackupJob, abort_stale, refuse_foreign_jobs
@@ -117,8 +121,8 @@ def _uses_bitmaps(plan: Plan) -> bool:
     return any(pd.mode == "inc" for pd in plan.disks)
 
 
-def _backup_xml(plan: Plan, socket: str, workdir: Path, skipped: list[str]) -> str:
-    disks = [xmlbuild.BackupDisk(pd.target, str(workdir / f"{pd.target}.scratch.qcow2"), full=pd.mode != "inc")
+def _backup_xml(plan: Plan, socket: str | xmlbuild.TcpServer, workdir: str, skipped: list[str]) -> str:
+    disks = [xmlbuild.BackupDisk(pd.target, f"{workdir}/{pd.target}.scratch.qcow2", full=pd.mode != "inc")
              for pd in plan.disks]
     return xmlbuild.backup_xml(socket, disks, skipped,
                                incremental=plan.incremental if _uses_bitmaps(plan) else None)
@@ -135,7 +139,8 @@ def _checkpoint_xml(plan: Plan, all_targets: list[str]) -> str | None:
 
 def run(options: BackupOptions) -> RunSummary:
     started = time.monotonic()
-    with modes.umask(options.umask), connection.connect(options.uri) as conn:
+    with modes.umask(options.umask), session(options.uri, options.remote) as (uri, on_host), \
+            connection.connect(uri, options.remote.password_file) as conn:
         dom = connection.lookup_domain(conn, options.domain)
         bset = create_set(options.output, options.set_kind)
         if not isinstance(bset.store, LocalStore):
@@ -154,8 +159,19 @@ def run(options: BackupOptions) -> RunSummary:
                 raise errors.LibvirtError(reason=connection.reason(err)) from err
             finally:
                 modes.apply(folder, options.umask)
+        _remote_facts(summary, on_host)
     summary.seconds = round(time.monotonic() - started, 3)
     return summary
+
+
+def _remote_facts(summary: RunSummary, on_host: Host) -> None:
+    """A remote run's host, NBD addresses, TLS and ssh round trips in the summary; --no-tls as a note."""
+    facts = on_host.facts()
+    if facts is None:
+        return
+    summary.remote = dataclasses.asdict(facts)
+    if not facts.tls:
+        summary.notes.append(NO_TLS_WARNING)
 
 
 def _offline() -> Any:
@@ -222,6 +238,15 @@ def _run_locked(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet)
                         all_targets=[d.target for d in all_disks])
 
 
+def _begin(job: Any, on_host: Host, push_xml: str | None, checkpoint_xml: str | None, *,
+           pull_xml: Callable[[Any], str], workdir: Any, options: BackupOptions) -> Any:
+    """Start the job: a push job writes its targets itself; a pull job's NBD server is placed by the host."""
+    if push_xml:
+        job.begin(push_xml, checkpoint_xml)
+        return None
+    return on_host.begin_job(lambda server: job.begin(pull_xml(server), checkpoint_xml), workdir, options.socketfile)
+
+
 def _execute(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet, plan: Plan, *, domain_xml: str,
              uuid: str, summary: RunSummary, all_targets: list[str]) -> RunSummary:
     run_ = BackupRun(options, dom, bset, plan, domain_xml=domain_xml, uuid=uuid)
@@ -230,16 +255,19 @@ def _execute(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet, pl
     checkpoint_xml = _checkpoint_xml(plan, all_targets)
     pusher = push.PushRun(run_) if options.push else None
     try:
+        on_host = host.current()
+        if pusher and on_host.facts() is not None:
+            raise errors.UsageError(reason="--push writes the images on the domain's host: use pull mode with -U")
         push_xml = pusher.prepare(skipped) if pusher else None       # before a full drops the old chain
-        with output.work_dir(options.scratchdir) as workdir, _created_checkpoint(dom, plan) as committed:
-            socket = options.socketfile or str(workdir / "backup.sock")
-            job_xml = push_xml or _backup_xml(plan, socket, workdir, skipped)
+        with on_host.work_dir(options.scratchdir, dom.name()) as workdir, \
+                _created_checkpoint(dom, plan) as committed:
             with rbdextents.points(options.ceph, plan, committed, dom) as run_.rbd, \
                     (pusher.job() if pusher else BackupJob(dom)) as job, \
                     (pusher.reachable() if pusher else contextlib.nullcontext()):
                 with _quiesced(dom, options) as quiesce:
                     rbdextents.snapshot(run_.rbd, plan)
-                    job.begin(job_xml, checkpoint_xml)
+                    socket = _begin(job, on_host, push_xml, checkpoint_xml, workdir=workdir, options=options,
+                                    pull_xml=lambda server: _backup_xml(plan, server, workdir, skipped))
                 summary.consistency = getattr(quiesce, "consistency", "crash")
                 guest_info = dict(getattr(quiesce, "guest_info", {}) or {})
                 results = pusher.finish(job) if isinstance(job, PushJob) and pusher else run_.copy_all(socket)

@@ -10,7 +10,7 @@ from virtnbd import __version__, errors
 from virtnbd.backup import renew
 from virtnbd.backup.options import COMPRESS_METHODS, LEVELS, BackupOptions
 from virtnbd.backup.renew import Renew
-from virtnbd.cli import keyargs, locations, parity, prune, rbdargs
+from virtnbd.cli import keyargs, locations, parity, prune, rbdargs, remoteargs
 from virtnbd.cli.shell import OneLineParser, run_main
 from virtnbd.ops.options import FleetOptions
 from virtnbd.retention.policy import Policy
@@ -45,7 +45,6 @@ def build_parser() -> OneLineParser:
                    help="only abort a backup job left on the domain by a killed run, then exit")
     _add_type_arguments(p)
     p.add_argument("-L", "--syslog", action="store_true", help="also send the messages to syslog")
-    p.add_argument("--quiet", action="store_true", help="only errors on stderr")
     p.add_argument("-l", "--level", choices=LEVELS, default="copy",
                    help="copy (no checkpoint), full (new chain), inc, diff, auto (full into an empty "
                         "folder, inc otherwise); default: copy")
@@ -71,6 +70,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("-T", "--threshold", type=parse_size, default=None, metavar="SIZE",
                    help="inc/diff: skip the backup when fewer bytes changed (e.g. 64M)")
     p.add_argument("-n", "--noprogress", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="only errors on stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="debug output")
     p.add_argument("-e", "--strict", action="store_true", help="exit with code 2 when warnings were logged")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
@@ -91,10 +91,16 @@ def build_parser() -> OneLineParser:
                         "requests, or SIZE when larger)")
     _add_retention_arguments(p)
     p.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
+    _add_groups(p)
+    return p
+
+
+def _add_groups(p: OneLineParser) -> None:
+    """Option groups of their own modules: keys, remote hosts, Ceph, abbbi parity."""
     keyargs.add_arguments(p)
+    remoteargs.add_arguments(p)
     rbdargs.add_ceph_arguments(p.add_argument_group("Ceph (raw RBD disks: incrementals from RBD snapshots + diff)"))
     parity.add_arguments(p, parity.BACKUP)
-    return p
 
 
 def _add_type_arguments(p: argparse.ArgumentParser) -> None:
@@ -216,7 +222,7 @@ def _backup_options(args: argparse.Namespace, domain: str) -> BackupOptions:
         pause=args.pause, agent_timeout=args.agent_timeout, read_size=args.read_size,
         fallback_full=args.fallback_full, umask=args.umask, push=args.push,
         ceph=rbdargs.ceph_options(args), keep=_keep(args), merge=args.merge, renew=args.renew,
-        key=keyargs.key_spec(args), set_kind=args.type,
+        key=keyargs.key_spec(args), set_kind=args.type, remote=remoteargs.remote_options(args),
     )
 
 

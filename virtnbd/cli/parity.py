@@ -41,6 +41,17 @@ _REMOTE_ROWS: tuple[Foreign, ...] = (
     Foreign(("--tls-cert",), "refused", REMOTE, takes_value=True),
 )
 
+URI_PARTS = "user and ssh port go into the URI: -U qemu+ssh://USER@HOST:PORT/system?keyfile=KEY"
+
+_BACKUP_REMOTE_ROWS: tuple[Foreign, ...] = (
+    Foreign(("--user",), "refused", "libvirt authentication goes into the URI; " + URI_PARTS, takes_value=True),
+    Foreign(("--ssh-user",), "refused", URI_PARTS, takes_value=True),
+    Foreign(("--ssh-port",), "refused", URI_PARTS, takes_value=True),
+    Foreign(("--password",), "refused", "passwords are never taken on the command line (they show in ps "
+            "and shell history); use an ssh key (keyfile= in the URI)", takes_value=True),
+    Foreign(("--tls",), "ignored", "NBD over TLS is the default for remote hosts (--no-tls turns it off)"),
+)
+
 BACKUP: tuple[Foreign, ...] = (
     Foreign(("-r", "--raw"), "ignored", "raw disks are always backed up (copied whole at every point); "
             "leave them out with -x"),
@@ -55,7 +66,7 @@ BACKUP: tuple[Foreign, ...] = (
     Foreign(("--nocolor",), "ignored", "virtnbd prints no colours"),
     Foreign(("-s", "--startonly"), "refused", "virtnbd never leaves a backup job running; to read a "
             "point without restoring it see virtnbdrestore"),
-    *_REMOTE_ROWS,
+    *_BACKUP_REMOTE_ROWS,
 )
 
 RESTORE: tuple[Foreign, ...] = (
@@ -68,7 +79,14 @@ RESTORE: tuple[Foreign, ...] = (
     Foreign(("--nocolor",), "ignored", "virtnbd prints no colours"),
     Foreign(("-C", "--config-file"), "refused", "the domain XML saved with the restored point "
             "(vmconfig.<point>.xml) is adjusted; choose the point with -u/--until", takes_value=True),
-    *_REMOTE_ROWS,
+    Foreign(("--password",), "refused", "passwords are never taken on the command line (they show in ps "
+            "and shell history): put it in a file (mode 0600) and give --password-file FILE", takes_value=True),
+    Foreign(("--user",), "refused", "the user goes into the URI: -U qemu+ssh://USER@HOST/system", takes_value=True),
+    Foreign(("--ssh-user",), "refused", "the ssh user goes into the URI: -U qemu+ssh://USER@HOST/system",
+            takes_value=True),
+    Foreign(("--ssh-port",), "refused", "the ssh port goes into the URI: -U qemu+ssh://USER@HOST:PORT/system",
+            takes_value=True),
+    Foreign(("--tls",), "ignored", "a remote restore always uses TLS (--tls-cert DIR); --no-tls turns it off"),
 )
 
 

@@ -9,10 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from virtnbd import __version__, errors
-from virtnbd.cli import keyargs, locations, parity, rbdargs, s3args
+from virtnbd.cli import hostargs, keyargs, locations, parity, rbdargs, s3args
 from virtnbd.cli.shell import OneLineParser, run_main
 from virtnbd.restore.options import ACTIONS, FORMATS, RestoreOptions
 from virtnbd.restore.targets import blockdev
+from virtnbd.restore.targets.remote import NEEDS_CERT, RemoteOptions
 
 PROG = "virtnbdrestore"
 
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-N", "--name", metavar="NAME", help="name of the adjusted domain (default restore_<name>)")
     p.add_argument("-D", "--define", action="store_true", help="define the adjusted domain in libvirt (implies -c)")
     p.add_argument("-U", "--uri", default="qemu:///system", metavar="URI",
-                   help="libvirt connection URI for --define (default qemu:///system)")
+                   help="libvirt connection URI for --define (default qemu:///system); another host "
+                        "(qemu+ssh://USER@HOST/system): the images are restored onto it, -o is a folder there")
     p.add_argument("--json", action="store_true", help="dump: print JSON instead of a table")
     p.add_argument("-n", "--noprogress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug output")
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-w", "--worker", type=int, default=4, metavar="N",
                    help="requests in flight / files verified at once (default 4)")
     p.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
+    hostargs.add_restore_host(p)
     rbdargs.add_arguments(p)
     s3args.add_arguments(p)
     keyargs.add_arguments(p)
@@ -127,8 +130,20 @@ def parse(argv: Sequence[str]) -> RestoreOptions:
         adjust_config=args.adjust_config or args.define or bool(args.name), name=args.name, define=args.define,
         uri=args.uri, json=args.json, noprogress=args.noprogress, verbose=args.verbose, strict=args.strict,
         worker=args.worker, targets=targets, rbd=rbdargs.rbd_options(args), key=keyargs.key_spec(args),
-        logfile=args.logfile,
+        logfile=args.logfile, password_file=args.password_file, remote=_remote(args),
     )
+
+
+def _remote(args: argparse.Namespace) -> RemoteOptions | None:
+    hostargs.checked_uri(args.uri, args.password_file)
+    remote = hostargs.remote_options(args)
+    if remote is not None and (args.output == "-" or not args.output and not args.target):
+        raise errors.UsageError(reason="a remote restore (-U on another host) needs -o FOLDER on that host "
+                                       "(or -o rbd:POOL)")
+    files = bool(args.output) and not str(args.output).startswith("rbd:")
+    if remote is not None and remote.tls and not remote.tls_cert and files:
+        raise errors.UsageError(reason=NEEDS_CERT)
+    return remote
 
 
 def _run(options: RestoreOptions) -> None:

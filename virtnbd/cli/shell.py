@@ -19,6 +19,7 @@ from types import FrameType
 from typing import Any, NoReturn, Protocol
 
 from virtnbd import allocator, errors
+from virtnbd.secrets import RedactFilter, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def syslog_handler(prog: str, address: str = SYSLOG_SOCKET) -> logging.Handler |
         return None
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter(f"{prog}[{os.getpid()}]: %(message)s"))
+    handler.addFilter(RedactFilter())
     return handler
 
 
@@ -88,6 +90,7 @@ def file_handler(path: str) -> logging.Handler:
         raise errors.StorageError(path=path, reason=err.strerror or str(err)) from err
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactFilter())
     return handler
 
 
@@ -113,6 +116,7 @@ def configure_logging(prog: str, verbose: bool, quiet: bool = False) -> WarningC
     console.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
     fmt = f"{prog}: %(levelname)s: %(message)s" if verbose else f"{prog}: %(message)s"
     console.setFormatter(logging.Formatter(fmt))
+    console.addFilter(RedactFilter())
     root.addHandler(console)
     counter = WarningCounter()
     root.addHandler(counter)
@@ -120,7 +124,7 @@ def configure_logging(prog: str, verbose: bool, quiet: bool = False) -> WarningC
 
 
 def _error_line(prog: str, err: BaseException) -> str:
-    return f"{prog}: error: {err}"
+    return redact_text(f"{prog}: error: {err}")
 
 
 def _stdout_closed() -> int:

@@ -24,11 +24,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from virtnbd import errors
 from virtnbd.ops import hooks, metrics, stdio
 from virtnbd.ops.options import FleetOptions
+from virtnbd.secrets import redact_json
+
+if TYPE_CHECKING:
+    from virtnbd.backup.options import BackupOptions
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +260,7 @@ def summary_table(results: list[DomainResult]) -> list[str]:
 
 
 def _print_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=1, sort_keys=True)
+    json.dump(redact_json(obj), sys.stdout, indent=1, sort_keys=True)
     sys.stdout.write("\n")
     sys.stdout.flush()
 
@@ -266,7 +270,7 @@ def _print_json(obj: Any) -> None:
 def resolve_domains(options: FleetOptions) -> list[str]:
     if not options.all_domains:
         return list(options.domains)
-    names = [n for n in _domains_with_disks(options.backup.uri) if _selected(n, options)]
+    names = [n for n in _domains_with_disks(options.backup) if _selected(n, options)]
     if not names:
         raise errors.UsageError(reason="--all: no domain with disks to back up matches")
     return names
@@ -278,12 +282,13 @@ def _selected(name: str, options: FleetOptions) -> bool:
     return not any(fnmatch.fnmatchcase(name, p) for p in options.exclude_domains)
 
 
-def _domains_with_disks(uri: str | None) -> list[str]:
+def _domains_with_disks(backup: BackupOptions) -> list[str]:
     import libvirt
 
-    from virtnbd.virt import connection, domainxml
+    from virtnbd.remote.session import connected
+    from virtnbd.virt import domainxml
     names = []
-    with connection.connect(uri) as conn:
+    with connected(backup.uri, backup.remote) as conn:
         for dom in conn.listAllDomains(0):
             try:
                 disks = domainxml.parse_disks(dom.XMLDesc(0))
@@ -295,8 +300,9 @@ def _domains_with_disks(uri: str | None) -> list[str]:
 
 
 def _killonly(options: FleetOptions) -> None:
+    from virtnbd.remote.session import connected
     from virtnbd.virt import connection, job
-    with connection.connect(options.backup.uri) as conn:
+    with connected(options.backup.uri, options.backup.remote) as conn:
         for name in resolve_domains(options):
             dom = connection.lookup_domain(conn, name)
             socket = job.abort_stale(dom)

@@ -20,6 +20,7 @@ from lxml import etree
 from virtnbd import errors
 from virtnbd.fsutil import save_atomic
 from virtnbd.restore.source import boot_file_of, domain_xml_of, side_file_bytes
+from virtnbd.restore.targets import host_path
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def _adjust_disks(devices: Any, disks: Mapping[str, tuple[str, str]], ceph: Any 
             driver = etree.Element("driver", name="qemu")
             disk.insert(0, driver)
         driver.set("type", fmt)
-        source = etree.Element("source", file=os.path.abspath(path))
+        source = etree.Element("source", file=host_path(path) or path)
         driver.addnext(source)
 
 
@@ -108,8 +109,13 @@ def _saved_nvram(folder: str, point: Any, nvram: str) -> str | None:
     return matches[-1] if matches else None
 
 
-def write_for_restore(selection: Any, restored: Sequence[Any], options: Any) -> str:
-    """Write ``<output>/<name>.xml`` (and the copied NVRAM); define it with ``--define``."""
+def write_for_restore(selection: Any, restored: Sequence[Any], options: Any, host: Any = None) -> str:
+    """Write ``<output>/<name>.xml`` (and the copied NVRAM); define it with ``--define``.
+
+    ``host`` (restore/targets/remote.RemoteHost): the output folder is on that host; the XML is
+    written there and the domain defined through its libvirt connection."""
+    if host is not None:
+        return _write_on_host(selection, restored, options, host)
     point = selection.points[-1] if selection.points else None
     xml = domain_xml_of(selection.folder, point) if point is not None else None
     if not xml:
@@ -141,16 +147,39 @@ def write_for_restore(selection: Any, restored: Sequence[Any], options: Any) -> 
     save_atomic(path, adjusted.encode(), mode=0o644)
     log.info("adjusted domain XML: %s", path)
     if options.define:
-        define(adjusted, options.uri)
+        define(adjusted, options.uri, getattr(options, "password_file", None))
         log.info("defined domain %s", name)
     return path
 
 
-def define(xml: str, uri: str) -> None:
+def _write_on_host(selection: Any, restored: Sequence[Any], options: Any, host: Any) -> str:
+    point = selection.points[-1] if selection.points else None
+    xml = domain_xml_of(selection.folder, point) if point is not None else None
+    if not xml:
+        raise errors.RestoreError(reason="the backup set holds no domain XML for this point: cannot adjust the config")
+    name = options.name or f"restore_{_parse(xml).findtext('name') or 'domain'}"
+    if _parse(xml).findtext("os/nvram"):
+        log.warning("NVRAM is not copied to a remote host: the adjusted XML lets libvirt there create a fresh one")
+    disks = {r.disk: (r.target, r.format) for r in restored}
+    adjusted = adjust(xml, name, disks, None, ceph=getattr(getattr(options, "rbd", None), "ceph", None))
+    folder = options.output if options.output and not options.output.startswith("rbd:") else None
+    path = os.path.join(folder, f"{name}.xml") if folder else f"{name}.xml"
+    if folder:
+        host.write_file(path, adjusted.encode())
+    else:
+        save_atomic(path, adjusted.encode(), mode=0o644)
+    log.info("adjusted domain XML: %s%s", f"{host.name}:" if folder else "", path)
+    if options.define:
+        define(adjusted, host.libvirt_uri(), getattr(options, "password_file", None))
+        log.info("defined domain %s on %s", name, host.name)
+    return path
+
+
+def define(xml: str, uri: str, password_file: str | None = None) -> None:
     import libvirt
 
     from virtnbd.virt.connection import connect, reason
-    with connect(uri) as conn:
+    with connect(uri, password_file) as conn:
         try:
             conn.defineXML(xml)
         except libvirt.libvirtError as err:

@@ -7,6 +7,7 @@ from typing import Any, TextIO
 
 from virtnbd import errors
 from virtnbd.restore.source import Selection, opened
+from virtnbd.secrets import redact_json
 
 
 def _plain(value: Any) -> Any:
@@ -96,7 +97,7 @@ def show(selection: Selection, as_json: bool, out: TextIO) -> None:
     except OSError as err:
         raise errors.BackupSetError(path=selection.folder, reason=err.strerror or str(err)) from err
     if as_json:
-        json.dump(data, out, indent=2, sort_keys=False)
+        json.dump(redact_json(data), out, indent=2, sort_keys=False)
         out.write("\n")
     else:
         out.write(table(data))

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from virtnbd.crypto.keysource import KeySpec
 from virtnbd.restore.targets.rbd import RbdOptions
+from virtnbd.restore.targets.remote import RemoteOptions
 
 ACTIONS = ("restore", "dump", "verify")
 FORMATS = ("qcow2", "raw")
@@ -33,3 +34,5 @@ class RestoreOptions:
     rbd: RbdOptions = field(default_factory=RbdOptions)   # Ceph connection + RBD image options
     logfile: str | None = None          # -L/--logfile: also log (DEBUG) to this file
     key: KeySpec = field(default_factory=KeySpec)         # encrypted sets: names the secret's source
+    password_file: str | None = None    # --password-file: libvirt's password / key passphrase for -U
+    remote: RemoteOptions | None = None  # -U names another host: -o is a folder there (restore/targets/remote.py)

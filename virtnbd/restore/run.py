@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +27,7 @@ from virtnbd.restore.source import (
     select,
     select_sequence,
 )
-from virtnbd.restore.targets import TargetRequest, open_target, scheme_of
+from virtnbd.restore.targets import TargetRequest, open_target, remote, scheme_of
 from virtnbd.restore.targets.rbd import explicit_targets
 
 log = logging.getLogger(__name__)
@@ -67,31 +67,53 @@ def make_selection(options: RestoreOptions) -> Selection:
     return verify.select_all(options.input, options.until, options.disk)
 
 
-def target_spec(output: str, disk: str, fmt: str) -> str:
-    """Where one disk goes: ``OUT/<disk>.<fmt>``, or ``<scheme>:.../<disk>`` for store targets."""
+def target_spec(output: str, disk: str, fmt: str, host: remote.RemoteHost | None = None) -> str:
+    """Where one disk goes: ``OUT/<disk>.<fmt>`` (``remote:OUT/...`` on another host), or
+    ``<scheme>:.../<disk>`` for store targets."""
     if scheme_of(output) is not None:
         return f"{output.rstrip('/')}/{disk}"
+    if host is not None:
+        return remote.name_in(output, disk, fmt)
     return os.path.join(output, f"{disk}.{fmt}")
 
 
 def restore(selection: Selection, options: RestoreOptions) -> list[RestoredDisk]:
     if not options.output and not options.targets:
         raise errors.UsageError(reason="restore needs an output folder (-o DIR)")
-    specs = explicit_targets(options.targets, [c.disk for c in selection.disks])
-    if options.output and scheme_of(options.output) is None:
-        try:
-            os.makedirs(options.output, exist_ok=True)
-        except OSError as err:
-            raise errors.StorageError(path=options.output, reason=err.strerror or str(err)) from err
-    jobs = [(chain, specs.get(chain.disk) or target_spec(_need_output(options.output, chain.disk), chain.disk,
-                                                         options.format)) for chain in selection.disks]
-    done = restore_disks(jobs, options)
-    if options.adjust_config or options.define:
-        config.write_for_restore(selection, done, options)
-    return done
+    with _host(options) as host:
+        specs = explicit_targets(options.targets, [c.disk for c in selection.disks])
+        if options.output and scheme_of(options.output) is None:
+            _make_folder(options.output, host)
+        jobs = [(chain, specs.get(chain.disk) or target_spec(_need_output(options.output, chain.disk), chain.disk,
+                                                             options.format, host)) for chain in selection.disks]
+        done = restore_disks(jobs, options, {"remote_host": host} if host else {})
+        if options.adjust_config or options.define:
+            config.write_for_restore(selection, done, options, host)
+        return done
 
 
-def restore_disks(jobs: Sequence[tuple[DiskChain, str]], options: RestoreOptions) -> list[RestoredDisk]:
+@contextlib.contextmanager
+def _host(options: RestoreOptions) -> Iterator[remote.RemoteHost | None]:
+    """The remote host of ``-U qemu+ssh://HOST`` (one ssh connection for the run), else None."""
+    if options.remote is None:
+        yield None
+        return
+    with remote.open_host(options.remote, options.password_file) as host:
+        yield host
+
+
+def _make_folder(folder: str, host: remote.RemoteHost | None) -> None:
+    if host is not None:
+        host.make_folder(folder)
+        return
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise errors.StorageError(path=folder, reason=err.strerror or str(err)) from err
+
+
+def restore_disks(jobs: Sequence[tuple[DiskChain, str]], options: RestoreOptions,
+                  extra: Mapping[str, Any] | None = None) -> list[RestoredDisk]:
     """Restore the disks in parallel (up to ``-w`` at once) on one shared engine and memory budget.
 
     The first failure stops the other disks between batches; a stopped or failed disk's
@@ -102,7 +124,8 @@ def restore_disks(jobs: Sequence[tuple[DiskChain, str]], options: RestoreOptions
     budget = plan_mod.ENTRY_BUDGET // parallel
     with Engine(options.worker) as engine, ThreadPoolExecutor(parallel, thread_name_prefix="disk") as disks:
         try:
-            futures = [disks.submit(_guarded, engine, chain, options, spec, budget) for chain, spec in jobs]
+            futures = [disks.submit(_guarded, engine, chain, options, spec, budget, extra=extra or {})
+                       for chain, spec in jobs]
             wait(futures, return_when=FIRST_EXCEPTION)
             if any(f.done() and f.exception() is not None for f in futures):
                 engine.stop.set()
@@ -117,9 +140,10 @@ def restore_disks(jobs: Sequence[tuple[DiskChain, str]], options: RestoreOptions
     return [f.result() for f in futures]
 
 
-def _guarded(engine: Engine, chain: DiskChain, options: RestoreOptions, spec: str, budget: int) -> RestoredDisk:
+def _guarded(engine: Engine, chain: DiskChain, options: RestoreOptions, spec: str, budget: int, *,
+             extra: Mapping[str, Any]) -> RestoredDisk:
     try:
-        return restore_disk(chain, options, spec, engine, budget)
+        return restore_disk(chain, options, spec, engine, budget, extra=extra)
     except BaseException:
         engine.stop.set()
         raise
@@ -164,10 +188,11 @@ def build_plan(chain: DiskChain, stack: contextlib.ExitStack) -> tuple[Plan, lis
 
 
 def restore_disk(chain: DiskChain, options: RestoreOptions, spec: str, engine: Engine | None = None,
-                 entry_budget: int = plan_mod.ENTRY_BUDGET) -> RestoredDisk:
+                 entry_budget: int = plan_mod.ENTRY_BUDGET, *, extra: Mapping[str, Any] | None = None
+                 ) -> RestoredDisk:
     if engine is None:
         with Engine(options.worker) as own:
-            return restore_disk(chain, options, spec, own, entry_budget)
+            return restore_disk(chain, options, spec, own, entry_budget, extra=extra)
     started = time.monotonic()
     point = chain.files[-1].point
     with contextlib.ExitStack() as stack:
@@ -176,7 +201,8 @@ def restore_disk(chain: DiskChain, options: RestoreOptions, spec: str, engine: E
         log.info("%s: restoring point %s (%d file(s)) to %s", chain.disk, point, len(chain.files), spec)
         request = TargetRequest(spec=spec, format=options.format, virtual_size=size,
                                 preallocate=options.preallocate, workers=options.worker,
-                                image_info=chain.image_info, extra={"rbd": options.rbd, "point": point})
+                                image_info=chain.image_info,
+                                extra={"rbd": options.rbd, "point": point, **(extra or {})})
         with open_target(request) as target, _progress(options, size, chain.disk) as tick:
             try:
                 result = apply_windows(windows(layers, entry_budget=entry_budget), readers, target, engine, tick)

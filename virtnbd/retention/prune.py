@@ -32,6 +32,7 @@ from virtnbd.backupset.store import open_store
 from virtnbd.retention import consolidate, journal, layout, verifylog
 from virtnbd.retention.layout import Chain, Root
 from virtnbd.retention.policy import Link, Policy, Stamp, decide, needed_by, parse_time
+from virtnbd.secrets import RedactFilter
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,7 @@ def _run_log(root: Path) -> Iterator[None]:
     handler = logging.FileHandler(root / f"prune.{time.strftime('%Y%m%d-%H%M%S')}.log", encoding="utf-8")
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.addFilter(RedactFilter())
     logging.getLogger().addHandler(handler)
     try:
         yield

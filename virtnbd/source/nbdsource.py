@@ -17,8 +17,9 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -118,7 +119,57 @@ def _nbd_reason(err: nbd.Error) -> str:
     return str(err.string or err).replace("\n", " ")
 
 
-def _open(socket: str, export: str, contexts: Sequence[str]) -> nbd.NBD:
+@dataclass(frozen=True)
+class TcpAddress:
+    """An NBD server on TCP: TLS with client certificates from ``tls_dir`` unless it is None."""
+
+    host: str
+    port: int
+    tls_dir: str | None = None
+    timeout: float = 30.0           # seconds for connect + TLS handshake + option negotiation
+
+    def __str__(self) -> str:
+        return f"{'nbds' if self.tls_dir else 'nbd'}://{self.host}:{self.port}"
+
+
+Address = str | TcpAddress          # a unix socket path, or TCP
+
+
+def explain_tcp(address: TcpAddress, text: str) -> str:
+    """Cause and fix of a failed TCP/TLS connect (libnbd's message in ``text``)."""
+    where = f"{address.host}:{address.port}"
+    if "certificate verification" in text or "verify" in text.lower() and "certif" in text.lower():
+        return (f"the NBD server's TLS certificate at {where} does not match the name {address.host} or is not "
+                f"signed by the CA in {address.tls_dir}/ca-cert.pem: issue the host's server certificate for that "
+                f"name (CN/SAN) or dial a name it carries (--nbd-ip)")
+    if "non-properly terminated" in text or "handshake" in text:
+        return (f"the NBD server at {where} refused our TLS client certificate ({address.tls_dir}/client-cert.pem): "
+                f"it must be signed by the CA in the host's backup_tls_x509_cert_dir ({text})")
+    if "TLS" in text or "not supported" in text.lower():
+        return f"TLS negotiation with {where} failed ({text}): the server and --tls-cert/--no-tls must agree"
+    if "refused" in text or "timed out" in text or "No route" in text:
+        return (f"cannot reach the NBD server at {where} ({text}): a firewall between the hosts must let TCP "
+                f"ports {address.port}.. through (--nbd-port), or name a reachable address with --nbd-ip")
+    return f"cannot connect to {where}: {text}"
+
+
+def _connect_tcp(h: nbd.NBD, address: TcpAddress) -> None:
+    if address.tls_dir:
+        h.set_tls(nbd.TLS_REQUIRE)
+        h.set_tls_certificates(address.tls_dir)
+    h.aio_connect_tcp(address.host, str(address.port))
+    deadline = time.monotonic() + address.timeout
+    while h.aio_is_connecting():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise errors.NbdError(export=h.get_export_name(), reason=explain_tcp(
+                address, f"connect timed out after {address.timeout:.0f}s"))
+        h.poll(int(min(left, 1.0) * 1000))
+    if not h.aio_is_ready():
+        raise nbd.Error("connection failed", 0)
+
+
+def _open(socket: Address, export: str, contexts: Sequence[str]) -> nbd.NBD:
     h = nbd.NBD()
     try:
         # our buffers are pooled and every byte read is written: no need for
@@ -127,9 +178,14 @@ def _open(socket: str, export: str, contexts: Sequence[str]) -> nbd.NBD:
         h.set_export_name(export)
         for ctx in contexts:
             h.add_meta_context(ctx)
-        h.connect_unix(socket)
+        if isinstance(socket, TcpAddress):
+            _connect_tcp(h, socket)
+        else:
+            h.connect_unix(socket)
     except nbd.Error as err:
-        raise errors.NbdError(export=export, reason=f"cannot connect to {socket}: {_nbd_reason(err)}") from err
+        why = explain_tcp(socket, _nbd_reason(err)) if isinstance(socket, TcpAddress) else \
+            f"cannot connect to {socket}: {_nbd_reason(err)}"
+        raise errors.NbdError(export=export, reason=why) from err
     for ctx in contexts:
         if not h.can_meta_context(ctx):
             with contextlib.suppress(nbd.Error):
@@ -253,7 +309,7 @@ class _Connection(threading.Thread):
 class NbdSource:
     """Reads from one export; use as a context manager (connections always closed)."""
 
-    def __init__(self, socket: str, export: str, contexts: Sequence[str] = (BASE_ALLOCATION,),
+    def __init__(self, socket: Address, export: str, contexts: Sequence[str] = (BASE_ALLOCATION,),
                  connections: int = 4, depth: int = 8, *, buffers: int = 32, buffer_size: int = 1 << 20,
                  request_size: int = 256 << 10) -> None:
         self.socket = socket
@@ -287,8 +343,7 @@ class NbdSource:
             self.size = main.get_size()
             self.multi_conn = bool(main.can_multi_conn())
             self.max_block = int(main.get_block_size(nbd.SIZE_MAXIMUM) or 0)
-            for _ in range(self._wanted if self.multi_conn else 1):
-                self._handles.append(_open(self.socket, self.export, ()))
+            self._open_readers(self._wanted if self.multi_conn else 1)
         except nbd.Error as err:
             self.close()
             raise errors.NbdError(export=self.export, reason=_nbd_reason(err)) from err
@@ -305,6 +360,19 @@ class NbdSource:
             self._workers.append(worker)
         log.debug("nbd %s: size %d, multi-conn %s, %d reader connection(s), depth %d",
                   self.export, self.size, self.multi_conn, len(self._workers), self._depth)
+
+    def _open_readers(self, count: int) -> None:
+        """The reader connections; over TCP opened at once (each TLS handshake is a round trip or more)."""
+        if not isinstance(self.socket, TcpAddress) or count == 1:
+            self._handles.extend(_open(self.socket, self.export, ()) for _ in range(count))
+            return
+        with ThreadPoolExecutor(count, thread_name_prefix="nbd-connect") as pool:
+            futures = [pool.submit(_open, self.socket, self.export, ()) for _ in range(count)]
+            for fut in futures:         # every handle kept (closed by close() on failure), then errors raised
+                with contextlib.suppress(errors.NbdError):
+                    self._handles.append(fut.result())
+            for fut in futures:
+                fut.result()
 
     def block_status(self, offset: int, count: int) -> Mapping[str, Sequence[tuple[int, int]]]:
         """{context: [(length, flags), ...]} from ``offset``; see :mod:`virtnbd.source.extents`."""

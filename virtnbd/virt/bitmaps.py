@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from virtnbd import errors
+from virtnbd.remote import host
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,8 @@ class Bitmap:
 def _qemu_img(args: Sequence[str], what: str) -> str:
     cmd = [QEMU_IMG, *args]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, check=False)
-    except (OSError, subprocess.SubprocessError) as err:
+        proc = host.current().run(cmd, timeout=TIMEOUT)       # the disks' host: this one or a remote
+    except (OSError, subprocess.SubprocessError, errors.RemoteError) as err:
         raise errors.LibvirtError(reason=f"{what}: {' '.join(cmd)}: {err}") from err
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip().splitlines()

@@ -4,12 +4,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
 import libvirt
 
 from virtnbd import errors
+from virtnbd.secrets import read_password_file, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +79,39 @@ def check_alive(conn: libvirt.virConnect) -> None:
                                          f"the chain")
 
 
+def _open(uri: str, password_file: str | None) -> libvirt.virConnect:
+    """``libvirt.open``, or ``openAuth`` answering libvirt's password/passphrase questions from the file."""
+    if password_file is None:
+        return libvirt.open(uri)
+    password = read_password_file(password_file)
+    user = urllib.parse.urlsplit(uri).username or ""
+
+    def answer(creds: list[list[Any]], _opaque: Any) -> int:
+        for cred in creds:
+            if cred[0] == libvirt.VIR_CRED_AUTHNAME:
+                cred[4] = user or cred[3] or ""
+            elif cred[0] in (libvirt.VIR_CRED_PASSPHRASE, libvirt.VIR_CRED_NOECHOPROMPT):
+                cred[4] = password
+            else:
+                return -1
+        return 0
+
+    kinds = [libvirt.VIR_CRED_AUTHNAME, libvirt.VIR_CRED_PASSPHRASE, libvirt.VIR_CRED_NOECHOPROMPT]
+    return libvirt.openAuth(uri, [kinds, answer, None], 0)
+
+
 @contextlib.contextmanager
-def connect(uri: str | None = None) -> Iterator[libvirt.virConnect]:
-    """Open a read-write libvirt connection, watched by keepalive and a close callback; closed on exit."""
+def connect(uri: str | None = None, password_file: str | None = None) -> Iterator[libvirt.virConnect]:
+    """Open a read-write libvirt connection, watched by keepalive and a close callback; closed on exit.
+
+    ``password_file`` (``--password-file``): libvirt's password (and key passphrase) questions are
+    answered from it; the password never appears in argv, the URI or a log."""
     target = uri or DEFAULT_URI
     _start_event_loop()
     try:
-        conn = libvirt.open(target)
+        conn = _open(target, password_file)
     except libvirt.libvirtError as err:
-        raise errors.LibvirtError(reason=f"cannot connect to {target}: {reason(err)}") from err
+        raise errors.LibvirtError(reason=f"cannot connect to {redact_uri(target)}: {reason(err)}") from err
     _watch(conn)
     try:
         yield conn

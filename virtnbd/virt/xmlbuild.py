@@ -15,6 +15,15 @@ class BackupDisk:
     full: bool = False            # force a full export of this disk inside an incremental job
 
 
+@dataclass(frozen=True)
+class TcpServer:
+    """The job's NBD server on TCP: ``name`` is the address QEMU listens on (on the domain's host)."""
+
+    name: str
+    port: int
+    tls: bool = True
+
+
 def export_name(target: str) -> str:
     return target
 
@@ -29,12 +38,12 @@ def _tostring(root: etree._Element) -> str:
 
 
 def backup_xml(
-    socket: str,
+    socket: str | TcpServer,
     disks: Sequence[BackupDisk],
     skipped: Collection[str] = (),
     incremental: str | None = None,
 ) -> str:
-    """``<domainbackup mode='pull'>`` exporting ``disks`` on a unix socket.
+    """``<domainbackup mode='pull'>`` exporting ``disks`` on a unix socket (or TCP, TLS by default).
 
     ``incremental`` names the checkpoint the dirty bitmaps are relative to;
     disks with ``full=True`` are exported whole even then (``backupmode='full'``).
@@ -42,7 +51,11 @@ def backup_xml(
     root = etree.Element("domainbackup", mode="pull")
     if incremental:
         etree.SubElement(root, "incremental").text = incremental
-    etree.SubElement(root, "server", transport="unix", socket=os.fspath(socket))
+    if isinstance(socket, TcpServer):
+        etree.SubElement(root, "server", transport="tcp", tls="yes" if socket.tls else "no", name=socket.name,
+                         port=str(socket.port))
+    else:
+        etree.SubElement(root, "server", transport="unix", socket=os.fspath(socket))
     el_disks = etree.SubElement(root, "disks")
     for disk in disks:
         attrs = {"name": disk.target, "backup": "yes", "type": "file", "exportname": export_name(disk.target),
@@ -113,10 +126,13 @@ def checkpoint_xml(
 
 
 def backup_socket(xml: str) -> str | None:
-    """The unix socket a running job's XML exports on (None when it has none)."""
+    """The unix socket a running job's XML exports on; for a TCP job its first scratch file (None: neither)."""
     root = etree.fromstring(xml.encode())
     server = root.find("server")
-    return server.get("socket") if server is not None else None
+    if server is not None and server.get("socket"):
+        return server.get("socket")
+    scratch = root.find("./disks/disk/scratch")
+    return scratch.get("file") if scratch is not None else None
 
 
 def checkpoint_sizes(xml: str) -> dict[str, int]:

@@ -13,12 +13,13 @@ file opener for the requested format. Every target:
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from virtnbd import errors
 from virtnbd.restore.targets.base import Target, TargetBase, TargetRequest, scheme_of
 
-__all__ = ["Opener", "Target", "TargetBase", "TargetRequest", "open_target", "register", "scheme_of"]
+__all__ = ["Opener", "Target", "TargetBase", "TargetRequest", "host_path", "open_target", "register", "scheme_of"]
 
 
 Opener = Callable[[TargetRequest], Target]
@@ -36,6 +37,9 @@ def open_target(request: TargetRequest) -> Target:
         if scheme == "rbd" and scheme not in _OPENERS:  # built in, imported only when used (needs python3-rbd)
             from virtnbd.restore.targets.rbd import open_rbd
             register("rbd", open_rbd)
+        if scheme == "remote" and scheme not in _OPENERS:   # another host (ssh + remote qemu-nbd)
+            from virtnbd.restore.targets.remote import open_remote
+            register("remote", open_remote)
         opener = _OPENERS.get(scheme)
         if opener is None:
             raise errors.UsageError(reason=f"{request.spec}: unknown target type '{scheme}:'")
@@ -51,3 +55,15 @@ def open_target(request: TargetRequest) -> Target:
         from virtnbd.restore.targets.qcow2 import Qcow2Target
         return Qcow2Target(request)
     raise errors.UsageError(reason=f"unknown output format {request.format!r} (qcow2 or raw)")
+
+
+def host_path(spec: str) -> str | None:
+    """The file path a restored disk has on the host that runs it (domain XML ``<source file>``).
+
+    A local file: its absolute path; ``remote:PATH``: PATH (on that host); other stores: None."""
+    scheme = scheme_of(spec)
+    if scheme is None:
+        return os.path.abspath(spec)
+    if scheme == "remote":
+        return spec.partition(":")[2]
+    return None

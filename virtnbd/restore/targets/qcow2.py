@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from virtnbd import errors
@@ -77,7 +77,7 @@ class ServedImage:
     """
 
     def __init__(self, path: str, workers: int, *, fmt: str = "qcow2", label: str | None = None,
-                 persistent: bool = True) -> None:
+                 persistent: bool = True, connect: Callable[[Any], None] | None = None) -> None:
         import nbd  # Debian python3-libnbd
 
         self._nbd = nbd
@@ -92,6 +92,7 @@ class ServedImage:
         self._proc: subprocess.Popen[bytes] | None = None
         self._sockdir: str | None = None
         self.sock = ""
+        self._connect = connect or (lambda h: h.connect_unix(self.sock))   # a remote server brings its own
 
     def start(self) -> None:
         self._sockdir = tempfile.mkdtemp(prefix="virtnbd-image-")
@@ -118,7 +119,7 @@ class ServedImage:
         if h is None:
             h = self._nbd.NBD()
             try:
-                h.connect_unix(self.sock)
+                self._connect(h)
             except self._nbd.Error as err:
                 raise errors.NbdError(export=self.sock, reason=str(err)) from err
             with self._lock:

@@ -1,0 +1,72 @@
+"""Open the run's host: ``session(uri, options)`` yields the libvirt URI to open and the Host.
+
+A local URI gives :class:`LocalHost` and the URI unchanged. A remote one first opens the ssh
+master connection (an unknown or changed host key, a refused login or an unreachable host stop
+the run here, before libvirt or any disk is touched), then pins libvirt's own ssh to the same
+known_hosts: ``qemu+ssh`` runs our ssh wrapper (``command=``: through the master connection),
+``qemu+libssh``/``libssh2`` get ``known_hosts=``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from virtnbd import errors
+from virtnbd.remote import uri as uri_mod
+from virtnbd.remote.host import Host, LocalHost, using
+from virtnbd.remote.options import RemoteOptions
+from virtnbd.remote.remotehost import RemoteHost
+from virtnbd.remote.ssh import SshConnection
+
+log = logging.getLogger(__name__)
+
+CLIENT_FILES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
+NO_TLS_WARNING = "--no-tls: disk data crosses the network unencrypted and unauthenticated"
+
+
+def check_tls_dir(options: RemoteOptions) -> None:
+    missing = [f for f in CLIENT_FILES if not (Path(options.tls_dir) / f).is_file()]
+    if missing:
+        raise errors.UsageError(reason=f"--tls-cert {options.tls_dir}: {', '.join(missing)} missing; the folder "
+                                       "needs the CA certificate and a client certificate + key signed by it (see "
+                                       "README 'Backing up other hosts'), or run with --no-tls")
+
+
+def libvirt_uri(target: uri_mod.RemoteUri, ssh: SshConnection) -> str:
+    if target.transport == "ssh":
+        return target.with_params(command=ssh.wrapper)
+    if target.transport in ("libssh", "libssh2"):
+        return target.with_params(known_hosts=ssh.known_hosts)
+    return target.uri
+
+
+@contextlib.contextmanager
+def session(uri: str | None, options: RemoteOptions) -> Iterator[tuple[str | None, Host]]:
+    target = uri_mod.parse(uri)
+    if target is None:
+        with using(LocalHost()) as host:
+            yield uri, host
+        return
+    if options.tls:
+        check_tls_dir(options)
+    else:
+        log.warning("%s", NO_TLS_WARNING)
+    ssh = SshConnection(target, options).open()
+    try:
+        with using(RemoteHost(ssh, options)) as host:
+            yield libvirt_uri(target, ssh), host
+    finally:
+        ssh.close()
+
+
+@contextlib.contextmanager
+def connected(uri: str | None, options: RemoteOptions) -> Iterator[Any]:
+    """A libvirt connection to ``uri`` (a remote one through :func:`session`), closed at exit."""
+    from virtnbd.virt import connection
+
+    with session(uri, options) as (libvirt_uri_, _host), \
+            connection.connect(libvirt_uri_, options.password_file) as conn:
+        yield conn
