@@ -22,10 +22,10 @@ from typing import Any
 
 import libvirt
 
-from virtnbd import __version__
+from virtnbd import __version__, errors
 from virtnbd.backup import copy, output, qcow2write
 from virtnbd.backup.options import BackupOptions
-from virtnbd.backup.plan import Plan, PlannedDisk
+from virtnbd.backup.plan import Plan, PlannedDisk, chain_points
 from virtnbd.backupset import encrypted, outfile, qcow2set
 from virtnbd.backupset import manifest as bsmanifest
 from virtnbd.backupset.api import BackupSet
@@ -192,8 +192,13 @@ class BackupRun:
         bitmap, standalone otherwise), then filled by the same copy loop."""
         plan = self.plan
         relative = plan.level in ("inc", "diff")
-        backing = qcow2set.backing_image(self.bset.manifest(), plan.parent, pd.target) \
-            if relative and pd.mode == "inc" else None
+        changes_only = relative and pd.mode != "full"         # dirty bitmap or RBD diff: an overlay
+        manifest = self.bset.manifest()
+        parents = chain_points(manifest)                      # inc and diff stack on the newest full/inc point
+        backing = qcow2set.backing_image(manifest, parents[-1].name, pd.target) if changes_only and parents else None
+        if changes_only and backing is None:
+            raise errors.BackupSetError(path=self.bset.location, reason=f"{pd.target}: no image at the parent point "
+                                        "to stack the changes on; start a new chain (-l full)")
         image = qcow2set.prepare_image(self.bset, disk=pd.target, point=plan.point, level=plan.level,
                                        virtual_size=src.size, backing=backing, checkpoint=plan.checkpoint,
                                        parent=plan.parent if relative else None, disk_format=pd.disk.format,
