@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from virtnbd.crypto.keysource import KeySpec
 from virtnbd.restore.targets.rbd import RbdOptions
 
-ACTIONS = ("restore", "dump", "verify")
+ACTIONS = ("restore", "dump", "verify", "instant", "drill")
 FORMATS = ("qcow2", "raw")
 
 
@@ -33,3 +33,8 @@ class RestoreOptions:
     rbd: RbdOptions = field(default_factory=RbdOptions)   # Ceph connection + RBD image options
     logfile: str | None = None          # -L/--logfile: also log (DEBUG) to this file
     key: KeySpec = field(default_factory=KeySpec)         # encrypted sets: names the secret's source
+    # -a instant / -a drill (restore/instant.py, restore/drill.py)
+    bandwidth: int | None = None        # instant: MiB/s limit of the background copy
+    paused: bool = False                # instant: start the domain paused
+    check: str | None = None            # drill: shell command run in the guest by the agent (pass = exit 0)
+    boot_timeout: float = 300.0         # drill: seconds to wait for the agent (and for the check)
