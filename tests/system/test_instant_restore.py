@@ -222,11 +222,83 @@ def test_instant_killed_mid_copy_leaves_nothing(point: tuple[Guest, Path, Path],
         assert run_.name not in [d.name() for d in libvirt_conn.listAllDomains()]
         assert not _nbdkit_serving(folder)
         assert not list(out.glob("vda.*")) and not list(out.glob(".virtnbd-live-*"))
-        if signum == signal.SIGTERM:
-            assert "interrupted" in err
+        assert ("interrupted by signal SIGTERM" if signum == signal.SIGTERM else
+                "killed before the switch-over: domain") in err, err
     finally:
         with pytest.raises(libvirt.libvirtError):
             libvirt_conn.lookupByName(run_.name)
         run_.cleanup(libvirt_conn)
     assert _sha_files(folder) == before
     assert os.path.exists(folder)
+
+
+# --------------------------------------------------------------------------- drill
+
+
+def _drill(folder: Path, name: str, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(_restore_cmd("-a", "drill", "-i", str(folder), "-N", name, "--json",
+                                         "--boot-timeout", "120", *extra),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _live_xml(conn: Any, name: str, proc: subprocess.Popen[str]) -> tuple[str, bool]:
+    """The drill domain's live XML and whether it is persistent, caught while it runs."""
+    import libvirt
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            dom = conn.lookupByName(name)
+            return dom.XMLDesc(0), bool(dom.isPersistent())
+        except libvirt.libvirtError:
+            time.sleep(0.1)
+    proc.kill()
+    out, err = proc.communicate()
+    raise AssertionError(f"drill domain {name} never seen: rc {proc.returncode}; {out} {err}")
+
+
+def _drilled(conn: Any, folder: Path, check: str) -> tuple[dict[str, Any], int, str, bool]:
+    import json
+
+    name = f"vnbdtest-d{uuid.uuid4().hex[:8]}"
+    proc = _drill(folder, name, "--check", check)
+    xml, persistent = _live_xml(conn, name, proc)
+    out, err = proc.communicate(timeout=300)
+    assert name not in [d.name() for d in conn.listAllDomains()]
+    assert not _nbdkit_serving(folder)
+    return json.loads(out), proc.returncode, xml + err, persistent
+
+
+CHECK = f"grep -q ' {DATA_MOUNT} ' /proc/mounts && cat {DATA_MOUNT}/before.txt"
+
+
+def test_drill_of_a_good_point_passes(point: tuple[Guest, Path, Path], libvirt_conn: Any) -> None:
+    orig, folder, _ref = point
+    before = _sha_files(folder)
+    result, rc, xml, persistent = _drilled(libvirt_conn, folder, CHECK)
+    assert rc == 0 and result["result"] == "pass", result
+    assert result["check_exitcode"] == 0 and result["point"] == "virtnbdbackup.0"
+    assert set(result["seconds"]) == {"boot", "agent", "check", "total"}
+    root = etree.fromstring(xml.split("</domain>")[0].encode() + b"</domain>")
+    assert not persistent and not root.xpath("devices/interface")             # throw-away and isolated
+    assert root.findtext("uuid") != etree.fromstring(orig.dom.XMLDesc(0).encode()).findtext("uuid")
+    assert root.xpath("devices/disk//source[@protocol='nbd']")                 # the set itself is only served
+    assert _sha_files(folder) == before
+
+
+def test_drill_of_an_unbootable_point_fails_with_the_reason(libvirt_conn: Any, guest_build: Any) -> None:
+    broken = Guest(libvirt_conn, guest_build)          # defined, never started: its disk is the point
+    try:
+        run(["qemu-io", "-f", "qcow2", "-c", "write -z 0 64k", str(broken.disk)])     # no ext4 superblock
+        folder = broken.dir / "backup"
+        subprocess.run([sys.executable, str(REPO / "virtnbdbackup"), "-d", broken.name, "-l", "full", "-o",
+                        str(folder), "-n", "--scratchdir", str(broken.dir)], check=True, capture_output=True,
+                       timeout=300)
+        before = _sha_files(folder)
+        result, rc, err, _persistent = _drilled(libvirt_conn, folder, CHECK)
+        assert rc == 1 and result["result"] == "fail", result
+        assert result["check_exitcode"] == 1 and "the check command exited 1" in result["reason"]
+        assert "drill failed: the check command exited 1" in err
+        assert _sha_files(folder) == before
+    finally:
+        broken.remove()

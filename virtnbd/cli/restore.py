@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-D", "--define", action="store_true", help="define the adjusted domain in libvirt (implies -c)")
     p.add_argument("-U", "--uri", default="qemu:///system", metavar="URI",
                    help="libvirt connection URI for --define (default qemu:///system)")
-    p.add_argument("--json", action="store_true", help="dump: print JSON instead of a table")
+    p.add_argument("--json", action="store_true", help="dump, drill: print JSON instead of a table / a line")
     p.add_argument("-n", "--noprogress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug output")
     p.add_argument("-e", "--strict", action="store_true", help="exit 2 when warnings were logged")
@@ -154,8 +154,8 @@ def parse(argv: Sequence[str]) -> RestoreOptions:
         targets, args.output, args.format = _to_device(args, targets)
     if args.action == "restore" and not args.output and not targets:
         raise errors.UsageError(reason="restore needs an output folder: -o OUT")
-    if args.json and args.action != "dump":
-        raise errors.UsageError(reason="--json goes with -a dump")
+    if args.json and args.action not in ("dump", "drill"):
+        raise errors.UsageError(reason="--json goes with -a dump and -a drill")
     if args.define and args.action != "restore" or args.name and args.action not in ("restore", "instant", "drill"):
         raise errors.UsageError(reason="-D/--define goes with -a restore, -N/--name with -a restore|instant|drill")
     return RestoreOptions(
