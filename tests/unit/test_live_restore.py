@@ -58,6 +58,7 @@ def test_after_the_switch_over_no_socket_is_left() -> None:
 def test_live_options() -> None:
     opts = restore.parse(["-i", "/s", "-a", "instant", "-o", "/o", "-N", "x", "--bandwidth", "5", "--paused"])
     assert (opts.action, opts.name, opts.bandwidth, opts.paused) == ("instant", "x", 5, True)
+    assert restore.parse(["-i", "/s", "-a", "instant", "--no-migrate"]).no_migrate   # no -o needed: no copy
     drill = restore.parse(["-i", "/s", "-a", "drill", "--check", "true", "--json", "--boot-timeout", "30"])
     assert (drill.check, drill.json, drill.boot_timeout) == ("true", True, 30.0)
 
@@ -72,6 +73,9 @@ def test_live_options() -> None:
     ["-a", "instant", "-o", "/o", "--bandwidth", "0"],
     ["-a", "drill", "--boot-timeout", "0"],
     ["-a", "drill", "-D"],
+    ["-a", "drill", "--no-migrate"],
+    ["-a", "instant", "--no-migrate", "--bandwidth", "2"],
+    ["-o", "/o", "--no-migrate"],
 ])
 def test_live_options_refused(argv: list[str]) -> None:
     with pytest.raises(errors.UsageError):

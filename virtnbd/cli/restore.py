@@ -65,6 +65,9 @@ def _live_arguments(p: argparse.ArgumentParser) -> None:
                    help="instant: limit the background copy to MIB MiB/s (default: as fast as it goes)")
     g.add_argument("--paused", action="store_true",
                    help="instant: start the domain paused (virsh resume runs it; the copy goes on meanwhile)")
+    g.add_argument("--no-migrate", action="store_true",
+                   help="instant: run the domain on the backup only (transient, writes discarded), no copy, "
+                        "until it stops or Ctrl-C/SIGTERM")
     g.add_argument("--check", metavar="CMD",
                    help="drill: shell command the guest agent runs in the guest; the drill passes when it exits 0")
     g.add_argument("--boot-timeout", type=float, default=300.0, metavar="SECONDS",
@@ -75,21 +78,24 @@ def _check_live(args: argparse.Namespace) -> None:
     """-a instant / -a drill: a local set; instant needs an output folder for the final images."""
     live = args.action in ("instant", "drill")
     if not live:
-        if args.bandwidth is not None or args.paused or args.check is not None:
-            raise errors.UsageError(reason="--bandwidth/--paused go with -a instant, --check with -a drill")
+        if args.bandwidth is not None or args.paused or args.no_migrate or args.check is not None:
+            raise errors.UsageError(reason="--bandwidth/--paused/--no-migrate go with -a instant, --check with "
+                                           "-a drill")
         return
     if args.input == "-" or "://" in args.input or args.sequence or args.target:
         raise errors.UsageError(reason=f"-a {args.action} boots a local backup set folder (no -i -, s3://, "
                                        "-s or --target)")
-    if args.action == "instant" and (not args.output or args.output == "-" or
-                                     blockdev.is_block_device(args.output)):
+    if args.action == "instant" and not args.no_migrate and (not args.output or args.output == "-" or
+                                                             blockdev.is_block_device(args.output)):
         raise errors.UsageError(reason="-a instant needs an output folder for the final images: -o OUT")
+    if args.no_migrate and args.bandwidth is not None:
+        raise errors.UsageError(reason="--no-migrate copies nothing: no --bandwidth")
     if args.bandwidth is not None and args.bandwidth < 1:
         raise errors.UsageError(reason="--bandwidth must be at least 1 (MiB/s)")
     if args.boot_timeout <= 0:
         raise errors.UsageError(reason="--boot-timeout must be positive")
-    if args.action == "drill" and (args.bandwidth is not None or args.paused):
-        raise errors.UsageError(reason="--bandwidth and --paused go with -a instant")
+    if args.action == "drill" and (args.bandwidth is not None or args.paused or args.no_migrate):
+        raise errors.UsageError(reason="--bandwidth, --paused and --no-migrate go with -a instant")
 
 
 def _check_stdout(args: argparse.Namespace) -> None:
@@ -164,7 +170,8 @@ def parse(argv: Sequence[str]) -> RestoreOptions:
         adjust_config=args.adjust_config or args.define or bool(args.name), name=args.name, define=args.define,
         uri=args.uri, json=args.json, noprogress=args.noprogress, verbose=args.verbose, strict=args.strict,
         worker=args.worker, targets=targets, rbd=rbdargs.rbd_options(args), key=keyargs.key_spec(args),
-        logfile=args.logfile, bandwidth=args.bandwidth, paused=args.paused, check=args.check,
+        logfile=args.logfile, bandwidth=args.bandwidth, paused=args.paused, no_migrate=args.no_migrate,
+        check=args.check,
         boot_timeout=args.boot_timeout,
     )
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -44,6 +45,9 @@ def finals_for(selection: Selection, options: RestoreOptions) -> dict[str, str]:
 
 def run(selection: Selection, options: RestoreOptions) -> None:
     started = time.monotonic()
+    if options.no_migrate:
+        _run_on_backup(selection, options, started)
+        return
     try:
         os.makedirs(str(options.output), exist_ok=True)
     except OSError as err:
@@ -59,6 +63,26 @@ def run(selection: Selection, options: RestoreOptions) -> None:
         booted.keep()
     _say(f"{name}: switched over to {', '.join(finals.values())} after {time.monotonic() - started:.1f} s; "
          f"export stopped")
+
+
+def _run_on_backup(selection: Selection, options: RestoreOptions, started: float) -> None:
+    """``--no-migrate``: a transient domain on the backup until it stops or the command is stopped."""
+    name = live.domain_name(live.saved_xml(selection), options.name, "restore_")
+    plan = live.LivePlan(name=name, uri=options.uri, work_parent=options.output or tempfile.gettempdir(),
+                         persistent=False, paused=options.paused)
+    with live.booted(selection, plan, started) as booted:
+        _say(f"{name}: {'paused' if options.paused else 'running'} on the backup after {booted.seconds:.1f} s "
+             f"(--no-migrate: its writes are discarded); stop it with Ctrl-C or SIGTERM")
+        while _active(booted.dom):
+            time.sleep(0.5)
+    _say(f"{name}: stopped by the guest; export stopped")
+
+
+def _active(dom: Any) -> bool:
+    try:
+        return bool(dom.isActive())
+    except libvirt.libvirtError:        # a transient domain that stopped is gone
+        return False
 
 
 def _say(text: str) -> None:

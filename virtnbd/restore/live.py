@@ -83,8 +83,12 @@ def domain_name(xml: str, name: str | None, prefix: str) -> str:
 
 
 def _workdir(parent: str, prefix: str) -> str:
-    path = tempfile.mkdtemp(prefix=prefix, dir=parent)
-    os.chmod(path, TRAVERSE)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+        os.chmod(path, TRAVERSE)
+    except OSError as err:
+        raise errors.StorageError(path=parent, reason=err.strerror or str(err)) from err
     return path
 
 

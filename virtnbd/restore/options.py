@@ -36,5 +36,6 @@ class RestoreOptions:
     # -a instant / -a drill (restore/instant.py, restore/drill.py)
     bandwidth: int | None = None        # instant: MiB/s limit of the background copy
     paused: bool = False                # instant: start the domain paused
+    no_migrate: bool = False            # instant: run on the backup only, no copy (until stopped)
     check: str | None = None            # drill: shell command run in the guest by the agent (pass = exit 0)
     boot_timeout: float = 300.0         # drill: seconds to wait for the agent (and for the check)
