@@ -457,6 +457,18 @@ class Guest:
                     raise
                 time.sleep(0.3)
 
+    def wait_answer(self, timeout: float = 120.0) -> None:
+        """Until ``guest-ping`` answers (no console needed: works on attached guests too)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.agent("guest-ping", timeout=5)
+                return
+            except LabError:
+                if time.monotonic() > deadline or not self.dom.isActive():
+                    raise
+                time.sleep(0.2)
+
     def remove(self, attempts: int = 5) -> None:
         """Destroy, undefine (with checkpoint metadata), delete the files; LabError when the domain stays."""
         import libvirt

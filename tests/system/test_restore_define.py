@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 from lxml import etree
 
-from tests.lab.guest_lab import DATA_MOUNT, Guest, LabError
+from tests.lab.guest_lab import DATA_MOUNT, Guest
 from tests.system.backup_helpers import REPO
 
 pytestmark = [pytest.mark.system, pytest.mark.guest]
@@ -36,18 +35,6 @@ def _cli(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
 def _boot_files(folder: Path) -> dict[str, str]:
     doc = json.loads(_cli("virtnbdrestore", "-i", str(folder), "-a", "dump", "--json").stdout)
     return doc["points"][-1]["extra"]["boot_files"]
-
-
-def _wait_agent(guest: Guest, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            guest.agent("guest-ping", timeout=5)
-            return
-        except LabError:
-            if time.monotonic() > deadline or not guest.dom.isActive():
-                raise
-            time.sleep(0.5)
 
 
 def _macs(xml: str) -> list[str]:
@@ -77,7 +64,7 @@ def test_restored_guest_boots_with_a_new_mac(make_guest: Any, libvirt_conn: Any,
         assert root.find("devices/disk/source").get("file") == str(out / "vda.qcow2")
         assert len(_macs(xml)) == 1 and _macs(xml) != _macs(orig_xml)
         new.dom.create()
-        _wait_agent(new)
+        new.wait_answer()
         assert new.sh(f"cat {DATA_MOUNT}/marker").encode() == MARKER
         assert "vda" in new.sh(f"grep ' {DATA_MOUNT} ' /proc/mounts")
     finally:

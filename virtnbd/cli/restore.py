@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder for restored images (restore); -o dump and -o verify mean -a dump / "
                         "-a verify (a folder of that name: -o ./verify)")
     p.add_argument("-a", "--action", choices=ACTIONS, default="restore",
-                   help="restore (default), dump the metadata of every point, or verify every file")
+                   help="restore (default), dump the metadata of every point, verify every file, instant (run the "
+                        "domain on the backup at once, copy its disks while it runs) or drill (boot the point in "
+                        "an isolated throw-away domain and report pass/fail)")
     p.add_argument("-u", "--until", metavar="POINT", help="restore this point (e.g. virtnbdbackup.3); default: newest")
     p.add_argument("-d", "--disk", metavar="DEV", help="only this disk (target dev, e.g. sda)")
     p.add_argument("-s", "--sequence", metavar="F1,F2,...",
@@ -43,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-U", "--uri", default="qemu:///system", metavar="URI",
                    help="libvirt connection URI for --define (default qemu:///system); another host "
                         "(qemu+ssh://USER@HOST/system): the images are restored onto it, -o is a folder there")
-    p.add_argument("--json", action="store_true", help="dump: print JSON instead of a table")
+    p.add_argument("--json", action="store_true", help="dump, drill: print JSON instead of a table / a line")
     p.add_argument("-n", "--noprogress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug output")
     p.add_argument("-e", "--strict", action="store_true", help="exit 2 when warnings were logged")
@@ -52,11 +54,51 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests in flight / files verified at once (default 4)")
     p.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     hostargs.add_restore_host(p)
+    _live_arguments(p)
     rbdargs.add_arguments(p)
     s3args.add_arguments(p)
     keyargs.add_arguments(p)
     parity.add_arguments(p, parity.RESTORE)
     return p
+
+
+def _live_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("instant restore and restore drill (-a instant, -a drill)")
+    g.add_argument("--bandwidth", type=int, metavar="MIB",
+                   help="instant: limit the background copy to MIB MiB/s (default: as fast as it goes)")
+    g.add_argument("--paused", action="store_true",
+                   help="instant: start the domain paused (virsh resume runs it; the copy goes on meanwhile)")
+    g.add_argument("--no-migrate", action="store_true",
+                   help="instant: run the domain on the backup only (transient, writes discarded), no copy, "
+                        "until it stops or Ctrl-C/SIGTERM")
+    g.add_argument("--check", metavar="CMD",
+                   help="drill: shell command the guest agent runs in the guest; the drill passes when it exits 0")
+    g.add_argument("--boot-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="drill: wait this long for the guest agent, and again for --check (default 300)")
+
+
+def _check_live(args: argparse.Namespace) -> None:
+    """-a instant / -a drill: a local set; instant needs an output folder for the final images."""
+    live = args.action in ("instant", "drill")
+    if not live:
+        if args.bandwidth is not None or args.paused or args.no_migrate or args.check is not None:
+            raise errors.UsageError(reason="--bandwidth/--paused/--no-migrate go with -a instant, --check with "
+                                           "-a drill")
+        return
+    if args.input == "-" or "://" in args.input or args.sequence or args.target:
+        raise errors.UsageError(reason=f"-a {args.action} boots a local backup set folder (no -i -, s3://, "
+                                       "-s or --target)")
+    if args.action == "instant" and not args.no_migrate and (not args.output or args.output == "-" or
+                                                             blockdev.is_block_device(args.output)):
+        raise errors.UsageError(reason="-a instant needs an output folder for the final images: -o OUT")
+    if args.no_migrate and args.bandwidth is not None:
+        raise errors.UsageError(reason="--no-migrate copies nothing: no --bandwidth")
+    if args.bandwidth is not None and args.bandwidth < 1:
+        raise errors.UsageError(reason="--bandwidth must be at least 1 (MiB/s)")
+    if args.boot_timeout <= 0:
+        raise errors.UsageError(reason="--boot-timeout must be positive")
+    if args.action == "drill" and (args.bandwidth is not None or args.paused or args.no_migrate):
+        raise errors.UsageError(reason="--bandwidth, --paused and --no-migrate go with -a instant")
 
 
 def _check_stdout(args: argparse.Namespace) -> None:
@@ -106,6 +148,7 @@ def _to_device(args: argparse.Namespace, targets: tuple[tuple[str, str], ...]) -
 def parse(argv: Sequence[str]) -> RestoreOptions:
     args = build_parser().parse_args(list(argv))
     _shortcuts(args)
+    _check_live(args)
     s3args.apply(s3args.s3_options(args))
     if args.worker < 1:
         raise errors.UsageError(reason="--worker must be at least 1")
@@ -120,10 +163,10 @@ def parse(argv: Sequence[str]) -> RestoreOptions:
         targets, args.output, args.format = _to_device(args, targets)
     if args.action == "restore" and not args.output and not targets:
         raise errors.UsageError(reason="restore needs an output folder: -o OUT")
-    if args.json and args.action != "dump":
-        raise errors.UsageError(reason="--json goes with -a dump")
-    if (args.name or args.define) and args.action != "restore":
-        raise errors.UsageError(reason="-N/--name and -D/--define go with -a restore")
+    if args.json and args.action not in ("dump", "drill"):
+        raise errors.UsageError(reason="--json goes with -a dump and -a drill")
+    if args.define and args.action != "restore" or args.name and args.action not in ("restore", "instant", "drill"):
+        raise errors.UsageError(reason="-D/--define goes with -a restore, -N/--name with -a restore|instant|drill")
     return RestoreOptions(
         input=args.input, output=args.output, action=args.action, until=args.until, disk=args.disk,
         sequence=sequence, format=args.format or "qcow2", preallocate=args.preallocate,
@@ -131,12 +174,17 @@ def parse(argv: Sequence[str]) -> RestoreOptions:
         uri=args.uri, json=args.json, noprogress=args.noprogress, verbose=args.verbose, strict=args.strict,
         worker=args.worker, targets=targets, rbd=rbdargs.rbd_options(args), key=keyargs.key_spec(args),
         logfile=args.logfile, password_file=args.password_file, remote=_remote(args),
+        bandwidth=args.bandwidth, paused=args.paused, no_migrate=args.no_migrate,
+        check=args.check,
+        boot_timeout=args.boot_timeout,
     )
 
 
 def _remote(args: argparse.Namespace) -> RemoteOptions | None:
     hostargs.checked_uri(args.uri, args.password_file)
     remote = hostargs.remote_options(args)
+    if remote is not None and args.action in ("instant", "drill"):
+        raise errors.UsageError(reason=f"-a {args.action} runs the domain on this host: -U must be local")
     if remote is not None and (args.output == "-" or not args.output and not args.target):
         raise errors.UsageError(reason="a remote restore (-U on another host) needs -o FOLDER on that host "
                                        "(or -o rbd:POOL)")

@@ -88,16 +88,22 @@ def _adjust_disks(devices: Any, disks: Mapping[str, tuple[str, str]], ceph: Any 
             from virtnbd.restore.rbdxml import make_network_disk
             make_network_disk(disk, path, ceph or rbdconn.CephOptions())
             continue
-        disk.set("type", "file")
-        for old in disk.findall("source") + disk.findall("backingStore"):
-            disk.remove(old)
-        driver = disk.find("driver")
-        if driver is None:
-            driver = etree.Element("driver", name="qemu")
-            disk.insert(0, driver)
-        driver.set("type", fmt)
-        source = etree.Element("source", file=host_path(path) or path)
-        driver.addnext(source)
+        file_source(disk, path, fmt)
+
+
+def file_source(disk: Any, path: str, fmt: str) -> Any:
+    """Make ``disk`` a file disk of ``fmt`` at ``path`` (old sources and backing chains dropped); its <source>."""
+    disk.set("type", "file")
+    for old in disk.findall("source") + disk.findall("backingStore"):
+        disk.remove(old)
+    driver = disk.find("driver")
+    if driver is None:
+        driver = etree.Element("driver", name="qemu")
+        disk.insert(0, driver)
+    driver.set("type", fmt)
+    source = etree.Element("source", file=host_path(path) or os.path.abspath(path))
+    driver.addnext(source)
+    return source
 
 
 def _saved_nvram(folder: str, point: Any, nvram: str) -> str | None:

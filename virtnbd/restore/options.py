@@ -7,7 +7,7 @@ from virtnbd.crypto.keysource import KeySpec
 from virtnbd.restore.targets.rbd import RbdOptions
 from virtnbd.restore.targets.remote import RemoteOptions
 
-ACTIONS = ("restore", "dump", "verify")
+ACTIONS = ("restore", "dump", "verify", "instant", "drill")
 FORMATS = ("qcow2", "raw")
 
 
@@ -36,3 +36,9 @@ class RestoreOptions:
     key: KeySpec = field(default_factory=KeySpec)         # encrypted sets: names the secret's source
     password_file: str | None = None    # --password-file: libvirt's password / key passphrase for -U
     remote: RemoteOptions | None = None  # -U names another host: -o is a folder there (restore/targets/remote.py)
+    # -a instant / -a drill (restore/instant.py, restore/drill.py)
+    bandwidth: int | None = None        # instant: MiB/s limit of the background copy
+    paused: bool = False                # instant: start the domain paused
+    no_migrate: bool = False            # instant: run on the backup only, no copy (until stopped)
+    check: str | None = None            # drill: shell command run in the guest by the agent (pass = exit 0)
+    boot_timeout: float = 300.0         # drill: seconds to wait for the agent (and for the check)

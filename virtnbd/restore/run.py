@@ -55,6 +55,9 @@ def run(options: RestoreOptions) -> None:
         verify.run(selection, workers=options.worker)
         if keyless:
             log.warning("%s", encrypted.UNAUTHENTICATED)
+    elif options.action in ("instant", "drill"):
+        from virtnbd.restore import drill, instant
+        (instant if options.action == "instant" else drill).run(selection, options)
     else:
         restore(selection, options)
 
@@ -62,7 +65,7 @@ def run(options: RestoreOptions) -> None:
 def make_selection(options: RestoreOptions) -> Selection:
     if options.sequence:
         return select_sequence(options.sequence, options.disk)
-    if options.action == "restore":
+    if options.action in ("restore", "instant", "drill"):
         return select(options.input, options.until, options.disk)
     return verify.select_all(options.input, options.until, options.disk)
 
