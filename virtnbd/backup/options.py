@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from virtnbd.backup.renew import Renew
+from virtnbd.backupset.s3store import S3Options
 from virtnbd.crypto.keysource import KeySpec
 from virtnbd.rbdconn import CephOptions
 from virtnbd.retention.policy import Policy
@@ -53,6 +54,7 @@ class BackupOptions:
     merge: bool = False                    # ... consolidating points only kept points need
     renew: Renew | None = None             # -l auto: new chain after N incs / when the full is that old
     key: KeySpec = field(default_factory=KeySpec)           # encryption: names the secret's source, never holds it
+    s3: S3Options | None = None                            # -o s3://: endpoint, profile, CA, timeouts (no secret)
 
     @property
     def buffer_size(self) -> int:

@@ -10,7 +10,7 @@ from virtnbd import __version__, errors
 from virtnbd.backup import renew
 from virtnbd.backup.options import COMPRESS_METHODS, LEVELS, BackupOptions
 from virtnbd.backup.renew import Renew
-from virtnbd.cli import keyargs, locations, parity, prune, rbdargs
+from virtnbd.cli import keyargs, locations, parity, prune, rbdargs, s3args
 from virtnbd.cli.shell import OneLineParser, run_main
 from virtnbd.ops.options import FleetOptions
 from virtnbd.retention.policy import Policy
@@ -88,7 +88,7 @@ def build_parser() -> OneLineParser:
                         "requests, or SIZE when larger)")
     _add_retention_arguments(p)
     p.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
-    keyargs.add_arguments(p)
+    _add_key_and_store_arguments(p)
     rbdargs.add_ceph_arguments(p.add_argument_group("Ceph (raw RBD disks: incrementals from RBD snapshots + diff)"))
     parity.add_arguments(p, parity.BACKUP)
     return p
@@ -191,8 +191,13 @@ def _backup_options(args: argparse.Namespace, domain: str) -> BackupOptions:
         pause=args.pause, agent_timeout=args.agent_timeout, read_size=args.read_size,
         fallback_full=args.fallback_full, umask=args.umask,
         ceph=rbdargs.ceph_options(args), keep=_keep(args), merge=args.merge, renew=args.renew,
-        key=keyargs.key_spec(args),
+        key=keyargs.key_spec(args), s3=s3args.s3_options(args),
     )
+
+
+def _add_key_and_store_arguments(p: argparse.ArgumentParser) -> None:
+    keyargs.add_arguments(p)
+    s3args.add_arguments(p)
 
 
 def _add_fleet_arguments(p: argparse.ArgumentParser) -> None:
