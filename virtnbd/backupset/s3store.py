@@ -28,6 +28,7 @@ import socket
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -124,7 +125,9 @@ def describe(err: Exception, what: str, options: S3Options | None = None) -> err
         reason = f"S3 request timed out ({limit} s): outcome unknown, not committed"
         return errors.StorageError(path=what, reason=reason)
     if isinstance(err, bx.EndpointConnectionError):
-        return errors.StorageError(path=what, reason=f"S3 endpoint unreachable: {err}")
+        url = urllib.parse.urlsplit(str(err.kwargs.get("endpoint_url", "")))
+        return errors.StorageError(path=what, reason=f"S3 endpoint unreachable: {url.scheme}://{url.netloc} "
+                                                     "does not answer; nothing committed")
     if isinstance(err, bx.NoCredentialsError | bx.ProfileNotFound):
         return errors.StorageError(path=what, reason=f"S3 credentials: {err} (environment, ~/.aws or --s3-profile)")
     return errors.StorageError(path=what, reason=f"S3: {err}")
