@@ -50,18 +50,20 @@ def _upload(folder: str, store: ObjectStore) -> float:
     return time.monotonic() - t0
 
 
+def _peak_rss(cmd: list[str], **kwargs: Any) -> tuple[float, int]:
+    """(seconds, peak RSS MiB) of ``cmd`` run under /usr/bin/time -f %M. Not RUSAGE_CHILDREN nor
+    wait4: Linux counts into a child's maxrss the memory of the process it was forked from, up to
+    its exec (the bench itself, hundreds of MiB); time(1) is small, so its child starts small."""
+    with tempfile.NamedTemporaryFile("r") as rss:
+        t0 = time.monotonic()
+        subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name, *cmd], check=True, **kwargs)
+        seconds = time.monotonic() - t0
+        return seconds, int(rss.read().split()[-1]) // 1024
+
+
 def _restore(url: str, out: str) -> tuple[float, int]:
-    """Seconds and the restore's own peak RSS in MiB (os.wait4: this child's rusage alone;
-    RUSAGE_CHILDREN would report the largest child ever, and a forked child starts with this
-    process's pages, so it showed the bench's own 600+ MiB)."""
-    t0 = time.monotonic()
-    proc = subprocess.Popen([os.path.join(ROOT, ".venv/bin/virtnbdrestore"), "-i", url, "-o", out, "-n",
-                             "--format", "raw"])
-    _pid, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise subprocess.CalledProcessError(proc.returncode, proc.args)
-    return time.monotonic() - t0, usage.ru_maxrss // 1024
+    """Seconds and the restore's own peak RSS in MiB."""
+    return _peak_rss([os.path.join(ROOT, ".venv/bin/virtnbdrestore"), "-i", url, "-o", out, "-n", "--format", "raw"])
 
 
 def _backup_to_s3(dom: Any, url: str, env: dict[str, str]) -> tuple[float, int, int]:
@@ -71,15 +73,10 @@ def _backup_to_s3(dom: Any, url: str, env: dict[str, str]) -> tuple[float, int, 
     cmd = [os.path.join(ROOT, ".venv/bin/virtnbdbackup"), "-d", dom.name, "-l", "copy", "-o", url,
            "-n", "--json", "--no-freeze", "--scratchdir", str(dom.dir)]
     with tempfile.TemporaryFile() as out:
-        t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, stdout=out, env=env)
-        _pid, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.monotonic() - t0
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError("virtnbdbackup into s3 failed")
+        seconds, rss = _peak_rss(cmd, stdout=out, env=env)
         out.seek(0)
         summary = json.loads(out.read())
-    return seconds, int(summary["bytes_written"]), usage.ru_maxrss // 1024
+    return seconds, int(summary["bytes_written"]), rss
 
 
 def backup_rounds(mib: int, rounds: int, store: ObjectStore, *, bucket: str, cfg: object, work: str) -> None:

@@ -371,13 +371,18 @@ class Upload:
         return self._id
 
     def write(self, data: bytes | memoryview) -> int:
-        self._buf += data
-        self.size += len(data)
-        while len(self._buf) >= self.part_size:
-            self._send(bytes(self._buf[:self.part_size]))
-            del self._buf[:self.part_size]
-            if len(self._parts) % PARTS_PER_STEP == 0:   # unknown final size: grow so 10 000 parts reach TiBs
-                self.part_size *= 2
+        """Fill the current part in place; a full part goes out as one ``bytes`` (one copy in all)."""
+        view = memoryview(data).cast("B")
+        self.size += len(view)
+        while view:
+            take = min(len(view), self.part_size - len(self._buf))
+            self._buf += view[:take]
+            view = view[take:]
+            if len(self._buf) >= self.part_size:
+                self._send(bytes(self._buf))
+                self._buf = bytearray()
+                if len(self._parts) % PARTS_PER_STEP == 0:   # unknown final size: grow so 10 000 parts reach TiBs
+                    self.part_size *= 2
         return len(data)
 
     def flush(self) -> None:
