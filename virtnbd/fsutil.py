@@ -105,3 +105,19 @@ def partial_file(path: str | os.PathLike[str], mode: int = 0o600) -> Iterator[Bi
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def apply_modes(folder: Path, umask: int | None) -> None:
+    """With an explicit umask, give everything in ``folder`` the modes it implies (files 0666, folders 0777 masked)."""
+    if umask is None or not folder.is_dir():
+        return
+    file_mode, dir_mode = 0o666 & ~umask, 0o777 & ~umask
+    with contextlib.suppress(OSError):
+        os.chmod(folder, dir_mode)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            with contextlib.suppress(OSError):
+                os.chmod(os.path.join(root, name), dir_mode)
+        for name in files:
+            with contextlib.suppress(OSError):
+                os.chmod(os.path.join(root, name), file_mode)

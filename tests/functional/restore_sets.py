@@ -11,11 +11,11 @@ import os
 import random
 import subprocess
 import time
-from pathlib import Path
 
 from virtnbd.backup.output import SideFiles
 from virtnbd.backupset import manifest, naming
 from virtnbd.backupset.encrypted import EncryptedSet
+from virtnbd.backupset.store import LocalStore
 from virtnbd.stream.format import StreamMeta
 from virtnbd.stream.writer import StreamWriter
 
@@ -109,7 +109,7 @@ class SetBuilder:
         xml = DOMAIN_XML.format(name=self.name, uuid=self.uuid)
         point_extra: dict = {}
         if self.crypt is not None:
-            xml = SideFiles(Path(self.folder), self.crypt.seal_side).save(f"vmconfig.{point}.xml", xml.encode())
+            xml = SideFiles(LocalStore(self.folder), self.crypt.seal_side).save(f"vmconfig.{point}.xml", xml.encode())
             point_extra = self.crypt.point_extra({"guest_info": {"hostname": "guest-" + self.name}})
         p = manifest.Point(name=point, level=level, parent=parent, checkpoint=checkpoint,
                            time=meta.time, disks={self.disk: entry}, domain_xml=xml, consistency="crash",

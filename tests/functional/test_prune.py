@@ -10,7 +10,7 @@ import pytest
 from tests.functional.restore_sets import SetBuilder
 from tests.functional.retention_helpers import restore_all_exact
 from virtnbd.backupset import manifest
-from virtnbd.backupset.store import folder_lock
+from virtnbd.backupset.store import LocalStore, folder_lock
 from virtnbd.cli.prune import main as prune_main
 from virtnbd.retention import verifylog
 
@@ -71,7 +71,7 @@ def test_prune_removes_unneeded_chains_and_merges(root, capsys) -> None:
     assert m is not None
     assert [p.name for p in m.points] == ["virtnbdbackup.7", "virtnbdbackup.8", "virtnbdbackup.9", cur.points[-1]]
     restore_all_exact(str(base), shadows)
-    assert verifylog.load(base)[cur.points[-1]].ok
+    assert verifylog.load(LocalStore(base))[cur.points[-1]].ok
     capsys.readouterr()
     assert prune_main(["-i", str(base), "--status", "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
@@ -114,7 +114,7 @@ def test_nothing_removed_when_the_newest_point_fails_verification(root) -> None:
     assert (base / "chain-20260201-000000").exists()
     after = manifest.load(base)
     assert after is not None and after.points == m.points
-    assert not verifylog.load(base)[m.points[-1].name].ok
+    assert not verifylog.load(LocalStore(base))[m.points[-1].name].ok
 
 
 def test_usage_errors() -> None:

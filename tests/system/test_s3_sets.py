@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from tests.functional.restore_sets import SetBuilder, compare
+from tests.functional.test_map import Mapped, copy_and_compare, random_reads
 from tests.lab import rgw_lab
 from virtnbd.backupset.s3store import ObjectStore
+from virtnbd.cli.prune import main as prune_main
 from virtnbd.cli.restore import main
 
 pytestmark = [pytest.mark.system, pytest.mark.ceph]
@@ -67,3 +70,29 @@ def test_flipped_byte_in_an_object_is_named_and_restore_refuses(s3_set, tmp_path
     out = str(tmp_path / "out")
     assert main(["-i", url, "-o", out, "-n"]) != 0
     assert not os.path.exists(os.path.join(out, "sda.qcow2"))
+
+
+def test_map_serves_every_point_from_the_bucket(s3_set, tmp_path) -> None:
+    b, url = s3_set
+    for n, point in enumerate(b.points):
+        with Mapped(url, "--until", point) as mapped:
+            assert mapped.info["set"] == url
+            copy_and_compare(mapped, Path(b.shadow_path(point)), tmp_path)
+            random_reads(mapped, Path(b.shadow_path(point)).read_bytes(), n)
+
+
+def test_consolidate_and_prune_in_the_bucket(s3_set, tmp_path) -> None:
+    b, url = s3_set
+    store = ObjectStore(url)
+    assert prune_main(["-i", url, "--consolidate", b.points[2]]) == 0
+    names = store.list()
+    assert "sda.inc.virtnbdbackup.1.data" not in names and ".virtnbd.prune.journal" not in names
+    assert any(n.startswith("prune.") and n.endswith(".log") for n in names), names
+    for point in b.points[2:]:
+        out = str(tmp_path / f"c-{point}")
+        assert main(["-i", url, "-o", out, "-n", "--until", point, "--format", "raw"]) == 0
+        compare(os.path.join(out, "sda.raw"), "raw", b.shadow_path(point))
+    assert prune_main(["-i", url, "--keep-last", "1"]) == 0
+    out = str(tmp_path / "last")
+    assert main(["-i", url, "-o", out, "-n", "--format", "raw"]) == 0
+    compare(os.path.join(out, "sda.raw"), "raw", b.shadow_path(b.points[-1]))

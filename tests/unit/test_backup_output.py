@@ -9,6 +9,7 @@ import pytest
 
 from virtnbd import errors
 from virtnbd.backup import output
+from virtnbd.backupset.store import LocalStore
 
 
 def test_lock_refuses_a_second_holder_and_names_the_pid(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -49,7 +50,7 @@ def test_side_files_are_discarded_on_failure(tmp_path) -> None:  # type: ignore[
     (src / "tpm" / "tpm2-00.permall").write_bytes(b"state")
     folder = tmp_path / "b"
     folder.mkdir()
-    side = output.SideFiles(folder)
+    side = output.SideFiles(LocalStore(folder))
     assert side.save("checkpoints/virtnbdbackup.0.xml", b"<x/>") == "checkpoints/virtnbdbackup.0.xml"
     assert side.copy_file("nvram.p.nvram.fd", str(src / "nvram.fd")) == "nvram.p.nvram.fd"
     assert side.copy_tree("tpm.p", str(src / "tpm")) == "tpm.p"

@@ -67,7 +67,7 @@ def test_restore_output_shortcuts() -> None:
     ([*B, "-z", "0", "--compress-method", "zstd"], "zstd compression level 0"),
     ([*B, "-w", "0"], "-w/--worker must be 1 or more"),
     ([*B, "--parallel", "0"], "--parallel"),
-    (["-d", "vm", "-o", "s3://bucket/x"], "unsupported scheme 's3://'"),
+    (["-d", "vm", "-o", "ftp://host/x"], "unsupported scheme 'ftp://'"),
     (["-d", "vm", "-o", "-", "-l", "inc"], "-o -: a stream holds one new set"),
     (["-d", "a,b", "-o", "-", "-l", "full"], "-o - goes with one domain"),
     ([*B, "-t", "raw"], "virtnbdrestore --format raw"),

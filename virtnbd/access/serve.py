@@ -24,6 +24,7 @@ from typing import Any
 
 from virtnbd import errors
 from virtnbd.access.options import MapOptions
+from virtnbd.backupset.store import scheme_of
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,15 @@ def nbdkit_argv(options: MapOptions, socket: str | None, pidfile: str) -> list[s
             argv += ["--tls=require", f"--tls-certificates={options.tls_certificates}"]
     argv += ["--filter=cow"] if options.writable else ["-r"]
     path = os.pathsep.join(p for p in [*sys.path, _project_root()] if p and os.path.isdir(p))
-    argv += ["python", PLUGIN, f"set={os.path.abspath(options.input)}", f"path={path}"]
+    argv += ["python", PLUGIN, f"set={set_location(options.input)}", f"path={path}"]
     argv += [f"until={options.until}"] if options.until else []
     argv += [f"disk={options.disk}"] if options.disk else []
     return argv
+
+
+def set_location(value: str) -> str:
+    """A URL (``s3://``) as given, a folder made absolute (nbdkit runs elsewhere)."""
+    return value if scheme_of(value) else os.path.abspath(value)
 
 
 def _project_root() -> str:
@@ -141,7 +147,7 @@ def describe(export: Export, options: MapOptions) -> str:
     if options.json:
         return json.dumps({"uri": export.uri, "socket": export.socket, "host": export.host, "port": export.port,
                            "pid": export.pid, "readonly": export.readonly, "tls": export.tls,
-                           "set": os.path.abspath(options.input), "until": options.until, "disk": options.disk})
+                           "set": set_location(options.input), "until": options.until, "disk": options.disk})
     mode = "read-only" if export.readonly else "writable (copy-on-write, changes are discarded)"
     return f"serving {export.uri} ({mode}); stop with Ctrl-C or SIGTERM"
 

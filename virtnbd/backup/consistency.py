@@ -25,7 +25,6 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import libvirt
@@ -34,6 +33,7 @@ from virtnbd import errors
 from virtnbd.backup import archive, output, renew
 from virtnbd.backup.options import BackupOptions
 from virtnbd.backup.plan import Plan, PlannedDisk, chain_points
+from virtnbd.backupset.api import BackupSet
 from virtnbd.virt import bitmaps, checkpoints, xmlbuild
 
 log = logging.getLogger(__name__)
@@ -53,16 +53,17 @@ class Verdict:
     note: str = ""                  # one line for the user when the chain was restarted
 
 
-def _saved_xml(folder: Path, point: Any) -> str | None:
+def _saved_xml(bset: BackupSet, point: Any) -> str | None:
     if not point.checkpoint_xml:
         return None
     try:
-        return (folder / point.checkpoint_xml).read_text(encoding="utf-8")
-    except OSError:
+        data = bset.read_side(point.checkpoint_xml)
+        return None if data is None else data.decode("utf-8")
+    except (errors.VirtnbdError, OSError, UnicodeDecodeError):
         return None
 
 
-def redefine_lost(dom: libvirt.virDomain, manifest: Any, folder: Path) -> tuple[list[str], list[Problem]]:
+def redefine_lost(dom: libvirt.virDomain, manifest: Any, bset: BackupSet) -> tuple[list[str], list[Problem]]:
     """Redefine our checkpoints of the folder's chain that libvirt no longer knows, oldest first."""
     known = set(checkpoints.list_names(dom))
     redefined: list[str] = []
@@ -73,7 +74,7 @@ def redefine_lost(dom: libvirt.virDomain, manifest: Any, folder: Path) -> tuple[
             continue
         if (point.extra or {}).get("libvirt_checkpoint") is False:
             continue  # only RBD snapshots track this point (raw RBD disks, virtnbd/rbdextents.py)
-        xml = _saved_xml(folder, point)
+        xml = _saved_xml(bset, point)
         if xml is None:
             problems.append(Problem(f"checkpoint {name} is missing in libvirt and the backup folder has no "
                                     f"saved XML to redefine it"))
@@ -187,12 +188,12 @@ def drop_orphan_bitmaps(dom: libvirt.virDomain, plan: Plan) -> list[str]:
     return dropped
 
 
-def _fix(options: BackupOptions, folder: Path) -> str:
+def _fix(options: BackupOptions, folder: str) -> str:
     return (f"start a new chain: virtnbdbackup -d {options.domain} -l full -o NEW_FOLDER, or rerun with "
             f"--fallback-full (moves this chain to {folder}/{archive.PREFIX}<time>/ and starts a new one here)")
 
 
-def preflight(options: BackupOptions, dom: libvirt.virDomain, folder: Path, manifest: Any, plan: Plan, *,
+def preflight(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet, manifest: Any, plan: Plan, *,
               running: bool, replan: Replan) -> Verdict:
     """Check (and repair what can be repaired) before an inc/diff; see the module doc."""
     if running and plan.level != "copy" and not options.printonly:
@@ -202,8 +203,8 @@ def preflight(options: BackupOptions, dom: libvirt.virDomain, folder: Path, mani
     reason = renew.due(options.renew, manifest, datetime.datetime.now(datetime.UTC)) \
         if options.level == "auto" and not options.printonly else None
     if reason:
-        return _new_chain(options, folder, replan, f"renew: {reason}")
-    _redefined, problems = redefine_lost(dom, manifest, folder)
+        return _new_chain(options, bset, replan, f"renew: {reason}")
+    _redefined, problems = redefine_lost(dom, manifest, bset)
     if not problems:
         problems = bitmap_problems(dom, plan, running)
     if not problems:
@@ -212,12 +213,13 @@ def preflight(options: BackupOptions, dom: libvirt.virDomain, folder: Path, mani
         return Verdict(whole_if_resized(plan, parent_point, sizes), manifest)
     cause = "; ".join(p.cause for p in problems)
     if not (options.level == "auto" or options.fallback_full) or options.printonly:
-        raise errors.ChainError(reason=f"cannot continue the chain in {folder}: {cause}; {_fix(options, folder)}")
-    return _new_chain(options, folder, replan, f"chain broken ({cause})")
+        raise errors.ChainError(reason=f"cannot continue the chain in {bset.location}: {cause}; "
+                                       f"{_fix(options, bset.location)}")
+    return _new_chain(options, bset, replan, f"chain broken ({cause})")
 
 
-def _new_chain(options: BackupOptions, folder: Path, replan: Replan, why: str) -> Verdict:
-    moved = archive.archive(folder, output.stamp())
+def _new_chain(options: BackupOptions, bset: BackupSet, replan: Replan, why: str) -> Verdict:
+    moved = archive.archive_store(bset.store, output.stamp())
     note = f"{why}: old chain moved to {moved} (restorable with -i there), starting a new chain with a full backup"
     log.warning("%s", note)
     full = dataclasses.replace(options, level="full")

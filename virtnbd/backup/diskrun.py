@@ -118,7 +118,6 @@ class BackupRun:
         self.options = options
         self.dom = dom
         self.bset = bset
-        self.folder = Path(bset.location)     # side files (output.SideFiles) are still written locally
         self.plan = plan
         self.domain_xml = domain_xml
         self.uuid = uuid
@@ -279,7 +278,7 @@ class BackupRun:
     def side_files(self) -> output.SideFiles:
         """Where this point's side files go (sealed by an encrypted set)."""
         sealed = isinstance(self.bset, encrypted.EncryptedSet)
-        return output.SideFiles(self.folder, self.bset.seal_side if sealed else None)
+        return output.SideFiles(self.bset.store, self.bset.seal_side if sealed else None)
 
     # -- side files ---------------------------------------------------------------
     def save_side_files(self, side: output.SideFiles, checkpoint_xml: str | None) -> dict[str, Any]:

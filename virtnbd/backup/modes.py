@@ -13,6 +13,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from virtnbd import fsutil
+
 log = logging.getLogger(__name__)
 
 DEFAULT_UMASK = 0o077
@@ -31,15 +33,4 @@ def umask(value: int | None) -> Iterator[int]:
 
 def apply(folder: Path, value: int | None) -> None:
     """With an explicit umask, set the modes it implies on everything in the folder."""
-    if value is None or not folder.is_dir():
-        return
-    file_mode, dir_mode = 0o666 & ~value, 0o777 & ~value
-    with contextlib.suppress(OSError):
-        os.chmod(folder, dir_mode)
-    for root, dirs, files in os.walk(folder):
-        for name in dirs:
-            with contextlib.suppress(OSError):
-                os.chmod(os.path.join(root, name), dir_mode)
-        for name in files:
-            with contextlib.suppress(OSError):
-                os.chmod(os.path.join(root, name), file_mode)
+    fsutil.apply_modes(folder, value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from virtnbd.backup.renew import Renew
+from virtnbd.backupset.s3store import S3Options
 from virtnbd.crypto.keysource import KeySpec
 from virtnbd.rbdconn import CephOptions
 from virtnbd.remote.options import RemoteOptions
@@ -57,6 +58,7 @@ class BackupOptions:
     key: KeySpec = field(default_factory=KeySpec)           # encryption: names the secret's source, never holds it
     set_kind: str = "stream"               # kind of backup set: "stream" | "qcow2" (-t/--type)
     remote: RemoteOptions = field(default_factory=RemoteOptions)   # -U of another host: TLS, NBD address, ssh
+    s3: S3Options | None = None                            # -o s3://: endpoint, profile, CA, timeouts (no secret)
 
     @property
     def buffer_size(self) -> int:

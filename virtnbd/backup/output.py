@@ -7,17 +7,19 @@ removes it again; only the manifest commit makes a point real.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from virtnbd import errors, fsutil
-from virtnbd.backupset.store import LOCK_FILE, LocalStore, folder_lock
+from virtnbd import errors
+from virtnbd.backupset.store import LOCK_FILE, LocalStore, Store, folder_lock
 from virtnbd.secrets import RedactFilter
 
 __all__ = ["LOCK_FILE", "folder_lock"]   # the folder lock lives with the local store
@@ -36,33 +38,43 @@ def prepare_folder(folder: str) -> Path:
     return Path(folder)
 
 
-class _RunLogHandler(logging.FileHandler):
-    """The run's log file is best effort: a folder that turns read-only or full must not
+class _RunLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The run's log is best effort: a store that turns read-only or full must not
     print logging tracebacks or hide the run's own error line (stderr still has every message)."""
+
+    failed = False
 
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
         self.failed = True
 
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            super().close()
-
 
 @contextlib.contextmanager
-def run_log(folder: Path, level: str, stamp: str) -> Iterator[Path]:
-    """A DEBUG log file for this run inside the backup folder."""
-    path = folder / f"backup.{level}.{stamp}.log"
-    handler = _RunLogHandler(path, encoding="utf-8")
+def run_log(store: Store, level: str, stamp: str) -> Iterator[str]:
+    """A DEBUG log of this run in the set's store (``backup.<level>.<stamp>.log``)."""
+    name = f"backup.{level}.{stamp}.log"
+    try:
+        sink = store.open_log(name)
+        raw = sink.__enter__()
+    except (errors.VirtnbdError, OSError) as err:
+        log.warning("no run log in %s: %s", store.location, err)
+        yield ""
+        return
+    text = io.TextIOWrapper(raw, encoding="utf-8", write_through=True)
+    handler = _RunLogHandler(text)
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RedactFilter())
     root = logging.getLogger()
     root.addHandler(handler)
     try:
-        yield path
+        yield store.describe(name)
     finally:
         root.removeHandler(handler)
-        handler.close()
+        with contextlib.suppress(OSError, ValueError):
+            text.flush()
+        text.detach()
+        with contextlib.suppress(OSError):
+            sink.__exit__(None, None, None)
 
 
 def work_dir(scratchdir: str) -> contextlib.AbstractContextManager[Path]:
@@ -86,18 +98,17 @@ def remove_stale_work_dirs(scratchdir: str, alive: frozenset[int] = frozenset())
 
 
 class SideFiles:
-    """Side files of one point; :meth:`discard` removes what was written if the run fails."""
+    """Side files of one point, written through the set's store; :meth:`discard` removes them if the run fails."""
 
-    def __init__(self, folder: Path, seal: Callable[[str, bytes], bytes] | None = None) -> None:
-        self.folder = folder
+    def __init__(self, store: Store, seal: Callable[[str, bytes], bytes] | None = None) -> None:
+        self.store = store
         self.seal = seal            # encrypted chain: (name, plaintext) -> sealed object
-        self.written: list[Path] = []
+        self.written: list[str] = []
+        self.trees: list[str] = []
 
     def save(self, name: str, data: bytes) -> str:
-        path = self.folder / name
-        path.parent.mkdir(mode=0o700, exist_ok=True)
-        fsutil.save_atomic(path, data if self.seal is None else self.seal(name, data))
-        self.written.append(path)
+        self.written.append(name)
+        self.store.replace(name, data if self.seal is None else self.seal(name, data))
         return name
 
     def copy_file(self, name: str, source: str) -> str | None:
@@ -109,32 +120,38 @@ class SideFiles:
         return self.save(name, data)
 
     def copy_tree(self, name: str, source: str) -> str | None:
+        """A folder (TPM state) as ``name/<relative path>`` objects (symbolic links are not followed)."""
         if self.seal is not None:
             log.warning("%s not saved: an encrypted set does not hold folders (TPM state) yet", source)
             return None
-        target = self.folder / name
-        tmp = self.folder / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        self.trees.append(name)
+        self.store.remove_tree(name)
         try:
-            if not host.current().fetch_tree(source, tmp):
-                return None
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
+            with tempfile.TemporaryDirectory(prefix="virtnbd-side-") as tmpd:
+                tree = Path(tmpd) / "tree"
+                if not host.current().fetch_tree(source, tree):       # this host or over ssh
+                    self.store.remove_tree(name)
+                    self.trees.remove(name)
+                    return None
+                for path in sorted(p for p in tree.rglob("*") if p.is_file() and not p.is_symlink()):
+                    self.store.replace(f"{name}/{path.relative_to(tree).as_posix()}", path.read_bytes())
         except OSError as err:
-            shutil.rmtree(tmp, ignore_errors=True)
             log.warning("cannot copy %s: %s", source, err)
+            self.store.remove_tree(name)
+            self.trees.remove(name)
             return None
-        self.written.append(target)
         return name
 
     def discard(self) -> None:
-        for path in reversed(self.written):
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    path.unlink()
+        """Best effort (the store may be what failed): what stays is listed by no manifest."""
+        for name in reversed(self.written):
+            with contextlib.suppress(errors.VirtnbdError, OSError):
+                self.store.remove(name)
+        for name in self.trees:
+            with contextlib.suppress(errors.VirtnbdError, OSError):
+                self.store.remove_tree(name)
         self.written.clear()
+        self.trees.clear()
 
 
 def qemu_img_info(path: str) -> dict[str, object] | None:

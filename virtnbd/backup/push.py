@@ -50,7 +50,7 @@ class PushRun:
 
     def prepare(self, skipped: list[str]) -> str:
         """Create every disk's target image; the push job's XML."""
-        check_reachable(self.run.dom, self.run.folder)
+        check_reachable(self.run.dom, Path(self.run.bset.location))
         manifest = self.run.bset.manifest()
         for pd in self.run.plan.disks:
             self.images.append(self._prepare_one(pd, manifest))
@@ -80,7 +80,7 @@ class PushRun:
     @contextlib.contextmanager
     def reachable(self) -> Iterator[None]:
         """The backup folder searchable by QEMU's user while the job runs (restored after)."""
-        with searchable(self.run.folder):
+        with searchable(Path(self.run.bset.location)):
             yield
 
     def finish(self, job: PushJob, tick: Callable[[], None] | None = None) -> list[DiskResult]:

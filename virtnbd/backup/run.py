@@ -26,9 +26,9 @@ from virtnbd.backup.plan import Plan, PlannedDisk, make_plan
 from virtnbd.backupset import (
     encrypted,
     qcow2set,  # noqa: F401  (registers the qcow2 kind)
+    s3store,
 )
 from virtnbd.backupset.api import BackupSet, create_set
-from virtnbd.backupset.store import LocalStore
 from virtnbd.remote import host
 from virtnbd.remote.host import Host
 from virtnbd.remote.session import NO_TLS_WARNING, session
@@ -76,8 +76,8 @@ def _check_parent(dom: libvirt.virDomain, plan: Plan) -> None:
                    f"start a new chain with -l full into a new folder")
 
 
-def _clean_stale(dom: libvirt.virDomain, plan: Plan, options: BackupOptions, folder: Path) -> None:
-    abort_stale(dom, folder)
+def _clean_stale(dom: libvirt.virDomain, plan: Plan, options: BackupOptions, folder: str) -> None:
+    abort_stale(dom, None if "://" in folder else Path(folder))      # push jobs write into local folders only
     refuse_foreign_jobs(dom, [pd.target for pd in plan.disks])
     for path in output.remove_stale_work_dirs(options.scratchdir):
         log.warning("removed scratch folder of a killed run: %s", path)
@@ -142,13 +142,11 @@ def run(options: BackupOptions) -> RunSummary:
     with modes.umask(options.umask), session(options.uri, options.remote) as (uri, on_host), \
             connection.connect(uri, options.remote.password_file) as conn:
         dom = connection.lookup_domain(conn, options.domain)
+        if options.s3 is not None:
+            s3store.configure(options.s3)
         bset = create_set(options.output, options.set_kind)
-        if not isinstance(bset.store, LocalStore):
-            raise errors.UsageError(reason=f"{bset.location}: backups are written into a local folder for now; "
-                                           "restore, dump and verify read sets in object storage")
-        folder = Path(bset.location)   # recovery and modes still work on the local folder
         with bset.lock():
-            recovery.recover(folder)
+            recovery.recover(bset.store)
             try:
                 summary = _run_locked(options, dom, bset)
             except errors.LibvirtError:
@@ -158,7 +156,7 @@ def run(options: BackupOptions) -> RunSummary:
                 connection.check_alive(conn)
                 raise errors.LibvirtError(reason=connection.reason(err)) from err
             finally:
-                modes.apply(folder, options.umask)
+                bset.store.set_modes(options.umask)
         _remote_facts(summary, on_host)
     summary.seconds = round(time.monotonic() - started, 3)
     return summary
@@ -181,18 +179,18 @@ def _offline() -> Any:
 def _run_locked(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet) -> RunSummary:
     name = dom.name()
     uuid = dom.UUIDString()
-    folder = Path(bset.location)
+    folder = bset.location
     manifest = bset.manifest()
     domain_xml = connection.domain_xml(dom)
     all_disks = domainxml.parse_disks(domain_xml)
-    plan = make_plan(options, manifest, all_disks, int(time.time()), folder=str(folder), domain=name, uuid=uuid)
+    plan = make_plan(options, manifest, all_disks, int(time.time()), folder=folder, domain=name, uuid=uuid)
     bset = encrypted.for_backup(bset, options.key, manifest, plan.level)     # before anything is written
     running = connection.is_running(dom)
 
     def replan(opts: BackupOptions, m: Any) -> Plan:
-        return make_plan(opts, m, all_disks, int(time.time()), folder=str(folder), domain=name, uuid=uuid)
+        return make_plan(opts, m, all_disks, int(time.time()), folder=folder, domain=name, uuid=uuid)
 
-    verdict = consistency.preflight(options, dom, folder, manifest, plan, running=running, replan=replan)
+    verdict = consistency.preflight(options, dom, bset, manifest, plan, running=running, replan=replan)
     if verdict.manifest is not manifest and verdict.plan.level in ("copy", "full"):      # chain archived
         bset = encrypted.for_backup(create_set(options.output, options.set_kind), options.key, verdict.manifest,
                                     verdict.plan.level)
@@ -219,7 +217,7 @@ def _run_locked(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet)
                      size_text(options.threshold))
             summary.skipped, summary.reason = True, "below threshold"
             return summary
-    with output.run_log(folder, plan.level, output.stamp()):
+    with output.run_log(bset.store, plan.level, output.stamp()):
         log.info("backup of %s: level %s, point %s, disks %s", name, plan.level, plan.point,
                  ", ".join(pd.target for pd in plan.disks))
         if verdict.note:

@@ -101,11 +101,15 @@ class StreamSet:
         return self.store.create(name, staging_blocks)
 
     def commit(self, point: Point, domain: str, domain_uuid: str) -> Manifest:
+        return self._commit(point, domain, domain_uuid, None)
+
+    def _commit(self, point: Point, domain: str, domain_uuid: str, mac_key: bytes | None) -> Manifest:
+        """Append ``point``: the manifest replaced whole (a folder: fsync + rename; S3: one PUT)."""
         if isinstance(self.store, LocalStore):
-            return manifest_mod.commit_point(self.store.root, point, domain, domain_uuid)
+            return manifest_mod.commit_point(self.store.root, point, domain, domain_uuid, mac_key)
         updated = manifest_mod.append_point(self.manifest(), point, domain, domain_uuid, where=self.location,
                                             size_of=self.store.size)
-        self.store.replace(naming.MANIFEST, manifest_mod.to_json(updated))   # one atomic PUT: the commit
+        self.store.replace(naming.MANIFEST, manifest_mod.to_json(updated, mac_key))   # one atomic PUT: the commit
         return updated
 
     def lock(self) -> ContextManager[None]:

@@ -25,7 +25,7 @@ from virtnbd.backupset import manifest as manifest_mod
 from virtnbd.backupset import naming
 from virtnbd.backupset.api import StreamSet, register_kind
 from virtnbd.backupset.manifest import Manifest, Point
-from virtnbd.backupset.store import LocalStore, Store
+from virtnbd.backupset.store import Store
 from virtnbd.crypto import keyring, keysource
 from virtnbd.crypto import store as keystore
 from virtnbd.crypto.keyring import Keyring
@@ -137,11 +137,9 @@ class EncryptedSet(StreamSet):
 
     def commit(self, point: Point, domain: str, domain_uuid: str) -> Manifest:
         key = self._need_key()
-        if not isinstance(self.store, LocalStore):
-            raise errors.BackupSetError(path=self.location, reason="commit needs a local store")
         if self.new_ring is not None:
             self.store.replace(keystore.KEYS, keyring.to_json(self.new_ring))
-        return manifest_mod.commit_point(self.store.root, point, domain, domain_uuid, key.manifest_key())
+        return self._commit(point, domain, domain_uuid, key.manifest_key())
 
     def _need_key(self) -> SetKey:
         if self.key is None:

@@ -15,11 +15,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from virtnbd import errors, fsutil
 from virtnbd.backupset import naming
 from virtnbd.stream.format import StreamMeta, StreamTotals
+
+if TYPE_CHECKING:
+    from virtnbd.backupset.store import Store
 
 FORMAT_NAME = "virtnbd-backupset"
 FORMAT_VERSION = 1
@@ -281,19 +284,30 @@ def _check_chain(points: tuple[Point, ...]) -> None:
         built = replace(built, points=(*built.points, point))
 
 
-def rewrite(folder: str | os.PathLike[str], previous: Manifest, points: tuple[Point, ...]) -> Manifest:
-    """Replace the folder's points atomically (prune, consolidation), under the caller's lock.
+def rewrite(store: Store, previous: Manifest, points: tuple[Point, ...]) -> Manifest:
+    """Replace the chain's points atomically (prune, consolidation), under the caller's lock.
 
-    The manifest on disk must still be ``previous``; the new list must form a
-    valid chain and every file it lists must exist with its recorded size.
+    The manifest in the store must still be ``previous``; the new list must form a
+    valid chain and every file it lists must exist with its recorded size. The
+    store replaces the manifest whole (a folder: fsync + rename; S3: one PUT).
     """
-    base = Path(folder)
-    current = load(base)
+    data = store.read_bytes(naming.MANIFEST)
+    where = store.describe(naming.MANIFEST)
+    current = None if data is None else from_json(data, where)
     if current is None or to_json(current) != to_json(previous):
-        raise errors.BackupSetError(path=str(base), reason="the manifest changed while the chain was rewritten")
+        raise errors.BackupSetError(path=where, reason="the manifest changed while the chain was rewritten")
     _check_chain(points)
     for point in points:
-        _check_files(base, point)
-    updated = replace(previous, points=points, folder=os.fspath(base))
-    fsutil.save_atomic(manifest_path(base), to_json(updated))
+        _check_sizes(store, point)
+    updated = replace(previous, points=points)
+    store.replace(naming.MANIFEST, to_json(updated))
     return updated
+
+
+def _check_sizes(store: Store, point: Point) -> None:
+    for disk in point.disks.values():
+        size = store.size(disk.file)
+        if "/" in disk.file or size != disk.stored_bytes:
+            raise errors.BackupSetError(path=store.describe(disk.file),
+                                        reason=f"point {point.name}: object has {size} bytes, "
+                                               f"entry says {disk.stored_bytes}")

@@ -14,6 +14,16 @@ MANIFEST = "virtnbd.manifest.json"
 CHECKPOINT_PREFIX = "virtnbdbackup"
 DATA_SUFFIX = ".data"
 LEVELS = ("copy", "full", "inc", "diff")
+ARCHIVE_PREFIX = "chain-"        # FOLDER/chain-<stamp>/: a chain moved aside (virtnbd.backup.archive)
+MOVING = ".moving"               # .chain-<stamp>.moving: a move in progress (finished by Store.recover)
+REMOVING = ".removing"           # .chain-<stamp>.removing: an archived chain prune is deleting
+LOCKS = (".virtnbdbackup.lock", ".virtnbd.lock")     # a folder's lock file, an object store's lock object
+
+
+def stays(name: str) -> bool:
+    """Entries that stay when a chain moves aside: the lock and archived chains (and their markers)."""
+    return name in LOCKS or name.startswith(ARCHIVE_PREFIX) or (
+        name.startswith(f".{ARCHIVE_PREFIX}") and name.endswith((MOVING, REMOVING)))
 
 _SAFE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+-]*$")
 

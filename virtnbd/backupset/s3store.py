@@ -25,8 +25,10 @@ import json
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,16 +36,19 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 
 from virtnbd import errors
+from virtnbd.backupset import naming
 
 log = logging.getLogger(__name__)
+Names = list[str]     # (the classes below have a method named list)
 
 SCHEME = "s3://"
 MIN_PART = 8 << 20            # S3 minimum is 5 MiB (all parts but the last)
 MAX_PARTS = 10_000
 PARTS_PER_STEP = 1000       # part size doubles every 1000 parts (8 MiB parts: 8 GiB, then 16 MiB ...)
-LOCK_NAME = ".virtnbd.lock"
+LOCK_NAME = naming.LOCKS[1]
 BLOCK = 8 << 20              # ranged GETs of stream data: aligned 8 MiB blocks
 CACHED_BLOCKS = 4            # per open object (32 MiB)
+LOG_SPOOL = 4 << 20          # a run's log stays in memory up to this size, then in a temporary file
 LOCK_TTL = 6 * 3600           # a lock older than this (owner gone quiet) may be broken
 
 
@@ -120,7 +125,9 @@ def describe(err: Exception, what: str, options: S3Options | None = None) -> err
         reason = f"S3 request timed out ({limit} s): outcome unknown, not committed"
         return errors.StorageError(path=what, reason=reason)
     if isinstance(err, bx.EndpointConnectionError):
-        return errors.StorageError(path=what, reason=f"S3 endpoint unreachable: {err}")
+        url = urllib.parse.urlsplit(str(err.kwargs.get("endpoint_url", "")))
+        return errors.StorageError(path=what, reason=f"S3 endpoint unreachable: {url.scheme}://{url.netloc} "
+                                                     "does not answer; nothing committed")
     if isinstance(err, bx.NoCredentialsError | bx.ProfileNotFound):
         return errors.StorageError(path=what, reason=f"S3 credentials: {err} (environment, ~/.aws or --s3-profile)")
     return errors.StorageError(path=what, reason=f"S3: {err}")
@@ -269,7 +276,7 @@ class S3Store:
             if "exists already" not in str(err):
                 raise
         holder = self._lock_holder()
-        if holder.get("expires", 0) > time.time():
+        if holder.get("expires", 0) > time.time() and not _holder_gone(holder):
             raise errors.LockedError(path=str(self.url), pid=holder.get("pid", "?"),
                                      reason=f"on {holder.get('host', '?')}: {holder.get('reason', '')}")
         log.warning("%s: breaking an expired lock of pid %s on %s", self.url, holder.get("pid"), holder.get("host"))
@@ -282,6 +289,20 @@ class S3Store:
         except (errors.StorageError, ValueError):
             return {}
         return found if isinstance(found, dict) else {}
+
+
+def _holder_gone(holder: dict[str, Any]) -> bool:
+    """The lock's owner ran on this host and its process is gone (a killed run): the lock is stale."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _md5(data: bytes | memoryview) -> str:
@@ -350,13 +371,18 @@ class Upload:
         return self._id
 
     def write(self, data: bytes | memoryview) -> int:
-        self._buf += data
-        self.size += len(data)
-        while len(self._buf) >= self.part_size:
-            self._send(bytes(self._buf[:self.part_size]))
-            del self._buf[:self.part_size]
-            if len(self._parts) % PARTS_PER_STEP == 0:   # unknown final size: grow so 10 000 parts reach TiBs
-                self.part_size *= 2
+        """Fill the current part in place; a full part goes out as one ``bytes`` (one copy in all)."""
+        view = memoryview(data).cast("B")
+        self.size += len(view)
+        while view:
+            take = min(len(view), self.part_size - len(self._buf))
+            self._buf += view[:take]
+            view = view[take:]
+            if len(self._buf) >= self.part_size:
+                self._send(bytes(self._buf))
+                self._buf = bytearray()
+                if len(self._parts) % PARTS_PER_STEP == 0:   # unknown final size: grow so 10 000 parts reach TiBs
+                    self.part_size *= 2
         return len(data)
 
     def flush(self) -> None:
@@ -555,6 +581,68 @@ class ObjectStore(S3Store):
 
     def remove(self, name: str) -> None:
         self.remove_many([name])
+
+    def recover(self) -> Names:
+        """Finish moves of old chains; abort the multipart uploads a killed run left (never an object)."""
+        moved = [self._finish_move(m[1:-len(naming.MOVING)]) for m in self.list()
+                 if m.startswith(f".{naming.ARCHIVE_PREFIX}") and m.endswith(naming.MOVING)]
+        return moved + self.abort_stale_uploads()
+
+    def archive(self, name: str) -> None:
+        """Move the chain under ``name/``: a marker object, server-side copies (the manifest last),
+        then deletions (the manifest first), then the marker goes; :meth:`recover` redoes what is left."""
+        self.put(f".{name}{naming.MOVING}", b"")
+        self._finish_move(name)
+
+    def _finish_move(self, name: str) -> str:
+        names = [n for n, _ in self.listing() if not naming.stays(n.partition("/")[0])]
+        if naming.MANIFEST in names:         # copies not all done yet (the manifest goes last)
+            for n in sorted(names, key=lambda n: n == naming.MANIFEST):
+                self.copy(n, f"{name}/{n}")
+            self.remove_many([naming.MANIFEST])
+        rest = [n for n in names if n != naming.MANIFEST]
+        if rest:
+            self.remove_many(rest)
+        self.remove_many([f".{name}{naming.MOVING}"])
+        log.info("%s: chain moved into %s", self.url, self.where(name))
+        return name
+
+    @contextlib.contextmanager
+    def open_log(self, name: str) -> Iterator[BinaryIO]:
+        """Kept in a spooled buffer, uploaded when the block exits (also on error; best effort)."""
+        with tempfile.SpooledTemporaryFile(max_size=LOG_SPOOL) as buf:
+            try:
+                yield cast(BinaryIO, buf)
+            finally:
+                buf.seek(0)
+                with contextlib.suppress(errors.StorageError):
+                    self.put(name, buf.read())
+
+    def set_modes(self, umask: int | None) -> None:
+        """Objects have no file modes (access is the bucket policy's)."""
+
+    def sub(self, name: str) -> ObjectStore:
+        return ObjectStore(S3Url(self.url.bucket, self.url.key(name)), self.options, client=self.client)
+
+    def folders(self) -> Names:
+        base = self.url.prefix + "/" if self.url.prefix else ""
+        found = []
+        with self._call(""):
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.url.bucket, Prefix=base, Delimiter="/"):
+                found += [p["Prefix"][len(base):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+        return sorted(found)
+
+    def remove_tree(self, name: str) -> None:
+        names = [n for n, _ in self.listing(name + "/")]
+        if names:
+            self.remove_many(names)
+
+    def copy(self, name: str, target: str) -> None:
+        """Server-side copy of one object (managed: multipart copy above 5 GiB)."""
+        with self._call(name):
+            self.client.copy({"Bucket": self.url.bucket, "Key": self.url.key(name)}, self.url.bucket,
+                             self.url.key(target))
 
 
 def open_object_store(location: str) -> ObjectStore:

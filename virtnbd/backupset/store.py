@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 from typing import BinaryIO, Protocol, cast
 
 from virtnbd import errors, fsutil
-from virtnbd.backupset import outfile
+from virtnbd.backupset import naming, outfile
+
+log = logging.getLogger(__name__)
+Names = list[str]     # (the classes below have a method named list)
 
 LOCK_FILE = ".virtnbdbackup.lock"
 
@@ -44,6 +49,14 @@ class Store(Protocol):
     def remove(self, name: str) -> None: ...
     def lock(self) -> ContextManager[None]: ...         # exclusive; refuses a concurrent run (LockedError)
     def describe(self, name: str) -> str: ...           # the object's full name for messages
+    # -- run life cycle, sub-folders (archived chains) -----------------------------------
+    def recover(self) -> Names: ...                 # drop what a killed writer left (partials, uploads)
+    def open_log(self, name: str) -> ContextManager[BinaryIO]: ...   # a run's log (published at exit, always)
+    def set_modes(self, umask: int | None) -> None: ... # --umask: modes it implies (no-op without file modes)
+    def sub(self, name: str) -> Store: ...              # the store of a sub-folder / sub-prefix
+    def folders(self) -> Names: ...                 # names of the sub-folders, sorted
+    def remove_tree(self, name: str) -> None: ...       # a sub-folder and all it holds
+    def archive(self, name: str) -> None: ...           # move the chain into sub-folder ``name`` (crash-safe)
 
 
 class LocalStore:
@@ -102,6 +115,8 @@ class LocalStore:
                 yield cast(BinaryIO, staged)
 
     def replace(self, name: str, data: bytes) -> None:
+        if "/" in name:
+            _mkdirs(self.root, name)
         fsutil.save_atomic(self.root / name, data)
 
     def list(self) -> list[str]:
@@ -119,9 +134,100 @@ class LocalStore:
     def remove(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.root / name).unlink()
+            fsutil.fsync_dir((self.root / name).parent)
 
     def lock(self) -> ContextManager[None]:
         return folder_lock(self.root)
+
+    def archive(self, name: str) -> None:
+        """Move every file of the chain into ``name/``: into ``.name.moving`` first (the manifest last),
+        then rename that folder; :meth:`recover` finishes a move a killed run left."""
+        tmp = self.root / f".{name}{naming.MOVING}"
+        try:
+            tmp.mkdir(mode=0o700)
+            _finish_move(self.root, tmp)
+        except OSError as err:
+            raise fsutil.storage_error(tmp, err) from err
+
+    def recover(self) -> Names:
+        """Finish moves of old chains; remove partial files (``*.partial``) and temp files (``.*.tmp``)."""
+        return self._resume_moves() + self._remove_partials()
+
+    def _resume_moves(self) -> Names:
+        done = []
+        for tmp in sorted(self.root.glob(f".{naming.ARCHIVE_PREFIX}*{naming.MOVING}")):
+            if not tmp.is_dir():
+                continue
+            try:
+                final = _finish_move(self.root, tmp)
+            except OSError as err:
+                raise errors.BackupSetError(path=str(tmp), reason=f"cannot finish moving an old chain: {err}") from err
+            log.warning("finished moving the old chain of an interrupted run into %s", final)
+            done.append(final.name)
+        return done
+
+    def _remove_partials(self) -> Names:
+        found = sorted([*self.root.glob(f"*{fsutil.PARTIAL_SUFFIX}"), *self.root.glob(".*.tmp")])
+        for path in found:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        for path in found:
+            log.warning("removed %s left by a killed run", path.name)
+        return [p.name for p in found]
+
+    @contextlib.contextmanager
+    def open_log(self, name: str) -> Iterator[BinaryIO]:
+        """Written in place as it goes (a killed run's log stays)."""
+        with open(self.root / name, "ab") as f:
+            yield f
+
+    def set_modes(self, umask: int | None) -> None:
+        fsutil.apply_modes(self.root, umask)
+
+    def sub(self, name: str) -> LocalStore:
+        return LocalStore(self.root / name)
+
+    def folders(self) -> Names:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+
+    def remove_tree(self, name: str) -> None:
+        path = self.root / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            self.remove(name)
+
+
+def _move_all(folder: Path, tmp: Path) -> None:
+    manifest = folder / naming.MANIFEST
+    for entry in sorted(folder.iterdir()):
+        if naming.stays(entry.name) or entry == manifest:
+            continue
+        os.replace(entry, tmp / entry.name)
+    if manifest.exists():
+        os.replace(manifest, tmp / naming.MANIFEST)
+    fsutil.fsync_dir(tmp)
+    fsutil.fsync_dir(folder)
+
+
+def _finish_move(folder: Path, tmp: Path) -> Path:
+    final = folder / tmp.name[1:-len(naming.MOVING)]
+    _move_all(folder, tmp)
+    os.replace(tmp, final)
+    fsutil.fsync_dir(folder)
+    return final
+
+
+def _mkdirs(root: Path, name: str) -> None:
+    try:
+        (root / name).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as err:
+        raise fsutil.storage_error(root / name, err) from err
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ from virtnbd import __version__, errors
 from virtnbd.backup import renew
 from virtnbd.backup.options import COMPRESS_METHODS, LEVELS, BackupOptions
 from virtnbd.backup.renew import Renew
-from virtnbd.cli import keyargs, locations, parity, prune, rbdargs, remoteargs
+from virtnbd.cli import keyargs, locations, parity, prune, rbdargs, remoteargs, s3args
 from virtnbd.cli.shell import OneLineParser, run_main
 from virtnbd.ops.options import FleetOptions
 from virtnbd.retention.policy import Policy
@@ -97,7 +97,7 @@ def build_parser() -> OneLineParser:
 
 def _add_groups(p: OneLineParser) -> None:
     """Option groups of their own modules: keys, remote hosts, Ceph, abbbi parity."""
-    keyargs.add_arguments(p)
+    _add_key_and_store_arguments(p)
     remoteargs.add_arguments(p)
     rbdargs.add_ceph_arguments(p.add_argument_group("Ceph (raw RBD disks: incrementals from RBD snapshots + diff)"))
     parity.add_arguments(p, parity.BACKUP)
@@ -223,7 +223,13 @@ def _backup_options(args: argparse.Namespace, domain: str) -> BackupOptions:
         fallback_full=args.fallback_full, umask=args.umask, push=args.push,
         ceph=rbdargs.ceph_options(args), keep=_keep(args), merge=args.merge, renew=args.renew,
         key=keyargs.key_spec(args), set_kind=args.type, remote=remoteargs.remote_options(args),
+        s3=s3args.s3_options(args),
     )
+
+
+def _add_key_and_store_arguments(p: argparse.ArgumentParser) -> None:
+    keyargs.add_arguments(p)
+    s3args.add_arguments(p)
 
 
 def _add_fleet_arguments(p: argparse.ArgumentParser) -> None:

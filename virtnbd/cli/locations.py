@@ -11,7 +11,8 @@ import re
 from virtnbd import errors
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_SUPPORTED: dict[str, set[str]] = {"backup-output": set(), "restore-input": {"s3"}, "restore-output": set()}
+_SUPPORTED: dict[str, set[str]] = {"backup-output": {"s3"}, "restore-input": {"s3"}, "restore-output": set(),
+                                   "prune-input": {"s3"}, "map-input": {"s3"}}
 
 
 def register(role: str, scheme: str) -> None:

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from virtnbd import __version__, errors
+from virtnbd.cli import locations, s3args
 from virtnbd.cli.shell import OneLineParser, run_main
 from virtnbd.retention.options import PruneOptions
 from virtnbd.retention.policy import PERIODS, Duration, Policy, parse_duration
@@ -59,6 +60,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug output")
     p.add_argument("--strict", action="store_true", help="exit 2 when warnings were logged")
     p.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
+    s3args.add_arguments(p)
     return p
 
 
@@ -70,6 +72,8 @@ def parse(argv: Sequence[str]) -> PruneOptions:
         raise errors.UsageError(reason="give one of: --keep-* rules, --consolidate POINT, --status")
     if args.worker < 1:
         raise errors.UsageError(reason="--worker must be at least 1")
+    locations.check(args.input, "prune-input", "-i/--input")
+    s3args.apply(s3args.s3_options(args))
     if args.dry_run and policy.empty:
         raise errors.UsageError(reason="--dry-run goes with --keep-* rules")
     if args.merge and policy.empty:

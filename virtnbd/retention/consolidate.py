@@ -18,7 +18,6 @@ from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, BinaryIO, cast
 
@@ -41,7 +40,7 @@ AHEAD = 16          # extents being decoded/encoded ahead of the writer
 STAGING_BLOCKS = 4  # the set's staged writer (O_DIRECT / pipelined writeback), 16 MiB
 
 
-def _stream_set(folder: Path) -> BackupSet:
+def _stream_set(folder: str) -> BackupSet:
     """The set to consolidate: only kinds with a consolidation here (stream sets; qcow2 sets: next)."""
     bset = open_set(folder)
     if bset.kind not in CONSOLIDATES:
@@ -148,7 +147,7 @@ def merge_range(manifest: Manifest, target: str, drop: Sequence[str] = ()) -> tu
     return merged, others
 
 
-def consolidate(folder: Path, target: str, drop: Sequence[str] = (), workers: int = 4) -> Result:
+def consolidate(folder: str, target: str, drop: Sequence[str] = (), workers: int = 4) -> Result:
     """Merge every point up to ``target`` into a synthetic full at ``target``; also drop ``drop``.
 
     The caller holds the set's lock and ran :func:`journal.recover` first.
@@ -163,27 +162,28 @@ def consolidate(folder: Path, target: str, drop: Sequence[str] = (), workers: in
         log.info("%s: %s is already a full: nothing to consolidate", folder, target)
         return Result(target, (), (), _stored(manifest.points), _stored(manifest.points))
     names = [p.name for p in merged]
-    selection = select(str(folder), target, None)
+    selection = select(folder, target, None)
     new_files = {naming.synthetic_full_file(d.disk, target) for d in selection.disks}
     keep = [p for p in manifest.points if p not in merged and p not in others]
     still = layout.listed_files(replace(manifest, points=tuple(keep)))
     still |= layout.point_files(point) - {d.file for d in point.disks.values()}   # side files the full keeps
     old_files = set().union(*(layout.point_files(p) for p in merged + others)) - still - new_files
-    journal.begin(folder, new_files | old_files, f"consolidate {', '.join(names)} into a full at {target}")
+    store = bset.store
+    journal.begin(store, new_files | old_files, f"consolidate {', '.join(names)} into a full at {target}")
     try:
         disks = {chain.disk: write_full(bset, chain, point, names, workers) for chain in selection.disks}
         now = dt.datetime.now(dt.UTC).astimezone().isoformat(timespec="seconds")
         full = replace(point, level="full", parent=None, disks=MappingProxyType(disks),
                        extra=MappingProxyType({**point.extra, "consolidated": {"from": names, "at": now}}))
-        updated = bsmanifest.rewrite(folder, manifest, (full, *keep))
+        updated = bsmanifest.rewrite(store, manifest, (full, *keep))
     except BaseException:
-        journal.recover(folder)       # roll back: the manifest still lists the old points
+        journal.recover(store)       # roll back: the manifest still lists the old points
         raise
     for p in merged[:-1]:
         log.info("point %s merged into the synthetic full at %s", p.name, target)
     for p in others:
         log.info("point %s removed with the consolidation (no rule keeps it)", p.name)
-    journal.remove_unlisted(folder, old_files, "its point was merged or removed")
-    journal.finish(folder)
+    journal.remove_unlisted(store, old_files, "its point was merged or removed")
+    journal.finish(store)
     return Result(target, tuple(names), tuple(p.name for p in others), _stored(manifest.points),
                   _stored(updated.points))

@@ -14,21 +14,19 @@ deletes each journalled file the manifest does not list, then the journal:
 killed before step 3 it removes the half-made new files (the old chain is
 intact); killed after, it finishes the deletions. The manifest never lists a
 file that is gone: files are only deleted once no manifest names them.
-Whole archived chains go by renaming the folder to ``.chain-*.removing``
-(atomic; it is then no chain any more) and removing that.
+Whole archived chains go by a ``.chain-*.removing`` marker, then their manifest
+(atomic: it is then no chain any more), then the rest. Every step goes through
+the set's :class:`~virtnbd.backupset.store.Store` (a folder or ``s3://``).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterable
-from pathlib import Path
 
 from virtnbd import errors, fsutil
-from virtnbd.backupset import manifest as bsmanifest
+from virtnbd.backupset.store import Store
 from virtnbd.retention import layout
 
 log = logging.getLogger(__name__)
@@ -36,85 +34,93 @@ log = logging.getLogger(__name__)
 JOURNAL = ".virtnbd.prune.journal"
 
 
-def begin(folder: Path, files: Iterable[str], reason: str) -> None:
+def begin(store: Store, files: Iterable[str], reason: str) -> None:
     doc = {"reason": reason, "files": sorted(set(files))}
-    fsutil.save_atomic(folder / JOURNAL, (json.dumps(doc, indent=1) + "\n").encode())
+    store.replace(JOURNAL, (json.dumps(doc, indent=1) + "\n").encode())
 
 
-def _journalled(folder: Path) -> list[str] | None:
-    try:
-        doc = json.loads((folder / JOURNAL).read_text())
-    except FileNotFoundError:
+def _journalled(store: Store) -> list[str] | None:
+    data = store.read_bytes(JOURNAL)
+    if data is None:
         return None
-    except (OSError, ValueError) as err:
-        raise errors.BackupSetError(path=str(folder / JOURNAL), reason=f"unreadable prune journal: {err}") from err
+    try:
+        doc = json.loads(data)
+    except ValueError as err:
+        raise errors.BackupSetError(path=store.describe(JOURNAL), reason=f"unreadable prune journal: {err}") from err
     files = doc.get("files") if isinstance(doc, dict) else None
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
-        raise errors.BackupSetError(path=str(folder / JOURNAL), reason="prune journal has no file list")
+        raise errors.BackupSetError(path=store.describe(JOURNAL), reason="prune journal has no file list")
     return files
 
 
-def remove_unlisted(folder: Path, files: Iterable[str], why: str) -> list[str]:
-    """Delete ``files`` that the folder's manifest does not list (never one it lists)."""
-    current = bsmanifest.load(folder)
+def _inside(name: str) -> bool:
+    return bool(name) and not os.path.isabs(name) and ".." not in name.split("/")
+
+
+def remove_unlisted(store: Store, files: Iterable[str], why: str) -> list[str]:
+    """Delete ``files`` that the chain's manifest does not list (never one it lists)."""
+    current = layout.load_manifest(store)
     listed = layout.listed_files(current) if current is not None else set()
     removed = []
     for name in sorted(set(files) - listed):
-        path = folder / name
-        if not path.resolve().is_relative_to(folder.resolve()):
-            log.warning("%s: not removing %s: outside the chain folder", folder, name)
+        if not _inside(name):
+            log.warning("%s: not removing %s: outside the chain folder", store.location, name)
             continue
-        if _remove(path):
-            log.info("removed %s (%s)", path, why)
+        if _remove(store, name):
+            log.info("removed %s (%s)", store.describe(name), why)
             removed.append(name)
-    fsutil.fsync_dir(folder)
     return removed
 
 
-def _remove(path: Path) -> bool:
-    with contextlib.suppress(FileNotFoundError):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(fsutil.partial_path(path))
-        return True
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(fsutil.partial_path(path))
-    return False
+def _remove(store: Store, name: str) -> bool:
+    """Remove an object (or a folder of them, TPM state) and any partial left of it; True when it existed."""
+    existed = store.size(name) is not None
+    if existed:
+        store.remove(name)
+    elif name in store.folders():
+        store.remove_tree(name)
+        existed = True
+    store.remove(name + fsutil.PARTIAL_SUFFIX)
+    return existed
 
 
-def finish(folder: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        (folder / JOURNAL).unlink()
-    fsutil.fsync_dir(folder)
+def finish(store: Store) -> None:
+    store.remove(JOURNAL)
 
 
-def recover(folder: Path) -> list[str]:
+def recover(store: Store) -> list[str]:
     """Finish or roll back a change a killed run left half-done (see the module doc)."""
-    files = _journalled(folder)
+    files = _journalled(store)
     if files is None:
         return []
-    log.warning("%s: finishing a prune/consolidation an earlier run left half-done", folder)
-    removed = remove_unlisted(folder, files, "left by an interrupted prune or consolidation")
-    finish(folder)
+    log.warning("%s: finishing a prune/consolidation an earlier run left half-done", store.location)
+    removed = remove_unlisted(store, files, "left by an interrupted prune or consolidation")
+    finish(store)
     return removed
 
 
-def remove_chain(folder: Path, why: str) -> None:
-    """Remove a whole archived chain folder: rename it out of sight, then delete it."""
-    gone = folder.with_name(f".{folder.name}{layout.REMOVING}")
-    os.replace(folder, gone)
-    fsutil.fsync_dir(folder.parent)
-    log.info("removed chain %s (%s)", folder, why)
-    shutil.rmtree(gone)
+def remove_chain(root: Store, name: str, why: str) -> None:
+    """Remove a whole archived chain: a ``.chain-*.removing`` marker, its manifest (then it is no
+    chain any more), everything else, the marker; :func:`recover_root` finishes a killed removal."""
+    marker = f".{name}{layout.REMOVING}"
+    root.replace(marker, why.encode())
+    root.sub(name).remove(layout.MANIFEST)
+    log.info("removed chain %s (%s)", root.describe(name), why)
+    _finish_removal(root, name, marker)
 
 
-def recover_root(root: Path) -> None:
+def _finish_removal(root: Store, name: str, marker: str) -> None:
+    root.remove_tree(name)
+    root.remove_tree(marker)          # a folder renamed out of sight by earlier versions
+    root.remove(marker)
+
+
+def recover_root(root: Store) -> None:
     """Finish removals of whole chains, and journals of every chain under the root."""
-    for gone in sorted(root.glob(f".*{layout.REMOVING}")):
-        log.warning("finishing the removal of %s", gone)
-        shutil.rmtree(gone, ignore_errors=True)
-    for folder in [*layout.archived(root), root]:
-        recover(folder)
+    for marker in sorted({*root.list(), *root.folders()}):
+        if marker.startswith(f".{layout.PREFIX}") and marker.endswith(layout.REMOVING):
+            log.warning("finishing the removal of %s", root.describe(marker))
+            _finish_removal(root, marker[1:-len(layout.REMOVING)], marker)
+    for name in layout.archived(root):
+        recover(root.sub(name))
+    recover(root)

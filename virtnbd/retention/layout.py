@@ -8,62 +8,77 @@ that folder is an archived chain inside a root, the root's lock still guards it.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 from virtnbd import errors
-from virtnbd.backup import archive, output
 from virtnbd.backupset import manifest as bsmanifest
+from virtnbd.backupset import naming
 from virtnbd.backupset.manifest import Manifest, Point
+from virtnbd.backupset.store import Store, open_store, scheme_of
 
-REMOVING = archive.REMOVING
+PREFIX = naming.ARCHIVE_PREFIX
+REMOVING = naming.REMOVING
+MANIFEST = naming.MANIFEST
 
 
 @dataclass(frozen=True)
 class Chain:
-    folder: Path
+    folder: str                # its location (a folder or s3://BUCKET/PREFIX/chain-...), for messages and opening
     label: str                 # "current" or the archive folder name
     manifest: Manifest
     archived: bool
+    store: Store
 
 
 @dataclass(frozen=True)
 class Root:
-    path: Path                 # the folder whose lock guards every chain below
+    path: str                  # the location whose lock guards every chain below
     chains: tuple[Chain, ...]  # oldest archive first, the current chain last
+    store: Store
 
 
-def _is_root(path: Path) -> bool:
-    return (path / bsmanifest.naming.MANIFEST).exists() or (path / output.LOCK_FILE).exists() or any(archived(path))
+def is_url(location: str) -> bool:
+    return scheme_of(location) is not None
 
 
-def archived(path: Path) -> Iterable[Path]:
+def load_manifest(store: Store) -> Manifest | None:
+    """A chain's manifest as stored (not authenticated: enough to know which files it lists)."""
+    data = store.read_bytes(MANIFEST)
+    return None if data is None else bsmanifest.from_json(data, store.describe(MANIFEST))
+
+
+def _is_root(store: Store) -> bool:
+    return store.size(MANIFEST) is not None or any(store.size(lock) is not None for lock in naming.LOCKS) \
+        or bool(archived(store))
+
+
+def archived(store: Store) -> list[str]:
     """The archived chain folders of a root, oldest first (their names carry the time)."""
-    if not path.is_dir():
-        return []
-    return sorted(p for p in path.iterdir() if p.is_dir() and p.name.startswith(archive.PREFIX)
-                  and not p.name.endswith(REMOVING))
+    return [n for n in store.folders() if n.startswith(PREFIX) and not n.endswith(REMOVING)]
 
 
-def _chain(folder: Path, label: str, is_archive: bool) -> Chain | None:
-    found = bsmanifest.load(folder)
-    return Chain(folder, label, found, is_archive) if found is not None else None
+def _chain(store: Store, label: str, is_archive: bool) -> Chain | None:
+    found = load_manifest(store)
+    return Chain(store.location, label, found, is_archive, store) if found is not None else None
 
 
 def locate(path: str) -> Root:
     """The root and chains ``path`` names (a root, or one chain folder)."""
-    where = Path(path)
-    if not where.is_dir():
+    store = open_store(path)
+    if not store.exists():
         raise errors.BackupSetError(path=path, reason="no such backup folder")
-    if where.name.startswith(archive.PREFIX) and _is_root(where.parent):
-        one = _chain(where, where.name, True)
-        return Root(where.parent, (one,) if one else ())
-    if not _is_root(where):
+    parent_path, name = os.path.split(path.rstrip("/"))
+    if name.startswith(PREFIX):
+        parent_path = parent_path or "."
+        parent = open_store(parent_path)
+        if _is_root(parent):
+            one = _chain(store, name, True)
+            return Root(parent_path, (one,) if one else (), parent)
+    if not _is_root(store):
         raise errors.BackupSetError(path=path, reason="not a backup folder (no manifest, no chain-* folders)")
-    chains = [_chain(p, p.name, True) for p in archived(where)]
-    chains.append(_chain(where, "current", False))
-    return Root(where, tuple(c for c in chains if c is not None))
+    chains = [_chain(store.sub(n), n, True) for n in archived(store)]
+    chains.append(_chain(store, "current", False))
+    return Root(path, tuple(c for c in chains if c is not None), store)
 
 
 def _side_name(value: object) -> str | None:

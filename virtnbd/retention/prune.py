@@ -18,17 +18,17 @@ archived chain is removed while the newest point of the current chain fails it.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from virtnbd import errors
 from virtnbd.backupset import manifest as bsmanifest
 from virtnbd.backupset.manifest import Point
-from virtnbd.backupset.store import open_store
+from virtnbd.backupset.store import Store
 from virtnbd.retention import consolidate, journal, layout, verifylog
 from virtnbd.retention.layout import Chain, Root
 from virtnbd.retention.policy import Link, Policy, Stamp, decide, needed_by, parse_time
@@ -118,11 +118,11 @@ def _before(points: Sequence[Point], target: str | None) -> set[str]:
 def _verified(chain: Chain, workers: int) -> bool:
     """The newest point verifies: a record younger than ``verifylog.TRUSTED`` or a fresh verify of its chain."""
     newest = chain.manifest.points[-1].name
-    recent = verifylog.recent_ok(chain.folder, newest)
+    recent = verifylog.recent_ok(chain.store, newest)
     if recent is not None:
         log.info("%s: newest point %s verified at %s", chain.folder, newest, recent.time)
         return True
-    result = verifylog.verify_point(chain.folder, newest, workers)
+    result = verifylog.verify_point(chain.store, newest, workers)
     if not result.ok:
         log.error("%s: newest point %s failed verification: %s", chain.folder, newest, result.error)
     else:
@@ -136,24 +136,24 @@ def _log_removals(cp: ChainPlan) -> None:
             log.info("%s %s %s (%s, %s): %s", d.action, cp.chain.folder, d.point, d.level, d.time, d.rule)
 
 
-def _apply_chain(cp: ChainPlan, workers: int) -> None:
-    folder = cp.chain.folder
+def _apply_chain(root: Root, cp: ChainPlan, workers: int) -> None:
+    store = cp.chain.store
     _log_removals(cp)
     if cp.remove_all:
-        journal.remove_chain(folder, "no point of the chain is kept by the policy")
+        journal.remove_chain(root.store, cp.chain.label, "no point of the chain is kept by the policy")
         return
     if cp.merge_into is not None:
-        consolidate.consolidate(folder, cp.merge_into, cp.removed, workers)
+        consolidate.consolidate(cp.chain.folder, cp.merge_into, cp.removed, workers)
         return
     manifest = cp.chain.manifest
     keep = tuple(p for p in manifest.points if p.name not in cp.removed)
     gone = [p for p in manifest.points if p.name in cp.removed]
     old_files = set().union(*(layout.point_files(p) for p in gone)) - layout.listed_files(
         replace(manifest, points=keep))
-    journal.begin(folder, old_files, f"prune {', '.join(cp.removed)}")
-    bsmanifest.rewrite(folder, manifest, keep)
-    journal.remove_unlisted(folder, old_files, "no rule keeps its point")
-    journal.finish(folder)
+    journal.begin(store, old_files, f"prune {', '.join(cp.removed)}")
+    bsmanifest.rewrite(store, manifest, keep)
+    journal.remove_unlisted(store, old_files, "no rule keeps its point")
+    journal.finish(store)
 
 
 def apply(root: Root, plans: Sequence[ChainPlan], workers: int = 4) -> list[str]:
@@ -173,7 +173,7 @@ def apply(root: Root, plans: Sequence[ChainPlan], workers: int = 4) -> list[str]
         if not ok:
             refused.append(str(cp.chain.folder))
             continue
-        _apply_chain(cp, workers)
+        _apply_chain(root, cp, workers)
     if refused:
         raise errors.ChainError(reason="nothing removed from " + ", ".join(refused) + ": the newest point "
                                        "failed verification (or there is no current chain to vouch for it)")
@@ -184,8 +184,8 @@ def run(path: str, policy: Policy, *, merge: bool, dry_run: bool, workers: int =
     root = layout.locate(path)
     if dry_run:
         return plan(root, policy, merge)
-    with _lock(root.path), _run_log(root.path):
-        journal.recover_root(root.path)
+    with root.store.lock(), _run_log(root.store):
+        journal.recover_root(root.store)
         root = layout.locate(path)
         plans = plan(root, policy, merge)
         apply(root, plans, workers)
@@ -193,32 +193,34 @@ def run(path: str, policy: Policy, *, merge: bool, dry_run: bool, workers: int =
 
 
 @contextlib.contextmanager
-def _run_log(root: Path) -> Iterator[None]:
+def _run_log(root: Store) -> Iterator[None]:
     """Every decision and removal also goes to ``prune.<stamp>.log`` in the root (kept with the backups)."""
-    handler = logging.FileHandler(root / f"prune.{time.strftime('%Y%m%d-%H%M%S')}.log", encoding="utf-8")
-    handler.setLevel(logging.INFO)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    handler.addFilter(RedactFilter())
-    logging.getLogger().addHandler(handler)
-    try:
-        yield
-    finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+    with root.open_log(f"prune.{time.strftime('%Y%m%d-%H%M%S')}.log") as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", write_through=True)
+        handler = logging.StreamHandler(text)
+        handler.setLevel(logging.INFO)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.addFilter(RedactFilter())
+        logging.getLogger().addHandler(handler)
+        try:
+            yield
+        finally:
+            logging.getLogger().removeHandler(handler)
+            text.flush()
+            text.detach()
 
 
-def _lock(folder: Path) -> AbstractContextManager[None]:
-    """The root's lock, through its store: a running backup holds it (refused with LockedError)."""
-    return open_store(folder).lock()
+def _same(a: str, b: str) -> bool:
+    return a.rstrip("/") == b.rstrip("/") or (not layout.is_url(a) and os.path.realpath(a) == os.path.realpath(b))
 
 
 def consolidate_until(path: str, target: str, workers: int = 4) -> consolidate.Result:
     """``--consolidate POINT``: merge a chain up to POINT into a synthetic full (after verifying its newest point)."""
     root = layout.locate(path)
-    with _lock(root.path), _run_log(root.path):
-        journal.recover_root(root.path)
+    with root.store.lock(), _run_log(root.store):
+        journal.recover_root(root.store)
         chains = layout.locate(path).chains
-        chain = next((c for c in chains if c.folder == Path(path) or (not c.archived and root.path == Path(path))),
+        chain = next((c for c in chains if _same(c.folder, path) or (not c.archived and _same(root.path, path))),
                      None)
         if chain is None:
             raise errors.BackupSetError(path=path, reason="no chain to consolidate here")

@@ -31,7 +31,7 @@ def _verify_text(result: verifylog.Result | None) -> str:
 def rows(path: str) -> list[Row]:
     found = []
     for chain in layout.locate(path).chains:
-        verified = verifylog.load(chain.folder)
+        verified = verifylog.load(chain.store)
         for p in chain.manifest.points:
             found.append(Row(chain.label, p.name, p.time, p.level,
                              sum(d.stored_bytes for d in p.disks.values()),

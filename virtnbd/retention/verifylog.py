@@ -11,9 +11,9 @@ import datetime as dt
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
-from virtnbd import errors, fsutil
+from virtnbd import errors
+from virtnbd.backupset.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -29,47 +29,47 @@ class Result:
     error: str = ""
 
 
-def load(folder: Path) -> dict[str, Result]:
+def load(store: Store) -> dict[str, Result]:
     try:
-        doc = json.loads((folder / FILE).read_text())
-        points = doc["points"]
+        data = store.read_bytes(FILE)
+        if data is None:
+            return {}
+        points = json.loads(data)["points"]
         return {name: Result(name, str(r["time"]), bool(r["ok"]), str(r.get("error", "")))
                 for name, r in points.items()}
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        log.warning("%s: unreadable verify record (%s): treated as never verified", folder / FILE, err)
+    except (errors.VirtnbdError, OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        log.warning("%s: unreadable verify record (%s): treated as never verified", store.describe(FILE), err)
         return {}
 
 
-def record(folder: Path, result: Result, keep: set[str] | None = None) -> None:
+def record(store: Store, result: Result, keep: set[str] | None = None) -> None:
     """Store ``result``; with ``keep``, drop records of points no longer in the chain."""
-    known = load(folder)
+    known = load(store)
     known[result.point] = result
     if keep is not None:
         known = {k: v for k, v in known.items() if k in keep or k == result.point}
     doc = {"points": {k: {"time": v.time, "ok": v.ok, "error": v.error} for k, v in sorted(known.items())}}
-    fsutil.save_atomic(folder / FILE, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+    store.replace(FILE, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
 
 
-def verify_point(folder: Path, point: str, workers: int = 4) -> Result:
+def verify_point(store: Store, point: str, workers: int = 4) -> Result:
     """Verify every file the point needs (its chain back to the full); record and return the outcome."""
     from virtnbd.restore import verify
     from virtnbd.restore.source import select
     now = dt.datetime.now(dt.UTC).astimezone().isoformat(timespec="seconds")
     try:
-        selection = select(str(folder), point, None)
+        selection = select(store.location, point, None)
         verify.run(selection, workers=workers)
         result = Result(point, now, True)
     except errors.VirtnbdError as err:
         result = Result(point, now, False, str(err))
-    record(folder, result)
+    record(store, result)
     return result
 
 
-def recent_ok(folder: Path, point: str, now: dt.datetime | None = None) -> Result | None:
+def recent_ok(store: Store, point: str, now: dt.datetime | None = None) -> Result | None:
     """The point's ok record when younger than :data:`TRUSTED` (None: verify it)."""
-    found = load(folder).get(point)
+    found = load(store).get(point)
     if found is None or not found.ok:
         return None
     try:
