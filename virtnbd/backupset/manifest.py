@@ -281,11 +281,13 @@ def _check_chain(points: tuple[Point, ...]) -> None:
         built = replace(built, points=(*built.points, point))
 
 
-def rewrite(folder: str | os.PathLike[str], previous: Manifest, points: tuple[Point, ...]) -> Manifest:
+def rewrite(folder: str | os.PathLike[str], previous: Manifest, points: tuple[Point, ...],
+            mac_key: bytes | None = None) -> Manifest:
     """Replace the folder's points atomically (prune, consolidation), under the caller's lock.
 
     The manifest on disk must still be ``previous``; the new list must form a
     valid chain and every file it lists must exist with its recorded size.
+    ``mac_key``: an encrypted set's manifest key (the new file carries its MAC).
     """
     base = Path(folder)
     current = load(base)
@@ -295,5 +297,5 @@ def rewrite(folder: str | os.PathLike[str], previous: Manifest, points: tuple[Po
     for point in points:
         _check_files(base, point)
     updated = replace(previous, points=points, folder=os.fspath(base))
-    fsutil.save_atomic(manifest_path(base), to_json(updated))
+    fsutil.save_atomic(manifest_path(base), to_json(updated, mac_key))
     return updated

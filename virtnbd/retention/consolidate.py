@@ -23,8 +23,8 @@ from types import MappingProxyType
 from typing import Any, BinaryIO, cast
 
 from virtnbd import __version__, errors
+from virtnbd.backupset import encrypted, naming
 from virtnbd.backupset import manifest as bsmanifest
-from virtnbd.backupset import naming
 from virtnbd.backupset.api import BackupSet, open_set
 from virtnbd.backupset.manifest import DiskEntry, Manifest, Point
 from virtnbd.restore.plan import Extent, Plan
@@ -50,7 +50,7 @@ def _stream_set(folder: Path) -> BackupSet:
     return bset
 
 
-CONSOLIDATES = ("stream",)
+CONSOLIDATES = ("stream", encrypted.KIND)
 
 
 @dataclass(frozen=True)
@@ -108,9 +108,10 @@ def write_full(bset: BackupSet, chain: DiskChain, target: Point, merged: Sequenc
                           level="full", checkpoint=target.checkpoint, parent=None, time=target.time,
                           compression=newest.compression, tool_version=__version__,
                           extra=MappingProxyType({"consolidated_from": list(merged)}))
+        meta, stages = bset.writing(meta, name)          # an encrypted set: a new salt, sealed frames
         with bset.create_data(name, STAGING_BLOCKS) as f, \
                 ThreadPoolExecutor(max(1, workers), thread_name_prefix="consolidate") as pool:
-            writer = StreamWriter(cast(BinaryIO, f), meta, path=path, stages=bset.stages)
+            writer = StreamWriter(cast(BinaryIO, f), meta, path=path, stages=stages)
             for fut in _frames(plan, readers, writer.codec, pool):
                 writer.add(fut.result())
             totals = writer.finish()
@@ -175,7 +176,7 @@ def consolidate(folder: Path, target: str, drop: Sequence[str] = (), workers: in
         now = dt.datetime.now(dt.UTC).astimezone().isoformat(timespec="seconds")
         full = replace(point, level="full", parent=None, disks=MappingProxyType(disks),
                        extra=MappingProxyType({**point.extra, "consolidated": {"from": names, "at": now}}))
-        updated = bsmanifest.rewrite(folder, manifest, (full, *keep))
+        updated = bsmanifest.rewrite(folder, manifest, (full, *keep), encrypted.manifest_key(bset))
     except BaseException:
         journal.recover(folder)       # roll back: the manifest still lists the old points
         raise
