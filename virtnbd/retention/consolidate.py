@@ -31,6 +31,7 @@ from virtnbd.restore.plan import Extent, Plan
 from virtnbd.restore.run import build_plan
 from virtnbd.restore.source import DiskChain, select
 from virtnbd.retention import journal, layout
+from virtnbd.stream import format as fmt
 from virtnbd.stream.codec import Codec
 from virtnbd.stream.format import EncodedFrame, StreamMeta
 from virtnbd.stream.writer import StreamWriter
@@ -62,9 +63,26 @@ class Result:
     stored_after: int
 
 
-def _frames(plan: Plan, readers: Sequence[Any], codec: Codec,
-            pool: ThreadPoolExecutor) -> Iterator[Future[EncodedFrame]]:
-    """Encoded frames of the plan's data extents, in offset order; each source frame decoded once."""
+def _whole(ext: Extent) -> bool:
+    frame = cast(Any, ext.frame)
+    return ext.skip == 0 and ext.length == frame.length
+
+
+def _copy(reader: Any, ext: Extent, codec: Codec, method: int) -> EncodedFrame:
+    """A whole source frame: its stored bytes unchanged when the target may hold them (no compression, or
+    the target's), after the reader checked them; else encoded again."""
+    head, stored, data = reader.read_stored(ext.frame)
+    if head.method not in (fmt.METHOD_NONE, method) or head.flags:
+        return codec.encode_data(ext.start, data)
+    return EncodedFrame("data", head.offset, head.length, head.raw, stored, codec.stored_checksum(head, stored))
+
+
+def _frames(plan: Plan, readers: Sequence[Any], codec: Codec, pool: ThreadPoolExecutor,
+            method: int | None = None) -> Iterator[Future[EncodedFrame]]:
+    """Encoded frames of the plan's data extents, in offset order; each source frame decoded once.
+
+    ``method``: the target's compression code when stored frames may be copied as they are (a set
+    without extra codec stages: an encrypted set seals every frame again under the new stream's key)."""
     extents = [e for e in plan.extents if not e.is_zero]
     uses = Counter((e.layer, cast(Any, e.frame).pos) for e in extents)
     decoded: dict[tuple[Any, int], Future[bytes]] = {}
@@ -78,6 +96,9 @@ def _frames(plan: Plan, readers: Sequence[Any], codec: Codec,
 
     def submit(ext: Extent) -> None:
         key = (ext.layer, cast(Any, ext.frame).pos)
+        if method is not None and _whole(ext):
+            window.append((key, pool.submit(_copy, readers[cast(int, ext.layer)], ext, codec, method)))
+            return
         if key not in decoded:
             decoded[key] = pool.submit(readers[cast(int, ext.layer)].read, ext.frame)
         window.append((key, pool.submit(encode, ext, decoded[key])))
@@ -91,7 +112,7 @@ def _frames(plan: Plan, readers: Sequence[Any], codec: Codec,
         yield fut
         uses[key] -= 1
         if not uses[key]:
-            del decoded[key]
+            decoded.pop(key, None)
         nxt = next(todo, None)
         if nxt is not None:
             submit(nxt)
@@ -112,7 +133,8 @@ def write_full(bset: BackupSet, chain: DiskChain, target: Point, merged: Sequenc
         with bset.create_data(name, STAGING_BLOCKS) as f, \
                 ThreadPoolExecutor(max(1, workers), thread_name_prefix="consolidate") as pool:
             writer = StreamWriter(cast(BinaryIO, f), meta, path=path, stages=stages)
-            for fut in _frames(plan, readers, writer.codec, pool):
+            copy = None if stages else fmt.METHOD_CODES[meta.compression]
+            for fut in _frames(plan, readers, writer.codec, pool, copy):
                 writer.add(fut.result())
             totals = writer.finish()
     old = target.disks.get(chain.disk)
