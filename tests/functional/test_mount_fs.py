@@ -17,8 +17,8 @@ from tests.functional.test_pointreader import build_chain, damage_first_data_fra
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def mount(folder: str, mnt: Path) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, str(ROOT / "virtnbdmount"), folder, str(mnt)],
+def mount(folder: str, mnt: Path, *args: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, str(ROOT / "virtnbdmount"), folder, str(mnt), *args],
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 20
     while not os.path.ismount(mnt):

@@ -23,6 +23,7 @@ import trio
 from virtnbd import errors
 from virtnbd.access.options import MountOptions
 from virtnbd.access.pointreader import PointReader, open_chain
+from virtnbd.backupset import encrypted
 from virtnbd.backupset.api import open_set
 from virtnbd.restore import source
 
@@ -152,6 +153,7 @@ async def _serve(fs: SetFS) -> int:
 
 
 def run(options: MountOptions) -> None:
+    encrypted.use_for(options.input, options.key)       # a missing or wrong key fails before mounting
     nodes = layout(options.input)
     if not os.path.isdir(options.mountpoint):
         raise errors.UsageError(reason=f"{options.mountpoint}: not a directory")

@@ -3,8 +3,10 @@
 nbdkit loads this file into its embedded Debian Python 3.11, not into our
 venv: ``path=`` (os.pathsep separated) lists the ``sys.path`` entries of the
 ``virtnbdmap`` process, added before virtnbd is imported. Keys: ``set=``,
-``until=``, ``disk=``, ``path=``. The set is opened in ``config_complete``,
-so a bad set stops nbdkit before it listens.
+``until=``, ``disk=``, ``path=``, and for an encrypted set ``key_file=`` or
+``passphrase_file=`` (file names; ``VIRTNBD_PASSPHRASE`` comes through the
+environment nbdkit inherits, never argv). The set is opened in
+``config_complete``, so a bad set or key stops nbdkit before it listens.
 """
 import errno
 import sys
@@ -17,7 +19,7 @@ _state: dict = {}
 
 
 def config(key, value):
-    if key not in ("set", "until", "disk", "path"):
+    if key not in ("set", "until", "disk", "path", "key_file", "passphrase_file"):
         raise RuntimeError(f"unknown parameter {key}")
     _config[key] = value
 
@@ -28,10 +30,14 @@ def config_complete():
             sys.path.insert(0, entry)
     from virtnbd import errors
     from virtnbd.access.pointreader import open_point
+    from virtnbd.backupset import encrypted
+    from virtnbd.crypto import keysource
     if "set" not in _config:
         raise RuntimeError("set= is required")
     _state["errors"] = errors
     try:
+        spec = keysource.spec_from(_config.get("key_file"), _config.get("passphrase_file"))
+        encrypted.use_for(_config["set"], spec)
         _state["reader"] = open_point(_config["set"], _config.get("until") or None, _config.get("disk") or None)
     except errors.VirtnbdError as err:
         raise RuntimeError(f"virtnbdmap: {err}") from None

@@ -1,7 +1,9 @@
 """The options of virtnbdmap and virtnbdmount as frozen records (built by cli/)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from virtnbd.crypto.keysource import KeySpec
 
 
 @dataclass(frozen=True)
@@ -17,6 +19,7 @@ class MapOptions:
     insecure: bool = False              # TCP without TLS
     tls_certificates: str | None = None     # x509 dir: ca-cert.pem, server-cert.pem, server-key.pem
     threads: int = 1                    # nbdkit threads per connection
+    key: KeySpec = field(default_factory=KeySpec)   # encrypted sets: where the secret is (never the secret)
     verbose: bool = False
     strict: bool = False
 
@@ -25,5 +28,6 @@ class MapOptions:
 class MountOptions:
     input: str
     mountpoint: str
+    key: KeySpec = field(default_factory=KeySpec)
     verbose: bool = False
     strict: bool = False

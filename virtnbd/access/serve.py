@@ -59,7 +59,16 @@ def nbdkit_argv(options: MapOptions, socket: str | None, pidfile: str) -> list[s
     argv += ["python", PLUGIN, f"set={set_location(options.input)}", f"path={path}"]
     argv += [f"until={options.until}"] if options.until else []
     argv += [f"disk={options.disk}"] if options.disk else []
-    return argv
+    return argv + _key_params(options)
+
+
+def _key_params(options: MapOptions) -> list[str]:
+    """Where the plugin finds the secret: file names only (a passphrase from the environment reaches
+    nbdkit through its inherited environment, never its argv)."""
+    spec = options.key
+    params = [f"key_file={os.path.abspath(spec.key_file)}"] if spec.key_file else []
+    params += [f"passphrase_file={os.path.abspath(spec.passphrase_file)}"] if spec.passphrase_file else []
+    return params
 
 
 def set_location(value: str) -> str:
@@ -154,6 +163,8 @@ def describe(export: Export, options: MapOptions) -> str:
 
 def run(options: MapOptions) -> None:
     from virtnbd.access.pointreader import select_chain
+    from virtnbd.backupset import encrypted
+    encrypted.use_for(options.input, options.key)               # a missing or wrong key fails here, in one line
     select_chain(options.input, options.until, options.disk)     # a wrong set/point/disk fails here, in one line
     with serving(options) as export:
         sys.stdout.write(describe(export, options) + "\n")

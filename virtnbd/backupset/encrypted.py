@@ -51,6 +51,20 @@ def use_keys(spec: KeySpec, keyless_ok: bool = False) -> None:
     _unlocked.clear()
 
 
+def use_for(location: str, spec: KeySpec) -> None:
+    """For a command that opens sets by name (map, mount): the kind installed and ``spec`` the secret.
+
+    A key named for a plain set is refused (the user expects encryption)."""
+    install()
+    use_keys(spec)
+    plain_key_given(location, spec)
+
+
+def manifest_key(bset: Any) -> bytes | None:
+    """The MAC key of ``bset``'s manifest: None for a plain set; KeyRequired for a locked encrypted one."""
+    return bset.manifest_key() if isinstance(bset, EncryptedSet) else None
+
+
 def load_ring(store: Store) -> Keyring | None:
     data = store.read_bytes(keystore.KEYS)
     return None if data is None else keyring.from_json(data, store.describe(keystore.KEYS))
@@ -140,6 +154,10 @@ class EncryptedSet(StreamSet):
         if self.new_ring is not None:
             self.store.replace(keystore.KEYS, keyring.to_json(self.new_ring))
         return self._commit(point, domain, domain_uuid, key.manifest_key())
+
+    def manifest_key(self) -> bytes:
+        """The key a rewritten manifest (prune, consolidation) is authenticated with."""
+        return self._need_key().manifest_key()
 
     def _need_key(self) -> SetKey:
         if self.key is None:

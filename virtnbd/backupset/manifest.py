@@ -284,12 +284,13 @@ def _check_chain(points: tuple[Point, ...]) -> None:
         built = replace(built, points=(*built.points, point))
 
 
-def rewrite(store: Store, previous: Manifest, points: tuple[Point, ...]) -> Manifest:
+def rewrite(store: Store, previous: Manifest, points: tuple[Point, ...], mac_key: bytes | None = None) -> Manifest:
     """Replace the chain's points atomically (prune, consolidation), under the caller's lock.
 
     The manifest in the store must still be ``previous``; the new list must form a
     valid chain and every file it lists must exist with its recorded size. The
     store replaces the manifest whole (a folder: fsync + rename; S3: one PUT).
+    ``mac_key``: an encrypted set's manifest key (the new manifest carries its MAC).
     """
     data = store.read_bytes(naming.MANIFEST)
     where = store.describe(naming.MANIFEST)
@@ -300,7 +301,7 @@ def rewrite(store: Store, previous: Manifest, points: tuple[Point, ...]) -> Mani
     for point in points:
         _check_sizes(store, point)
     updated = replace(previous, points=points)
-    store.replace(naming.MANIFEST, to_json(updated))
+    store.replace(naming.MANIFEST, to_json(updated, mac_key))
     return updated
 
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from virtnbd import __version__, errors
 from virtnbd.access.options import MapOptions
+from virtnbd.cli import keyargs
 from virtnbd.cli.shell import OneLineParser, run_main
 
 PROG = "virtnbdmap"
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--threads", type=int, default=1, metavar="N",
                    help="nbdkit threads per connection (default 1: multi-conn clients get one per connection; "
                         "more only contend for the plugin's Python lock)")
+    keyargs.add_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug output")
     p.add_argument("--strict", action="store_true", help="exit 2 when warnings were logged")
     p.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
@@ -64,7 +66,8 @@ def parse(argv: Sequence[str]) -> MapOptions:
         raise errors.UsageError(reason="--threads must be at least 1")
     return MapOptions(input=args.input, until=args.until, disk=args.disk, socket=args.socket, listen=listen,
                       timeout=args.timeout, json=args.json, writable=args.writable, insecure=args.insecure,
-                      tls_certificates=args.tls_certificates, threads=args.threads, verbose=args.verbose,
+                      tls_certificates=args.tls_certificates, threads=args.threads, key=keyargs.key_spec(args),
+                      verbose=args.verbose,
                       strict=args.strict)
 
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from virtnbd import __version__
 from virtnbd.access.options import MountOptions
+from virtnbd.cli import keyargs
 from virtnbd.cli.shell import OneLineParser, run_main
 
 PROG = "virtnbdmount"
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("input", metavar="SET", help="backup set folder")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
+    keyargs.add_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug output")
     p.add_argument("--strict", action="store_true", help="exit 2 when warnings were logged")
     p.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
@@ -28,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv: Sequence[str]) -> MountOptions:
     args = build_parser().parse_args(list(argv))
-    return MountOptions(input=args.input, mountpoint=args.mountpoint, verbose=args.verbose, strict=args.strict)
+    return MountOptions(input=args.input, mountpoint=args.mountpoint, key=keyargs.key_spec(args),
+                        verbose=args.verbose, strict=args.strict)
 
 
 def _run(options: MountOptions) -> None:

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from virtnbd import __version__, errors
-from virtnbd.cli import locations, s3args
+from virtnbd.cli import keyargs, locations, s3args
 from virtnbd.cli.shell import OneLineParser, run_main
 from virtnbd.retention.options import PruneOptions
 from virtnbd.retention.policy import PERIODS, Duration, Policy, parse_duration
@@ -57,6 +57,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--dry-run", action="store_true", help="print what would be kept, merged, removed and why")
     p.add_argument("--json", action="store_true", help="--status/--dry-run/prune: print JSON")
     p.add_argument("-w", "--worker", type=int, default=4, metavar="N", help="threads for verify/consolidation")
+    keyargs.add_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug output")
     p.add_argument("--strict", action="store_true", help="exit 2 when warnings were logged")
     p.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
@@ -80,7 +81,7 @@ def parse(argv: Sequence[str]) -> PruneOptions:
         raise errors.UsageError(reason="--merge goes with --keep-* rules")
     return PruneOptions(input=args.input, policy=policy, status=args.status, consolidate=args.consolidate,
                         merge=args.merge, dry_run=args.dry_run, json=args.json, worker=args.worker,
-                        verbose=args.verbose, strict=args.strict)
+                        key=keyargs.key_spec(args), verbose=args.verbose, strict=args.strict)
 
 
 def _run(options: PruneOptions) -> None:
@@ -88,13 +89,13 @@ def _run(options: PruneOptions) -> None:
     if options.status:
         status.show(status.rows(options.input), sys.stdout, options.json)
     elif options.consolidate:
-        result = prune.consolidate_until(options.input, options.consolidate, options.worker)
+        result = prune.consolidate_until(options.input, options.consolidate, options.worker, options.key)
         if options.json:
             json.dump(result.__dict__, sys.stdout, indent=1)
             sys.stdout.write("\n")
     else:
         plans = prune.run(options.input, options.policy, merge=options.merge, dry_run=options.dry_run,
-                          workers=options.worker)
+                          workers=options.worker, key=options.key)
         if options.dry_run or options.json:
             status.show_decisions([d for cp in plans for d in cp.decisions], sys.stdout, options.json)
     sys.stdout.flush()

@@ -4,7 +4,8 @@ Runs after compression. A stream written with it has header flag bit 0 and
 ``extra["encryption"]`` in its metadata (cipher, set id, key fingerprint, a
 random 16-byte salt); each sealed data frame has frame flag bit 0, its payload
 is ciphertext + 16-byte tag, and its header checksum field holds xxh3-128 of
-that payload (checkable without the key). Nonce = the frame's disk offset under
+that payload (checked without the key; with the key the AEAD tag covers it and the
+checksum pass is skipped). Nonce = the frame's disk offset under
 a key of this stream alone; associated data = SHA-256 of the stream's metadata
 + the frame header's first 28 bytes (kind, method, flags, offset, length,
 stored). Spec: docs/FORMAT.md, "Encryption".
@@ -95,10 +96,12 @@ class SealStage:
     def decode(self, head: FrameHeader, data: Buf, path: str, pos: int) -> Buf | None:
         if not head.flags & FLAG:
             raise errors.FormatError(path=path, offset=pos, reason="unencrypted frame in an encrypted stream")
-        if fmt.checksum(data) != head.checksum:
-            raise errors.FormatError(path=path, offset=pos, reason="ciphertext checksum mismatch")
-        if self.sealer is None:
+        if self.sealer is None:             # without the key: the ciphertext's checksum is all we can check
+            if fmt.checksum(data) != head.checksum:
+                raise errors.FormatError(path=path, offset=pos, reason="ciphertext checksum mismatch")
             return None
+        # with the key the AEAD tag covers the ciphertext (a second pass of xxh3 over it would only cost time);
+        # the checksum field itself is covered by the header's own check
         try:
             return self.sealer.open(head.offset, head.raw[:FIELDS.size], data)  # type: ignore[arg-type]
         except aead.AuthenticationFailed as err:

@@ -109,7 +109,7 @@ def _keep(backup: Any, summary: Any) -> Any:
     """--keep-*: the retention policy over every chain of the output, only after a committed backup."""
     if backup.keep is not None and summary.point and not summary.skipped:
         from virtnbd.retention import prune as retention
-        plans = retention.run(backup.output, backup.keep, merge=backup.merge, dry_run=False)
+        plans = retention.run(backup.output, backup.keep, merge=backup.merge, dry_run=False, key=backup.key)
         summary.notes.extend(f"{d.action} {d.chain}/{d.point}: {d.rule}" for cp in plans for d in cp.decisions
                              if d.action != "keep")
     return summary

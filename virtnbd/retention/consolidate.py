@@ -22,14 +22,15 @@ from types import MappingProxyType
 from typing import Any, BinaryIO, cast
 
 from virtnbd import __version__, errors
+from virtnbd.backupset import encrypted, naming
 from virtnbd.backupset import manifest as bsmanifest
-from virtnbd.backupset import naming
 from virtnbd.backupset.api import BackupSet, open_set
 from virtnbd.backupset.manifest import DiskEntry, Manifest, Point
 from virtnbd.restore.plan import Extent, Plan
 from virtnbd.restore.run import build_plan
 from virtnbd.restore.source import DiskChain, select
 from virtnbd.retention import journal, layout
+from virtnbd.stream import format as fmt
 from virtnbd.stream.codec import Codec
 from virtnbd.stream.format import EncodedFrame, StreamMeta
 from virtnbd.stream.writer import StreamWriter
@@ -49,7 +50,7 @@ def _stream_set(folder: str) -> BackupSet:
     return bset
 
 
-CONSOLIDATES = ("stream",)
+CONSOLIDATES = ("stream", encrypted.KIND)
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,26 @@ class Result:
     stored_after: int
 
 
-def _frames(plan: Plan, readers: Sequence[Any], codec: Codec,
-            pool: ThreadPoolExecutor) -> Iterator[Future[EncodedFrame]]:
-    """Encoded frames of the plan's data extents, in offset order; each source frame decoded once."""
+def _whole(ext: Extent) -> bool:
+    frame = cast(Any, ext.frame)
+    return ext.skip == 0 and ext.length == frame.length
+
+
+def _copy(reader: Any, ext: Extent, codec: Codec, method: int) -> EncodedFrame:
+    """A whole source frame: its stored bytes unchanged when the target may hold them (no compression, or
+    the target's), after the reader checked them; else encoded again."""
+    head, stored, data = reader.read_stored(ext.frame)
+    if head.method not in (fmt.METHOD_NONE, method) or head.flags:
+        return codec.encode_data(ext.start, data)
+    return EncodedFrame("data", head.offset, head.length, head.raw, stored, codec.stored_checksum(head, stored))
+
+
+def _frames(plan: Plan, readers: Sequence[Any], codec: Codec, pool: ThreadPoolExecutor,
+            method: int | None = None) -> Iterator[Future[EncodedFrame]]:
+    """Encoded frames of the plan's data extents, in offset order; each source frame decoded once.
+
+    ``method``: the target's compression code when stored frames may be copied as they are (a set
+    without extra codec stages: an encrypted set seals every frame again under the new stream's key)."""
     extents = [e for e in plan.extents if not e.is_zero]
     uses = Counter((e.layer, cast(Any, e.frame).pos) for e in extents)
     decoded: dict[tuple[Any, int], Future[bytes]] = {}
@@ -77,6 +95,9 @@ def _frames(plan: Plan, readers: Sequence[Any], codec: Codec,
 
     def submit(ext: Extent) -> None:
         key = (ext.layer, cast(Any, ext.frame).pos)
+        if method is not None and _whole(ext):
+            window.append((key, pool.submit(_copy, readers[cast(int, ext.layer)], ext, codec, method)))
+            return
         if key not in decoded:
             decoded[key] = pool.submit(readers[cast(int, ext.layer)].read, ext.frame)
         window.append((key, pool.submit(encode, ext, decoded[key])))
@@ -90,7 +111,7 @@ def _frames(plan: Plan, readers: Sequence[Any], codec: Codec,
         yield fut
         uses[key] -= 1
         if not uses[key]:
-            del decoded[key]
+            decoded.pop(key, None)
         nxt = next(todo, None)
         if nxt is not None:
             submit(nxt)
@@ -107,10 +128,12 @@ def write_full(bset: BackupSet, chain: DiskChain, target: Point, merged: Sequenc
                           level="full", checkpoint=target.checkpoint, parent=None, time=target.time,
                           compression=newest.compression, tool_version=__version__,
                           extra=MappingProxyType({"consolidated_from": list(merged)}))
+        meta, stages = bset.writing(meta, name)          # an encrypted set: a new salt, sealed frames
         with bset.create_data(name, STAGING_BLOCKS) as f, \
                 ThreadPoolExecutor(max(1, workers), thread_name_prefix="consolidate") as pool:
-            writer = StreamWriter(cast(BinaryIO, f), meta, path=path, stages=bset.stages)
-            for fut in _frames(plan, readers, writer.codec, pool):
+            writer = StreamWriter(cast(BinaryIO, f), meta, path=path, stages=stages)
+            copy = None if stages else fmt.METHOD_CODES[meta.compression]
+            for fut in _frames(plan, readers, writer.codec, pool, copy):
                 writer.add(fut.result())
             totals = writer.finish()
     old = target.disks.get(chain.disk)
@@ -175,7 +198,7 @@ def consolidate(folder: str, target: str, drop: Sequence[str] = (), workers: int
         now = dt.datetime.now(dt.UTC).astimezone().isoformat(timespec="seconds")
         full = replace(point, level="full", parent=None, disks=MappingProxyType(disks),
                        extra=MappingProxyType({**point.extra, "consolidated": {"from": names, "at": now}}))
-        updated = bsmanifest.rewrite(store, manifest, (full, *keep))
+        updated = bsmanifest.rewrite(store, manifest, (full, *keep), encrypted.manifest_key(bset))
     except BaseException:
         journal.recover(store)       # roll back: the manifest still lists the old points
         raise

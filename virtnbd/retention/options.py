@@ -1,8 +1,9 @@
 """The frozen record of what one virtnbdprune run should do (built by cli/prune.py)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from virtnbd.crypto.keysource import KeySpec
 from virtnbd.retention.policy import Policy
 
 
@@ -16,5 +17,6 @@ class PruneOptions:
     dry_run: bool = False
     json: bool = False
     worker: int = 4
+    key: KeySpec = field(default_factory=KeySpec)   # encrypted chains: where the secret is (never the secret)
     verbose: bool = False
     strict: bool = False

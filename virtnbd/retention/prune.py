@@ -14,6 +14,8 @@ Decisions, per point (``--dry-run`` prints them, a run logs each removal with th
 
 Nothing is removed from a chain whose newest point fails verification, and no
 archived chain is removed while the newest point of the current chain fails it.
+An encrypted chain under the root needs its key: every chain's manifest is
+authenticated before anything is removed, and a rewritten one carries a new MAC.
 """
 from __future__ import annotations
 
@@ -26,15 +28,20 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from virtnbd import errors
+from virtnbd.backupset import encrypted
 from virtnbd.backupset import manifest as bsmanifest
+from virtnbd.backupset.api import BackupSet, open_set
 from virtnbd.backupset.manifest import Point
 from virtnbd.backupset.store import Store
+from virtnbd.crypto.keysource import KeySpec
 from virtnbd.retention import consolidate, journal, layout, verifylog
 from virtnbd.retention.layout import Chain, Root
 from virtnbd.retention.policy import Link, Policy, Stamp, decide, needed_by, parse_time
 from virtnbd.secrets import RedactFilter
 
 log = logging.getLogger(__name__)
+
+NO_KEY = KeySpec()
 
 
 @dataclass(frozen=True)
@@ -136,8 +143,19 @@ def _log_removals(cp: ChainPlan) -> None:
             log.info("%s %s %s (%s, %s): %s", d.action, cp.chain.folder, d.point, d.level, d.time, d.rule)
 
 
+def _authentic(chain: Chain) -> BackupSet:
+    """The chain's set with its manifest authenticated (an encrypted one needs its key: KeyRequired,
+    WrongKey, FormatError when altered) and still the manifest the plan was made from."""
+    bset = open_set(chain.folder)
+    found = bset.manifest()
+    if found is None or bsmanifest.to_json(found) != bsmanifest.to_json(chain.manifest):
+        raise errors.BackupSetError(path=str(chain.folder), reason="the manifest changed while planning")
+    return bset
+
+
 def _apply_chain(root: Root, cp: ChainPlan, workers: int) -> None:
     store = cp.chain.store
+    bset = _authentic(cp.chain)
     _log_removals(cp)
     if cp.remove_all:
         journal.remove_chain(root.store, cp.chain.label, "no point of the chain is kept by the policy")
@@ -151,7 +169,7 @@ def _apply_chain(root: Root, cp: ChainPlan, workers: int) -> None:
     old_files = set().union(*(layout.point_files(p) for p in gone)) - layout.listed_files(
         replace(manifest, points=keep))
     journal.begin(store, old_files, f"prune {', '.join(cp.removed)}")
-    bsmanifest.rewrite(store, manifest, keep)
+    bsmanifest.rewrite(store, manifest, keep, encrypted.manifest_key(bset))
     journal.remove_unlisted(store, old_files, "no rule keeps its point")
     journal.finish(store)
 
@@ -161,6 +179,8 @@ def apply(root: Root, plans: Sequence[ChainPlan], workers: int = 4) -> list[str]
     refused: list[str] = []
     current = next((c for c in root.chains if not c.archived), None)
     anchor_ok: bool | None = None
+    for cp in plans:
+        _authentic(cp.chain)           # every chain, changed or not: an altered manifest stops the run
     for cp in plans:
         if not cp.changes:
             continue
@@ -180,7 +200,15 @@ def apply(root: Root, plans: Sequence[ChainPlan], workers: int = 4) -> list[str]
     return [str(cp.chain.folder) for cp in plans if cp.changes]
 
 
-def run(path: str, policy: Policy, *, merge: bool, dry_run: bool, workers: int = 4) -> list[ChainPlan]:
+def use_key(key: KeySpec) -> None:
+    """Every encrypted chain opened from now on is unlocked with ``key`` (plain chains need none)."""
+    encrypted.install()
+    encrypted.use_keys(key)
+
+
+def run(path: str, policy: Policy, *, merge: bool, dry_run: bool, workers: int = 4,
+        key: KeySpec = NO_KEY) -> list[ChainPlan]:
+    use_key(key)
     root = layout.locate(path)
     if dry_run:
         return plan(root, policy, merge)
@@ -214,8 +242,9 @@ def _same(a: str, b: str) -> bool:
     return a.rstrip("/") == b.rstrip("/") or (not layout.is_url(a) and os.path.realpath(a) == os.path.realpath(b))
 
 
-def consolidate_until(path: str, target: str, workers: int = 4) -> consolidate.Result:
+def consolidate_until(path: str, target: str, workers: int = 4, key: KeySpec = NO_KEY) -> consolidate.Result:
     """``--consolidate POINT``: merge a chain up to POINT into a synthetic full (after verifying its newest point)."""
+    use_key(key)
     root = layout.locate(path)
     with root.store.lock(), _run_log(root.store):
         journal.recover_root(root.store)
@@ -224,6 +253,7 @@ def consolidate_until(path: str, target: str, workers: int = 4) -> consolidate.R
                      None)
         if chain is None:
             raise errors.BackupSetError(path=path, reason="no chain to consolidate here")
+        _authentic(chain)
         if not _verified(chain, workers):
             raise errors.ChainError(reason=f"{chain.folder}: not consolidated: the newest point failed verification")
         return consolidate.consolidate(chain.folder, target, (), workers)

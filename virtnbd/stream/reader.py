@@ -350,15 +350,28 @@ class StreamReader:
 
     def read(self, ref: FrameRef) -> bytes:
         """The disk bytes of one frame, checksum-verified (zeros for a zero frame)."""
+        head = self._head(ref)
+        if head.kind == fmt.KIND_ZERO:
+            return bytes(ref.length)
+        stored = self._pread(ref.pos + fmt.FRAME.size, head.stored, "frame payload")
+        return cast(bytes, self.codec.decode(head, stored, self.path, ref.pos))
+
+    def _head(self, ref: FrameRef) -> fmt.FrameHeader:
         self._need_seek()
         head = fmt.unpack_frame(self._pread(ref.pos, fmt.FRAME.size, "frame header"), self.path, ref.pos,
                                 self.codec.frame_flags)
         if fmt.KIND_NAMES.get(head.kind) != ref.kind or head.offset != ref.offset or head.length != ref.length:
             raise errors.FormatError(path=self.path, offset=ref.pos, reason="frame header does not match the index")
-        if head.kind == fmt.KIND_ZERO:
-            return bytes(ref.length)
+        return head
+
+    def read_stored(self, ref: FrameRef) -> tuple[fmt.FrameHeader, bytes, bytes]:
+        """A data frame's header, its payload as stored and its verified disk bytes (a stored frame
+        is copied unchanged into another stream by consolidation, after this check)."""
+        head = self._head(ref)
+        if head.kind != fmt.KIND_DATA:
+            raise errors.FormatError(path=self.path, offset=ref.pos, reason="not a data frame")
         stored = self._pread(ref.pos + fmt.FRAME.size, head.stored, "frame payload")
-        return cast(bytes, self.codec.decode(head, stored, self.path, ref.pos))
+        return head, stored, cast(bytes, self.codec.decode(head, stored, self.path, ref.pos))
 
     def read_range(self, offset: int, length: int) -> bytes:
         """Bytes ``offset .. offset+length`` of the disk as this stream holds them.
