@@ -68,9 +68,14 @@ def _check_parent(dom: libvirt.virDomain, plan: Plan) -> None:
                    f"start a new chain with -l full into a new folder")
 
 
-def _clean_stale(dom: libvirt.virDomain, plan: Plan, options: BackupOptions) -> None:
+def _refuse_busy(dom: libvirt.virDomain, plan: Plan) -> None:
+    """Abort a dead run's job of ours, refuse anyone else's: before the preflight, whose checkpoint queries
+    would wait for libvirt's state lock behind a save/snapshot and misread the chain as broken."""
     abort_stale(dom)
     refuse_foreign_jobs(dom, [pd.target for pd in plan.disks])
+
+
+def _clean_stale(dom: libvirt.virDomain, plan: Plan, options: BackupOptions) -> None:
     for path in output.remove_stale_work_dirs(options.scratchdir):
         log.warning("removed scratch folder of a killed run: %s", path)
     if checkpoints.exists(dom, checkpoints.PENDING):       # a full that never committed (killed / lost libvirtd)
@@ -199,6 +204,8 @@ def _run_locked(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet)
     def replan(opts: BackupOptions, m: Any) -> Plan:
         return make_plan(opts, m, all_disks, int(time.time()), folder=str(folder), domain=name, uuid=uuid)
 
+    if running:
+        _refuse_busy(dom, plan)
     verdict = consistency.preflight(options, dom, folder, manifest, plan, running=running, replan=replan)
     if verdict.manifest is not manifest and verdict.plan.level in ("copy", "full"):      # chain archived
         bset = encrypted.for_backup(create_set(options.output), options.key, verdict.manifest, verdict.plan.level)
