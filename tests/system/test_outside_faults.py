@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -403,7 +403,14 @@ def test_backup_folder_turns_read_only_mid_run(make_domain, tmp_path) -> None:  
 
 
 def _folder_turns_read_only(dom: LabDomain, fs: SmallFs, tmp_path: Path) -> None:
-    folder = fs.path / "backup"
+    _folder_fault_mid_copy(dom, fs.path / "backup", tmp_path, fault=lambda: turn_read_only(fs),
+                           fix=lambda: repair(fs), message="read-only file system")
+
+
+def _folder_fault_mid_copy(dom: LabDomain, folder: Path, tmp_path: Path, *, fault: Callable[[], object],
+                           fix: Callable[[], object], message: str) -> None:
+    """An inc frozen at its first partial file meets ``fault`` on the backup folder: one error line with
+    ``message`` and the folder, no point, nothing changed outside it; after ``fix`` the next inc is exact."""
     _write(dom, 1)
     ok(dom, "full", folder)
     expected = {"virtnbdbackup.0": snap_all(dom, "p0")}
@@ -411,18 +418,18 @@ def _folder_turns_read_only(dom: LabDomain, fs: SmallFs, tmp_path: Path) -> None
     _write(dom, 2)
     before = inventory.take(dom, dom.dir, folder)
     proc = _start_frozen(dom, folder)
-    turn_read_only(fs)
+    fault()
     os.kill(proc.pid, signal.SIGCONT)
     _out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "Traceback" not in err, err
     line = error_line(err)
-    assert "read-only file system" in line.lower() and str(folder) in line, line
+    assert message in line.lower() and str(folder) in line, line
     assert points(folder) == ["virtnbdbackup.0"]
     after = inventory.take(dom, dom.dir, folder)
     # outside the folder: no job, no scratch, the checkpoint of the failed run gone
     inventory.assert_same(before, after, allow=("folder",))
 
-    repair(fs)                                  # the admin fixes the filesystem; the next run goes on exactly
+    fix()                                       # the admin fixes the filesystem; the next run goes on exactly
     _write(dom, 3)
     assert ok(dom, "inc", folder)["point"] == "virtnbdbackup.1"
     expected["virtnbdbackup.1"] = snap_all(dom, "p1")
@@ -433,36 +440,13 @@ def _folder_turns_read_only(dom: LabDomain, fs: SmallFs, tmp_path: Path) -> None
 
 
 def test_backup_folder_fills_up_mid_run(make_domain, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """Another writer fills the target's filesystem while an inc is copying (frozen at its first partial
-    file): one error line, no point, nothing changed outside the folder, the next run exact."""
+    """Another writer fills the target's filesystem (tmpfs) while an inc is copying."""
     dom = make_domain(disks=[DiskSpec("sda", "virtio", "qcow2", 64 * MiB)])
     fs = mount_small_fs(dom.dir, 96 * MiB)
+    filler = fs.path / "filler"
     try:
-        folder = fs.path / "backup"
-        _write(dom, 1)
-        ok(dom, "full", folder)
-        expected = {"virtnbdbackup.0": snap_all(dom, "p0")}
-        dom.disk("sda").write_pattern(0, 48 * MiB, 0x29)
-        _write(dom, 2)
-        before = inventory.take(dom, dom.dir, folder)
-        proc = _start_frozen(dom, folder)
-        filler = fill_fs(fs.path, free=0)
-        os.kill(proc.pid, signal.SIGCONT)
-        _out, err = proc.communicate(timeout=120)
-        assert proc.returncode != 0 and "Traceback" not in err, err
-        line = error_line(err)
-        assert "no space left on device" in line.lower() and str(folder) in line, line
-        assert points(folder) == ["virtnbdbackup.0"]
-        after = inventory.take(dom, dom.dir, folder)
-        inventory.assert_same(before, after, allow=("folder",))   # no job, no scratch, checkpoint gone
-        assert not [n for n in after.folder if n.endswith((".partial", ".tmp"))], after.folder
-
-        filler.unlink()                         # space is back: the next inc has every change since the full
-        _write(dom, 3)
-        assert ok(dom, "inc", folder)["point"] == "virtnbdbackup.1"
-        expected["virtnbdbackup.1"] = snap_all(dom, "p1")
-        for point, images in expected.items():
-            check_point(dom, folder, point, images, tmp_path)
+        _folder_fault_mid_copy(dom, fs.path / "backup", tmp_path, fault=lambda: fill_fs(fs.path, free=0),
+                               fix=filler.unlink, message="no space left on device")
     finally:
         fs.unmount()
 
