@@ -112,3 +112,27 @@ def test_disk_added_while_off_then_online_inc(make_domain, tmp_path) -> None:  #
     for point, images in expected.items():
         check_point(dom, folder, point, images, tmp_path)
     check_restored(folder, "virtnbdbackup.2", expected["virtnbdbackup.2"], tmp_path)
+
+
+def test_raw_only_never_started_domain_keeps_a_chain(make_domain, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A defined, never-booted domain with raw disks only: its full starts a chain (point virtnbdbackup.0,
+    no libvirt checkpoint: raw images carry no bitmap) that offline and online incs continue exactly,
+    every disk copied whole. Before the fix the full was named ``full`` and the next inc failed."""
+    dom = make_domain(disks=[DiskSpec("sda", "sata", "raw", SIZE)], start=False)
+    folder = dom.dir / "backup"
+    _write_all(dom, 21)
+    full = ok(dom, "auto", folder)
+    assert (full["point"], full["level"], full["consistency"]) == ("virtnbdbackup.0", "full", "offline")
+    expected = {"virtnbdbackup.0": snap_all(dom, "r0")}
+    _write_all(dom, 22)
+    assert ok(dom, "auto", folder)["point"] == "virtnbdbackup.1"             # offline inc: whole copy
+    expected["virtnbdbackup.1"] = snap_all(dom, "r1")
+    dom.start()
+    _write_all(dom, 23)
+    online = ok(dom, "inc", folder)
+    assert online["point"] == "virtnbdbackup.2" and online["disks"]["sda"]["bytes_read"] > 0
+    expected["virtnbdbackup.2"] = snap_all(dom, "r2")
+    assert checkpoint_names(dom) == []                   # nothing in libvirt: raw disks carry no bitmap
+    assert [p["checkpoint"] for p in manifest_points(folder)] == list(expected)
+    for point, images in expected.items():
+        check_point(dom, folder, point, images, tmp_path)

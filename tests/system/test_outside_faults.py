@@ -8,14 +8,14 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from tests.lab import inventory
-from tests.lab.fault_lab import SmallFs, mount_fragile_ext4, mount_small_fs, repair, turn_read_only
+from tests.lab.fault_lab import SmallFs, fill_fs, mount_fragile_ext4, mount_small_fs, repair, turn_read_only
 from tests.lab.libvirt_lab import DiskSpec, LabDomain, MiB, pids_of, restart_libvirtd
 from tests.system.backup_helpers import backup_cmd, check_point, env, ok
 from tests.system.chain_helpers import checkpoint_names, error_line, fails, points, snap_all, write_all
@@ -99,9 +99,9 @@ def test_offline_full_on_locked_image_leaves_the_previous_chain(make_domain, tmp
 
 
 def _start_frozen(dom: LabDomain, folder: Path, pattern: str = "*.partial", *extra: str,
-                  where: Path | None = None) -> subprocess.Popen[str]:
-    """Start an inc and freeze it (SIGSTOP) the moment ``pattern`` appears in ``where`` (the folder)."""
-    proc = subprocess.Popen([*backup_cmd(dom, "inc", folder), *extra], stdout=subprocess.PIPE,
+                  where: Path | None = None, level: str = "inc") -> subprocess.Popen[str]:
+    """Start a run (an inc) and freeze it (SIGSTOP) the moment ``pattern`` appears in ``where`` (the folder)."""
+    proc = subprocess.Popen([*backup_cmd(dom, level, folder), *extra], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env())
     assert _frozen_when(proc, where or folder, pattern), proc.communicate()
     return proc
@@ -166,6 +166,58 @@ def test_libvirtd_restart_during_pull_backup(make_domain, tmp_path, case) -> Non
     assert not [n for n in after.folder if n.endswith(".partial")], (stray, after)
     for point, images in expected.items():
         check_point(dom, folder, point, images, tmp_path)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_online_full_failing_after_job_start_leaves_the_previous_chain(make_domain, tmp_path, sig) -> None:  # type: ignore[no-untyped-def]
+    """The new chain's job runs under checkpoint virtnbdbackup.pending; the previous chain is deleted and
+    the pending checkpoint renamed to virtnbdbackup.0 only after the commit (docs/FAULTS.md, online 10)."""
+    dom = make_domain(disks=[DiskSpec("sda", "virtio", "qcow2", 64 * MiB)])
+    old, new = dom.dir / "old-chain", dom.dir / "new-chain"
+    _write(dom, 1)
+    ok(dom, "full", old)
+    expected = {"virtnbdbackup.0": snap_all(dom, "p0")}
+    _write(dom, 2)
+    ok(dom, "inc", old)
+    expected["virtnbdbackup.1"] = snap_all(dom, "p1")
+    dom.disk("sda").write_pattern(0, 48 * MiB, 0x6B)          # a full long enough to stop mid-copy
+    before = inventory.take(dom, dom.dir, old)
+
+    proc = _start_frozen(dom, new, level="full")               # job begun, copying: then it fails
+    during = inventory.take(dom, dom.dir, old)
+    assert during.checkpoints == ("virtnbdbackup.0", "virtnbdbackup.1", "virtnbdbackup.pending"), during
+    os.kill(proc.pid, sig)
+    os.kill(proc.pid, signal.SIGCONT)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and points(new) == [], err
+    after = inventory.take(dom, dom.dir, old)
+    if sig == signal.SIGTERM:                  # the run cleaned up itself: exactly as before
+        assert "Traceback" not in err, err
+        inventory.assert_same(before, after)
+    else:                                       # killed: its job and pending checkpoint are left to the next run
+        assert after.checkpoints == during.checkpoints and after.job, after
+
+    _write(dom, 3)                              # the previous chain continues exactly
+    assert ok(dom, "inc", old)["point"] == "virtnbdbackup.2"
+    expected["virtnbdbackup.2"] = snap_all(dom, "p2")
+    tidy = inventory.take(dom, dom.dir, old)
+    assert tidy.checkpoints == tuple(expected) and not tidy.job and tidy.scratch == (), tidy
+    for point, images in expected.items():
+        check_point(dom, old, point, images, tmp_path)
+
+    # a full that commits replaces the previous chain: its pending checkpoint becomes virtnbdbackup.0
+    assert ok(dom, "full", new)["point"] == "virtnbdbackup.0"
+    fresh = {"virtnbdbackup.0": snap_all(dom, "n0")}
+    switched = inventory.take(dom, dom.dir, new)
+    assert switched.checkpoints == ("virtnbdbackup.0",), switched
+    assert [names for _node, names in switched.live_bitmaps] == [("virtnbdbackup.0",)], switched
+    saved = (new / "checkpoints" / "virtnbdbackup.0.xml").read_text()
+    assert "<name>virtnbdbackup.0</name>" in saved and "<parent>" not in saved and "pending" not in saved
+    _write(dom, 4)
+    assert ok(dom, "inc", new)["point"] == "virtnbdbackup.1"
+    fresh["virtnbdbackup.1"] = snap_all(dom, "n1")
+    for point, images in fresh.items():
+        check_point(dom, new, point, images, tmp_path)
 
 
 def _qemu_pid(dom: LabDomain) -> int:
@@ -286,6 +338,61 @@ def test_foreign_block_copy_is_refused_clearly(make_domain, tmp_path) -> None:  
         check_point(dom, folder, point, images, tmp_path)
 
 
+@contextmanager
+def _domain_job_held(dom: LabDomain, kind: str) -> Iterator[None]:
+    """A real libvirt domain job (save, or an external memory snapshot) kept running: it writes the guest's
+    memory into a FIFO that is opened but never read, so QEMU blocks once the pipe is full."""
+    import libvirt
+
+    fifo = dom.dir / f"{kind}.fifo"
+    os.mkfifo(fifo, 0o666)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    cmd = (["virsh", "-q", "save", dom.name, str(fifo)] if kind == "save" else
+           ["virsh", "-q", "snapshot-create-as", dom.name, "vnbd-held", "--memspec",
+            f"file={fifo},snapshot=external", "--diskspec", "sda,snapshot=no"])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while dom.dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        yield
+    finally:
+        subprocess.run(["virsh", "-q", "domjobabort", dom.name], check=False, capture_output=True, timeout=60)
+        os.close(reader)
+        proc.communicate(timeout=60)
+        fifo.unlink()
+
+
+@pytest.mark.parametrize("kind", ["save", "snapshot"])
+def test_foreign_domain_job_is_refused_clearly(make_domain, tmp_path, kind) -> None:  # type: ignore[no-untyped-def]
+    """Someone else saves or snapshots the domain (a real job, held open): inc and full refused, naming it;
+    nothing changed; the chain goes on exactly once the job is gone. A real migration needs a second host
+    (libvirt refuses to migrate to itself): it is the same domain job, refused by the same check."""
+    dom = make_domain(disks=[DiskSpec("sda", "virtio", "qcow2", 16 * MiB)])
+    folder = dom.dir / "backup"
+    _write(dom, 1)
+    ok(dom, "full", folder)
+    expected = {"virtnbdbackup.0": snap_all(dom, "p0")}
+    _write(dom, 2)
+    before = inventory.take(dom, dom.dir, folder)
+    with _domain_job_held(dom, kind):
+        for level, where in (("inc", folder), ("full", dom.dir / "new-chain")):
+            line = error_line(fails(dom, level, where))
+            assert f"running {kind} job started by someone else" in line and "virsh domjobinfo" in line, line
+        assert inventory.take(dom, dom.dir, folder).checkpoints == before.checkpoints
+    assert dom.is_active()                      # the aborted job left the domain running
+    after = inventory.take(dom, dom.dir, folder)
+    # the save/snapshot itself stores QEMU's bitmaps in the image (flagged in-use while QEMU runs on): not ours
+    inventory.assert_same(before, after, allow=("folder", "image_bitmaps"))
+    assert inventory.folder_extra(before, after) == []
+    _write(dom, 3)
+    assert ok(dom, "inc", folder)["point"] == "virtnbdbackup.1"
+    expected["virtnbdbackup.1"] = snap_all(dom, "p1")
+    for point, images in expected.items():
+        check_point(dom, folder, point, images, tmp_path)
+
+
 def test_backup_folder_turns_read_only_mid_run(make_domain, tmp_path) -> None:  # type: ignore[no-untyped-def]
     dom = make_domain(disks=[DiskSpec("sda", "virtio", "qcow2", 64 * MiB)])
     fs = mount_fragile_ext4(tmp_path, 128 * MiB)
@@ -296,7 +403,14 @@ def test_backup_folder_turns_read_only_mid_run(make_domain, tmp_path) -> None:  
 
 
 def _folder_turns_read_only(dom: LabDomain, fs: SmallFs, tmp_path: Path) -> None:
-    folder = fs.path / "backup"
+    _folder_fault_mid_copy(dom, fs.path / "backup", tmp_path, fault=lambda: turn_read_only(fs),
+                           fix=lambda: repair(fs), message="read-only file system")
+
+
+def _folder_fault_mid_copy(dom: LabDomain, folder: Path, tmp_path: Path, *, fault: Callable[[], object],
+                           fix: Callable[[], object], message: str) -> None:
+    """An inc frozen at its first partial file meets ``fault`` on the backup folder: one error line with
+    ``message`` and the folder, no point, nothing changed outside it; after ``fix`` the next inc is exact."""
     _write(dom, 1)
     ok(dom, "full", folder)
     expected = {"virtnbdbackup.0": snap_all(dom, "p0")}
@@ -304,18 +418,18 @@ def _folder_turns_read_only(dom: LabDomain, fs: SmallFs, tmp_path: Path) -> None
     _write(dom, 2)
     before = inventory.take(dom, dom.dir, folder)
     proc = _start_frozen(dom, folder)
-    turn_read_only(fs)
+    fault()
     os.kill(proc.pid, signal.SIGCONT)
     _out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "Traceback" not in err, err
     line = error_line(err)
-    assert "read-only file system" in line.lower() and str(folder) in line, line
+    assert message in line.lower() and str(folder) in line, line
     assert points(folder) == ["virtnbdbackup.0"]
     after = inventory.take(dom, dom.dir, folder)
     # outside the folder: no job, no scratch, the checkpoint of the failed run gone
     inventory.assert_same(before, after, allow=("folder",))
 
-    repair(fs)                                  # the admin fixes the filesystem; the next run goes on exactly
+    fix()                                       # the admin fixes the filesystem; the next run goes on exactly
     _write(dom, 3)
     assert ok(dom, "inc", folder)["point"] == "virtnbdbackup.1"
     expected["virtnbdbackup.1"] = snap_all(dom, "p1")
@@ -323,6 +437,18 @@ def _folder_turns_read_only(dom: LabDomain, fs: SmallFs, tmp_path: Path) -> None
     assert not [n for n in final.folder if n.endswith(".partial") or n.endswith(".tmp")], final.folder
     for point, images in expected.items():
         check_point(dom, folder, point, images, tmp_path)
+
+
+def test_backup_folder_fills_up_mid_run(make_domain, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Another writer fills the target's filesystem (tmpfs) while an inc is copying."""
+    dom = make_domain(disks=[DiskSpec("sda", "virtio", "qcow2", 64 * MiB)])
+    fs = mount_small_fs(dom.dir, 96 * MiB)
+    filler = fs.path / "filler"
+    try:
+        _folder_fault_mid_copy(dom, fs.path / "backup", tmp_path, fault=lambda: fill_fs(fs.path, free=0),
+                               fix=filler.unlink, message="no space left on device")
+    finally:
+        fs.unmount()
 
 
 def test_killed_offline_full_leaves_only_its_pending_bitmap(make_domain, tmp_path) -> None:  # type: ignore[no-untyped-def]

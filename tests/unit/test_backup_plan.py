@@ -129,3 +129,13 @@ def test_encode_threads_follow_the_cpus(monkeypatch):
     monkeypatch.setattr(run.os, "sched_getaffinity", lambda _pid: set(range(64)))
     assert run.encode_thread_count(0) == run.MAX_ENCODE_THREADS + 1
     assert run.encode_thread_count(5) == 5
+
+
+def test_raw_only_full_starts_a_chain_and_an_old_checkpointless_full_is_refused_clearly() -> None:
+    p = plan("full", None, disks=(RAW,))
+    assert (p.point, p.checkpoint, p.bitmap_disks) == ("virtnbdbackup.0", "virtnbdbackup.0", ())
+    p = plan("inc", manifest(point("virtnbdbackup.0", "full", None, "virtnbdbackup.0", ("vdc",))), disks=(RAW,))
+    assert (p.point, p.parent, p.bitmap_disks, p.disks[0].mode) == ("virtnbdbackup.1", "virtnbdbackup.0", (), "full")
+    old = manifest(point("full", "full", None, None, ("vdc",)))      # written before raw-only fulls had a chain
+    with pytest.raises(errors.ChainError, match=r"point full starts no chain .*run -l full into a new folder"):
+        plan("inc", old, disks=(RAW,))

@@ -86,7 +86,7 @@ def test_plan_full_keeps_checkpoint_for_raw_rbd_only_domain() -> None:
     assert plan.checkpoint == "virtnbdbackup.0" and plan.point == "virtnbdbackup.0"
     assert plan.bitmap_disks == ()                      # no libvirt bitmap: the RBD snapshot tracks it
     plain = make_plan(BackupOptions(domain="d", level="full", output="/o"), None, [FILE_RAW], 0)
-    assert plain.checkpoint is None                     # unchanged for raw files
+    assert plain.point == "virtnbdbackup.0" and plain.bitmap_disks == ()   # a chain, no libvirt checkpoint
 
 
 def test_plan_inc_reads_raw_rbd_by_diff() -> None:

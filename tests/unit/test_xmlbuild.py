@@ -85,3 +85,15 @@ def test_parse_boot_files() -> None:
     assert (boot.kernel, boot.initrd) == ("/boot/vmlinuz", "/boot/initrd")
     assert boot.tpm_state == "/tpm/0f1e2d3c-0000-4000-8000-000000000001"
     assert domainxml.domain_identity(DOMAIN) == ("d1", "0f1e2d3c-0000-4000-8000-000000000001")
+
+
+def test_pending_checkpoint_xml_is_saved_as_the_chains_root() -> None:
+    pending = ("<domaincheckpoint><name>virtnbdbackup.pending</name><parent><name>virtnbdbackup.4</name></parent>"
+               "<creationTime>1</creationTime><disks><disk name='sda' checkpoint='bitmap' "
+               "bitmap='virtnbdbackup.pending' size='4096'/><disk name='sdb' checkpoint='no'/></disks>"
+               "<domain type='qemu'><name>d</name></domain></domaincheckpoint>")
+    root = etree.fromstring(xmlbuild.renamed_checkpoint_xml(pending, "virtnbdbackup.0").encode())
+    assert root.findtext("name") == "virtnbdbackup.0" and root.find("parent") is None
+    assert [dict(d.attrib) for d in root.findall("disks/disk")] == [
+        {"name": "sda", "checkpoint": "bitmap", "bitmap": "virtnbdbackup.0"}, {"name": "sdb", "checkpoint": "no"}]
+    assert root.findtext("domain/name") == "d"                 # the domain XML inside stays

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -115,6 +115,9 @@ def clean_leftovers(dom: libvirt.virDomain, plan: Plan) -> None:
         if PENDING in bitmaps.list_bitmaps(str(pd.disk.path)):
             bitmaps.remove(str(pd.disk.path), PENDING)
             log.info("%s: removed bitmap %s of a full that never committed", pd.target, PENDING)
+    if checkpoints.exists(dom, PENDING):        # an online full that never committed
+        checkpoints.delete_metadata(dom, PENDING)
+        log.info("forgot checkpoint %s of a full that never committed", PENDING)
     if plan.level == "full":
         return
     _drop_ours_above(dom, plan, plan.last_index, "left by a failed run")
@@ -252,7 +255,7 @@ def execute(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet, pla
         _undo(dom, plan, added, defined)
         raise
     if plan.level == "full":
-        _switch_committed(dom, plan, saved_cp)
+        switch_committed(plan, lambda: switch_chain(dom, plan, saved_cp))
     return backup_run.report(summary, plan, updated, results)
 
 
@@ -267,9 +270,10 @@ def _checkpoint_of(dom: libvirt.virDomain, plan: Plan, all_targets: list[str]) -
     return checkpoint_xml(plan, all_targets, inactive_xml, int(time.time())), False
 
 
-def _switch_committed(dom: libvirt.virDomain, plan: Plan, xml: str | None) -> None:
+def switch_committed(plan: Plan, switch: Callable[[], None]) -> None:
+    """Run a committed full's chain switch; a failure says the point is safe but its chain cannot go on."""
     try:
-        switch_chain(dom, plan, xml)
+        switch()
     except errors.VirtnbdError as err:
         raise errors.ChainError(
             reason=f"full point {plan.point} is committed and restorable, but setting up its checkpoint "

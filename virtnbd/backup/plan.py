@@ -8,7 +8,8 @@ Rules (virtnbdbackup conventions):
   a diff creates no checkpoint and is named ``diff.<epoch>``.
 - Disks that cannot carry a bitmap (raw) or are new to the chain are exported
   whole (``backupmode='full'``) in an inc/diff, so every point restores the
-  complete domain.
+  complete domain. A chain of raw disks only still has ``virtnbdbackup.N``
+  points (no libvirt checkpoint behind them): each inc copies every disk whole.
 """
 from __future__ import annotations
 
@@ -122,13 +123,17 @@ def make_plan(options: BackupOptions, manifest: Any, disks: Sequence[Disk], epoc
     if level in ("copy", "full"):
         checkpoint = naming.checkpoint_name(0) if level == "full" else None
         planned = tuple(PlannedDisk(d, "full") for d in chosen)
+        # A full is always point ``virtnbdbackup.0`` and starts a chain, even when no disk can carry a
+        # bitmap (all raw): libvirt then gets no checkpoint (the point says libvirt_checkpoint: false) and
+        # every inc copies those disks whole; raw RBD disks keep it as an RBD snapshot (rbdextents).
         bitmaps = tuple(d.target for d in chosen if d.can_checkpoint) if checkpoint else ()
-        if checkpoint and not bitmaps and not any(rbdextents.tracked(d) for d in chosen):
-            checkpoint = None  # raw RBD disks keep the point's checkpoint as an RBD snapshot (rbdextents)
         point = checkpoint or level
         return Plan(level, point, checkpoint, None, planned, tuple(skipped), bitmaps, last)
     parent_point = chain_points(manifest)[-1]
     parent = parent_point.checkpoint
+    if parent is None:      # a full of raw disks only, written before it started a chain
+        raise errors.ChainError(reason=f"{folder or options.output}: point {parent_point.name} starts no chain "
+                                       f"(no checkpoint); run -l full into a new folder")
     in_parent = set(parent_point.disks)
     planned_disks = []
     for disk in chosen:

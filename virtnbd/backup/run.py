@@ -33,7 +33,7 @@ from virtnbd.remote import host
 from virtnbd.remote.host import Host
 from virtnbd.remote.session import NO_TLS_WARNING, session
 from virtnbd.source import rbdextents
-from virtnbd.virt import agent, checkpoints, connection, domainxml, xmlbuild
+from virtnbd.virt import agent, checkpoints, connection, domainxml, livebitmaps, xmlbuild
 from virtnbd.virt.job import BackupJob, abort_stale, refuse_foreign_jobs
 from virtnbd.virt.pushjob import PushJob
 
@@ -76,11 +76,19 @@ def _check_parent(dom: libvirt.virDomain, plan: Plan) -> None:
                    f"start a new chain with -l full into a new folder")
 
 
-def _clean_stale(dom: libvirt.virDomain, plan: Plan, options: BackupOptions, folder: str) -> None:
+def _refuse_busy(dom: libvirt.virDomain, plan: Plan, folder: str) -> None:
+    """Abort a dead run's job of ours, refuse anyone else's: before the preflight, whose checkpoint queries
+    would wait for libvirt's state lock behind a save/snapshot and misread the chain as broken."""
     abort_stale(dom, None if "://" in folder else Path(folder))      # push jobs write into local folders only
     refuse_foreign_jobs(dom, [pd.target for pd in plan.disks])
+
+
+def _clean_stale(dom: libvirt.virDomain, plan: Plan, options: BackupOptions) -> None:
     for path in output.remove_stale_work_dirs(options.scratchdir):
         log.warning("removed scratch folder of a killed run: %s", path)
+    if checkpoints.exists(dom, checkpoints.PENDING):       # a full that never committed (killed / lost libvirtd)
+        checkpoints.delete(dom, checkpoints.PENDING)
+        log.warning("removed checkpoint %s of a full that never committed", checkpoints.PENDING)
     if plan.level in ("inc", "diff"):
         removed = checkpoints.delete_newer_than(dom, plan.last_index)
         if removed:
@@ -88,32 +96,48 @@ def _clean_stale(dom: libvirt.virDomain, plan: Plan, options: BackupOptions, fol
                         "stay covered by %s)", ", ".join(removed), plan.parent)
 
 
-@contextlib.contextmanager
-def _created_checkpoint(dom: libvirt.virDomain, plan: Plan) -> Iterator[list[bool]]:
-    """On failure, delete the checkpoint this run created (its bitmap merges into the parent).
+def _job_checkpoint(plan: Plan, previous: list[str]) -> str | None:
+    """The checkpoint the job creates: a full's is PENDING while the previous chain exists (renamed later)."""
+    if plan.level == "full" and previous and plan.checkpoint and plan.bitmap_disks:
+        return checkpoints.PENDING
+    return plan.checkpoint
 
-    A full first deletes the previous chain's checkpoints (libvirt needs the name
-    ``virtnbdbackup.0`` free): as late as possible, after every check and the
-    scratch folder, just before the job starts (docs/FAULTS.md).
-    """
-    if plan.level == "full":
-        removed = checkpoints.delete_ours(dom)
-        if removed:
-            log.info("new chain: removed old checkpoints %s", ", ".join(removed))
+
+@contextlib.contextmanager
+def _created_checkpoint(dom: libvirt.virDomain, name: str | None) -> Iterator[list[bool]]:
+    """On failure, delete the checkpoint this run created (its bitmap merges into its parent's)."""
     committed = [False]
     try:
         yield committed
     except BaseException:
-        if plan.checkpoint and not committed[0] and connection.lost(dom.connect()):
-            log.warning("checkpoint %s of the failed run is left to the next run (no connection)", plan.checkpoint)
-        elif plan.checkpoint and not committed[0]:
+        if name and not committed[0] and connection.lost(dom.connect()):
+            log.warning("checkpoint %s of the failed run is left to the next run (no connection)", name)
+        elif name and not committed[0]:
             try:
-                if checkpoints.exists(dom, plan.checkpoint):
-                    checkpoints.delete(dom, plan.checkpoint)
-                    log.info("removed checkpoint %s of the failed run", plan.checkpoint)
+                if checkpoints.exists(dom, name):
+                    checkpoints.delete(dom, name)
+                    log.info("removed checkpoint %s of the failed run", name)
             except errors.VirtnbdError as err:
-                log.warning("could not remove checkpoint %s: %s (the next run removes it)", plan.checkpoint, err)
+                log.warning("could not remove checkpoint %s: %s (the next run removes it)", name, err)
         raise
+
+
+def _switch_chain(dom: libvirt.virDomain, plan: Plan, previous: list[str], job_cp: str | None,
+                  saved_cp: str | None) -> None:
+    """After a full committed: delete the previous chain, give the pending checkpoint its real name.
+
+    Until the commit the previous chain stays whole (docs/FAULTS.md): a full that
+    fails at any earlier step leaves it continuable.
+    """
+    for name in reversed(previous):
+        checkpoints.delete(dom, name)
+    if previous:
+        log.info("new chain: removed old checkpoints %s", ", ".join(previous))
+    if job_cp != checkpoints.PENDING or not plan.checkpoint or saved_cp is None:
+        return
+    livebitmaps.rename(dom, checkpoints.PENDING, plan.checkpoint)
+    checkpoints.delete_metadata(dom, checkpoints.PENDING)
+    checkpoints.redefine(dom, saved_cp)
 
 
 def _uses_bitmaps(plan: Plan) -> bool:
@@ -128,11 +152,19 @@ def _backup_xml(plan: Plan, socket: str | xmlbuild.TcpServer, workdir: str, skip
                                incremental=plan.incremental if _uses_bitmaps(plan) else None)
 
 
-def _checkpoint_xml(plan: Plan, all_targets: list[str]) -> str | None:
-    if not plan.checkpoint or not plan.bitmap_disks:
+def _checkpoint_xml(plan: Plan, name: str | None, all_targets: list[str]) -> str | None:
+    if not name or not plan.bitmap_disks:
         return None
     others = [t for t in all_targets if t not in plan.bitmap_disks]
-    return xmlbuild.checkpoint_xml(plan.checkpoint, plan.bitmap_disks, others)
+    return xmlbuild.checkpoint_xml(name, plan.bitmap_disks, others)
+
+
+def _saved_checkpoint(dom: libvirt.virDomain, plan: Plan, job_cp: str | None) -> str | None:
+    """The new checkpoint's XML as the point keeps it (a pending one under the point's name, no parent)."""
+    if not job_cp or not plan.checkpoint or not plan.bitmap_disks:
+        return None
+    xml = checkpoints.get_xml(dom, job_cp)
+    return xml if job_cp == plan.checkpoint else xmlbuild.renamed_checkpoint_xml(xml, plan.checkpoint)
 
 
 # -- entry point -------------------------------------------------------------------
@@ -190,6 +222,8 @@ def _run_locked(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet)
     def replan(opts: BackupOptions, m: Any) -> Plan:
         return make_plan(opts, m, all_disks, int(time.time()), folder=folder, domain=name, uuid=uuid)
 
+    if running:
+        _refuse_busy(dom, plan, folder)
     verdict = consistency.preflight(options, dom, bset, manifest, plan, running=running, replan=replan)
     if verdict.manifest is not manifest and verdict.plan.level in ("copy", "full"):      # chain archived
         bset = encrypted.for_backup(create_set(options.output, options.set_kind), options.key, verdict.manifest,
@@ -231,7 +265,7 @@ def _run_locked(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet)
             log.info("domain %s is shut off: backing up its images read-only with qemu-nbd", name)
             return offline.execute(options, dom, bset, plan, domain_xml=domain_xml, uuid=uuid, summary=summary,
                                    all_targets=[d.target for d in all_disks])
-        _clean_stale(dom, plan, options, folder)
+        _clean_stale(dom, plan, options)
         return _execute(options, dom, bset, plan, domain_xml=domain_xml, uuid=uuid, summary=summary,
                         all_targets=[d.target for d in all_disks])
 
@@ -250,7 +284,9 @@ def _execute(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet, pl
     run_ = BackupRun(options, dom, bset, plan, domain_xml=domain_xml, uuid=uuid)
     side = run_.side_files()
     skipped = [t for t in all_targets if t not in {pd.target for pd in plan.disks}]
-    checkpoint_xml = _checkpoint_xml(plan, all_targets)
+    previous = checkpoints.list_ours(dom) if plan.level == "full" else []
+    job_cp = _job_checkpoint(plan, previous)
+    checkpoint_xml = _checkpoint_xml(plan, job_cp, all_targets)
     pusher = push.PushRun(run_) if options.push else None
     try:
         on_host = host.current()
@@ -258,7 +294,7 @@ def _execute(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet, pl
             raise errors.UsageError(reason="--push writes the images on the domain's host: use pull mode with -U")
         push_xml = pusher.prepare(skipped) if pusher else None       # before a full drops the old chain
         with on_host.work_dir(options.scratchdir, dom.name()) as workdir, \
-                _created_checkpoint(dom, plan) as committed:
+                _created_checkpoint(dom, job_cp) as committed:
             with rbdextents.points(options.ceph, plan, committed, dom) as run_.rbd, \
                     (pusher.job() if pusher else BackupJob(dom)) as job, \
                     (pusher.reachable() if pusher else contextlib.nullcontext()):
@@ -269,7 +305,7 @@ def _execute(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet, pl
                 summary.consistency = getattr(quiesce, "consistency", "crash")
                 guest_info = dict(getattr(quiesce, "guest_info", {}) or {})
                 results = pusher.finish(job) if isinstance(job, PushJob) and pusher else run_.copy_all(socket)
-                saved_cp = checkpoints.get_xml(dom, plan.checkpoint) if plan.checkpoint and plan.bitmap_disks else None
+                saved_cp = _saved_checkpoint(dom, plan, job_cp)
                 job.abort()
             saved = run_.save_side_files(side, saved_cp)
             point = run_.point(results, saved, summary.consistency, {
@@ -283,4 +319,6 @@ def _execute(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet, pl
         raise
     if pusher:
         summary.push = {"job_seconds": round(pusher.job_seconds, 3), "hash_seconds": round(pusher.hash_seconds, 3)}
+    if plan.level == "full":
+        offline.switch_committed(plan, lambda: _switch_chain(dom, plan, previous, job_cp, saved_cp))
     return report(summary, plan, updated, results)

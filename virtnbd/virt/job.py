@@ -127,8 +127,21 @@ def refuse_foreign_jobs(dom: libvirt.virDomain, targets: list[str]) -> None:
         raise errors.LibvirtError(reason=f"cannot query jobs of {dom.name()}: {reason(err)}") from err
     if job_type != libvirt.VIR_DOMAIN_JOB_NONE:
         raise errors.LibvirtError(
-            reason=f"domain {dom.name()} has a running job started by someone else (migration, snapshot, "
-                   f"save or dump); run the backup when it has finished (virsh domjobinfo {dom.name()})")
+            reason=f"domain {dom.name()} has a running {_operation(dom)} job started by someone else; "
+                   f"run the backup when it has finished (virsh domjobinfo {dom.name()})")
+
+
+_OPERATIONS = {2: "save", 3: "restore", 4: "incoming migration", 5: "migration", 6: "snapshot",
+               7: "snapshot revert", 8: "dump", 9: "backup", 10: "snapshot delete"}
+
+
+def _operation(dom: libvirt.virDomain) -> str:
+    """What the domain's job does (libvirt's job stats), or the kinds it may be."""
+    try:
+        stats = dom.jobStats(0)
+    except libvirt.libvirtError:
+        stats = {}
+    return _OPERATIONS.get(int(stats.get("operation", 0)), "(migration, snapshot, save or dump)")
 
 
 _BLOCK_JOBS = {1: "block pull", 2: "block copy", 3: "block commit", 4: "active block commit", 5: "backup"}

@@ -144,3 +144,18 @@ def checkpoint_sizes(xml: str) -> dict[str, int]:
         if size is not None and disk.get("name"):
             sizes[str(disk.get("name"))] = int(size)
     return sizes
+
+
+def renamed_checkpoint_xml(xml: str, name: str) -> str:
+    """A checkpoint's XML under another name, its bitmaps renamed alike, without a parent (a chain's root)."""
+    root = etree.fromstring(xml.encode())
+    for el in root.findall("name"):
+        el.text = name
+    for el in root.findall("parent"):
+        root.remove(el)
+    for disk in root.findall("disks/disk"):
+        if disk.get("checkpoint") == "bitmap":
+            disk.set("bitmap", name)
+        if "size" in disk.attrib:
+            del disk.attrib["size"]
+    return _tostring(root)
