@@ -121,3 +121,17 @@ def apply_modes(folder: Path, umask: int | None) -> None:
         for name in files:
             with contextlib.suppress(OSError):
                 os.chmod(os.path.join(root, name), file_mode)
+
+
+class TextSink:
+    """Text written straight to a binary sink as UTF-8: nothing buffered, so nothing can fail at close
+    (a log stream whose folder turned read-only must not hide the run's own error)."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+
+    def write(self, text: str) -> int:
+        return self.raw.write(text.encode("utf-8"))
+
+    def flush(self) -> None:
+        self.raw.flush()

@@ -7,7 +7,6 @@ removes it again; only the manifest commit makes a point real.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
@@ -18,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from virtnbd import errors
+from virtnbd import errors, fsutil
 from virtnbd.backupset.store import LOCK_FILE, LocalStore, Store, folder_lock
 from virtnbd.secrets import RedactFilter
 
@@ -59,8 +58,7 @@ def run_log(store: Store, level: str, stamp: str) -> Iterator[str]:
         log.warning("no run log in %s: %s", store.location, err)
         yield ""
         return
-    text = io.TextIOWrapper(raw, encoding="utf-8", write_through=True)
-    handler = _RunLogHandler(text)
+    handler = _RunLogHandler(fsutil.TextSink(raw))
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RedactFilter())
@@ -70,9 +68,6 @@ def run_log(store: Store, level: str, stamp: str) -> Iterator[str]:
         yield store.describe(name)
     finally:
         root.removeHandler(handler)
-        with contextlib.suppress(OSError, ValueError):
-            text.flush()
-        text.detach()
         with contextlib.suppress(OSError):
             sink.__exit__(None, None, None)
 

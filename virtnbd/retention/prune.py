@@ -20,14 +20,13 @@ authenticated before anything is removed, and a rewritten one carries a new MAC.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
-from virtnbd import errors
+from virtnbd import errors, fsutil
 from virtnbd.backupset import encrypted
 from virtnbd.backupset import manifest as bsmanifest
 from virtnbd.backupset.api import BackupSet, open_set
@@ -224,8 +223,7 @@ def run(path: str, policy: Policy, *, merge: bool, dry_run: bool, workers: int =
 def _run_log(root: Store) -> Iterator[None]:
     """Every decision and removal also goes to ``prune.<stamp>.log`` in the root (kept with the backups)."""
     with root.open_log(f"prune.{time.strftime('%Y%m%d-%H%M%S')}.log") as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8", write_through=True)
-        handler = logging.StreamHandler(text)
+        handler = logging.StreamHandler(fsutil.TextSink(raw))
         handler.setLevel(logging.INFO)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         handler.addFilter(RedactFilter())
@@ -234,8 +232,6 @@ def _run_log(root: Store) -> Iterator[None]:
             yield
         finally:
             logging.getLogger().removeHandler(handler)
-            text.flush()
-            text.detach()
 
 
 def _same(a: str, b: str) -> bool:
