@@ -110,16 +110,25 @@ def _created_checkpoint(dom: libvirt.virDomain, name: str | None) -> Iterator[li
     try:
         yield committed
     except BaseException:
-        if name and not committed[0] and connection.lost(dom.connect()):
-            log.warning("checkpoint %s of the failed run is left to the next run (no connection)", name)
-        elif name and not committed[0]:
-            try:
-                if checkpoints.exists(dom, name):
-                    checkpoints.delete(dom, name)
-                    log.info("removed checkpoint %s of the failed run", name)
-            except errors.VirtnbdError as err:
-                log.warning("could not remove checkpoint %s: %s (the next run removes it)", name, err)
+        if name and not committed[0]:
+            _drop_checkpoint(dom, name)
         raise
+
+
+def _drop_checkpoint(dom: libvirt.virDomain, name: str) -> None:
+    """Delete a failed run's checkpoint; with libvirtd gone (noticed now or only by this call) leave it."""
+    conn = dom.connect()
+    if connection.alive(conn):
+        try:
+            if checkpoints.exists(dom, name):
+                checkpoints.delete(dom, name)
+                log.info("removed checkpoint %s of the failed run", name)
+            return
+        except errors.VirtnbdError as err:
+            if connection.alive(conn):
+                log.warning("could not remove checkpoint %s: %s (the next run removes it)", name, err)
+                return
+    log.warning("checkpoint %s of the failed run is left to the next run (no connection)", name)
 
 
 def _switch_chain(dom: libvirt.virDomain, plan: Plan, previous: list[str], job_cp: str | None,

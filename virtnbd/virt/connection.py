@@ -70,6 +70,14 @@ def lost(conn: libvirt.virConnect) -> bool:
     return id(conn) in _lost
 
 
+def alive(conn: libvirt.virConnect) -> bool:
+    """The connection still works (libvirt's close callback may not have told us yet that it does not)."""
+    try:
+        return not lost(conn) and conn.isAlive() == 1
+    except libvirt.libvirtError:
+        return False
+
+
 def check_alive(conn: libvirt.virConnect) -> None:
     """Raise when libvirt closed the connection (libvirtd restarted or unreachable)."""
     why = _lost.get(id(conn))
