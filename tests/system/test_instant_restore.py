@@ -175,7 +175,6 @@ def test_instant_paused_copy_is_exact(point: tuple[Guest, Path, Path], libvirt_c
 
 def test_instant_runs_at_once_and_keeps_writes_made_during_the_copy(
         point: tuple[Guest, Path, Path], libvirt_conn: Any, tmp_path: Path) -> None:
-    import libvirt
 
     orig, folder, _ref = point
     before = _sha_files(folder)
@@ -184,16 +183,20 @@ def test_instant_runs_at_once_and_keeps_writes_made_during_the_copy(
         run_.wait_line("running on the backup")
         guest = Guest.attach(libvirt_conn, run_.name)
         _wait_job(guest.dom)
-        # the test holds the copy back (64 KiB/s) until the guest wrote, so the write surely lands mid-copy
-        guest.dom.blockJobSetSpeed("vda", 64 * 1024, libvirt.VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES)
-        guest.wait_answer()
-        to_agent = time.monotonic() - run_.t0
-        assert guest.sh(f"cat {DATA_MOUNT}/before.txt") == MARKER
-        assert _copying(guest.dom), "the copy ended before the guest wrote: the test proves nothing"
-        guest.write_file(f"{DATA_MOUNT}/during.txt", "written during the copy")
-        guest.sync()
-        assert _copying(guest.dom), "the copy ended before the guest's write was synced"
-        guest.dom.blockJobSetSpeed("vda", 0, 0)
+        # the test holds the switch-over back (the command stopped: QEMU keeps copying and mirroring, nbdkit
+        # keeps serving) until the guest wrote, so the write surely lands before the switch-over. Throttling
+        # the copy with blockJobSetSpeed did not hold it on an idle machine (switched over after 4 s).
+        os.kill(run_.proc.pid, signal.SIGSTOP)
+        try:
+            guest.wait_answer()
+            to_agent = time.monotonic() - run_.t0
+            assert guest.sh(f"cat {DATA_MOUNT}/before.txt") == MARKER
+            assert guest.dom.blockJobInfo("vda", 0), "the copy ended before the guest wrote: the test proves nothing"
+            guest.write_file(f"{DATA_MOUNT}/during.txt", "written during the copy")
+            guest.sync()
+            assert guest.dom.blockJobInfo("vda", 0), "the copy ended before the guest's write was synced"
+        finally:
+            os.kill(run_.proc.pid, signal.SIGCONT)
         out = run_.finish()
         assert "switched over" in out
         final = run_.out / "vda.qcow2"
