@@ -6,6 +6,10 @@ diff_iterate from the previous one). Every point restored to qcow2 and to RBD, b
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +20,7 @@ import pytest
 
 from tests.lab import ceph_lab
 from tests.lab.libvirt_lab import JOB_SAFE_KINDS, DiskSpec, LabDomain, MiB, compare_images, random_writes
-from tests.system.backup_helpers import backup, must_read_blocks
+from tests.system.backup_helpers import backup, backup_cmd, env, must_read_blocks
 
 pytestmark = [pytest.mark.system, pytest.mark.ceph]
 SIZE = 32 * MiB
@@ -111,6 +115,20 @@ def test_full_and_incs_of_rbd_disk_restore_exactly(rbd_domain: RbdDomain, tmp_pa
         compare_images(rbd_export(c, c.pool, f"{rbd_domain.image}-r{i}", tmp_path / f"r{i}.raw"), image, fmt="raw")
         c.rbd("rm", "--no-progress", f"{c.pool}/{rbd_domain.image}-r{i}")
 
+    # a full that fails after its snapshot was taken leaves the previous chain's snapshots alone (its own is
+    # named virtnbdbackup.pending until the commit), and that chain goes on exactly
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        _failing_full(dom, tmp_path / f"failed-{sig.name}", cargs, sig)
+        assert snaps(c, rbd_domain.image)[:4] == ["virtnbdbackup.0", "virtnbdbackup.1", "virtnbdbackup.2",
+                                                  "virtnbdbackup.3"]
+    disk.apply_all(random_writes(seed=50, n=6, size=SIZE, kinds=JOB_SAFE_KINDS))
+    res = backup(dom, "inc", folder, *cargs)            # also removes the killed full's pending snapshot
+    assert res.rc == 0 and "of a full that never committed" in res.stderr, res.stderr
+    assert snaps(c, rbd_domain.image)[-1] == "virtnbdbackup.4" and "virtnbdbackup.pending" not in \
+        snaps(c, rbd_domain.image)
+    restore(folder, "virtnbdbackup.4", "-o", str(tmp_path / "cont"), "--format", "raw")
+    compare_images(tmp_path / "cont" / "sda.raw", disk.snapshot("p5"), fmt="raw")
+
     # a new chain removes the old snapshots and starts again at virtnbdbackup.0; without any
     # --ceph-* option (and no /etc/ceph/ceph.conf here) the disk's <host>s and libvirt secret are used
     assert not Path("/etc/ceph/ceph.conf").exists()
@@ -125,6 +143,22 @@ def test_full_and_incs_of_rbd_disk_restore_exactly(rbd_domain: RbdDomain, tmp_pa
     out = tmp_path / "last"
     restore(tmp_path / "backup2", "virtnbdbackup.1", "-o", str(out), "--format", "raw")
     compare_images(out / "sda.raw", disk.snapshot("last"), fmt="raw")
+
+
+def _failing_full(dom: LabDomain, folder: Path, cargs: list[str], sig: signal.Signals) -> None:
+    """A full into ``folder`` stopped by ``sig`` once its job began copying (first data file appeared)."""
+    proc = subprocess.Popen(backup_cmd(dom, "full", folder, *cargs), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env())
+    deadline = time.monotonic() + 60
+    while not list(folder.glob("*.partial")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGSTOP)
+    assert proc.poll() is None, proc.communicate()
+    os.kill(proc.pid, sig)
+    os.kill(proc.pid, signal.SIGCONT)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and not (folder / "virtnbd.manifest.json").exists(), err
+    assert "Traceback" not in err, err       # a SIGKILLed run's job and snapshot are left to the next run
 
 
 def test_missing_parent_snapshot_is_a_clear_error(rbd_domain: RbdDomain, tmp_path: Path) -> None:

@@ -330,4 +330,6 @@ def _execute(options: BackupOptions, dom: libvirt.virDomain, bset: BackupSet, pl
         summary.push = {"job_seconds": round(pusher.job_seconds, 3), "hash_seconds": round(pusher.hash_seconds, 3)}
     if plan.level == "full":
         offline.switch_committed(plan, lambda: _switch_chain(dom, plan, previous, job_cp, saved_cp))
+        if run_.rbd is not None:
+            offline.switch_committed(plan, lambda: rbdextents.promote(options.ceph, plan, dom))
     return report(summary, plan, updated, results)

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 DIRTY_CONTEXT = "virtnbd:rbd-diff"
 MODE = "rbd"                 # PlannedDisk.mode of a raw RBD disk read by RBD diff in an inc/diff
+PENDING = "virtnbdbackup.pending"   # a full's snapshot until its point commits (then renamed to .0)
 
 
 def image_of(disk: Any) -> rbdconn.ImageSpec | None:
@@ -170,6 +171,27 @@ class RbdTracker:
                 if number is not None and number > newer_than:
                     self._remove_snap(disk, name)
                     removed.append(f"{disk.spec}@{name}")
+        return removed
+
+    def remove_pending(self) -> list[str]:
+        """Remove a full's :data:`PENDING` snapshot left by a run that never committed."""
+        removed = []
+        for disk in self.disks:
+            if PENDING in self.snapshots(disk):
+                self._remove_snap(disk, PENDING)
+                removed.append(f"{disk.spec}@{PENDING}")
+        return removed
+
+    def promote(self, name: str) -> list[str]:
+        """After a full committed: remove the previous chain's snapshots, rename :data:`PENDING` to ``name``."""
+        removed = self.remove_ours(-1)
+        for disk in self.disks:
+            with self._image(disk, read_only=False) as image:
+                try:
+                    image.rename_snap(PENDING, name)
+                except self._rbd.Error as err:
+                    raise rbdconn.describe(err, self.options, f"{disk.target}: renaming {disk.spec}@{PENDING} "
+                                                              f"to {name}") from err
         return removed
 
     def _remove_snap(self, disk: RbdDisk, name: str) -> None:
@@ -313,11 +335,10 @@ def points(options: rbdconn.CephOptions, plan: Any, committed: Sequence[bool],
         yield None
         return
     with tracker:
-        if plan.level == "full":
-            removed = tracker.remove_ours(-1)
-            if removed:
-                log.info("new chain: removed old RBD snapshots %s", ", ".join(removed))
-        elif plan.level in ("inc", "diff"):
+        stale = tracker.remove_pending()
+        if stale:
+            log.warning("removed RBD snapshot(s) %s of a full that never committed", ", ".join(stale))
+        if plan.level in ("inc", "diff"):
             removed = tracker.remove_ours(plan.last_index)
             if removed:
                 log.warning("removed RBD snapshot(s) %s of an earlier run that never completed", ", ".join(removed))
@@ -336,9 +357,26 @@ def _uses_rbd(plan: Any) -> bool:
 
 
 def snapshot(tracker: RbdTracker | None, plan: Any) -> None:
-    """Take this point's snapshots: call right before the job starts (inside freeze/pause)."""
+    """Take this point's snapshots: call right before the job starts (inside freeze/pause).
+
+    A full's are named :data:`PENDING` until its point commits (:func:`promote`), so a
+    full that fails leaves the previous chain's snapshots, and that chain, as they were.
+    """
     if tracker is not None and plan.checkpoint:
-        tracker.snapshot(plan.checkpoint)
+        tracker.snapshot(PENDING if plan.level == "full" else plan.checkpoint)
+
+
+def promote(options: rbdconn.CephOptions, plan: Any, dom: Any = None) -> None:
+    """A committed full's chain switch on the RBD side (a new cluster connection: the run's is closed)."""
+    if not plan.checkpoint or not any(tracked(pd.disk) for pd in plan.disks):
+        return
+    tracker = tracker_for(from_libvirt(options, dom, plan), plan.disks)
+    if tracker is None:
+        return
+    with tracker:
+        removed = tracker.promote(plan.checkpoint)
+    if removed:
+        log.info("new chain: removed old RBD snapshots %s", ", ".join(removed))
 
 
 def status_for(tracker: RbdTracker | None, pd: Any, parent: str | None, status: StatusFn,
