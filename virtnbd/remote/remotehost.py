@@ -3,8 +3,9 @@
 Its work folder is made by a *guardian*: one remote shell that creates ``SCRATCH/virtnbd.<pid>.<rand>``,
 prints it, and waits on its stdin. When the run ends - or dies: the ssh master is our child and ends
 with us, which closes the guardian's stdin - the guardian stops the qemu-nbd servers whose pid files
-are in that folder, aborts a backup job still using it, and removes it. So nothing is left on the remote
-after a run, a failed run or a SIGKILLed one.
+are in that folder (and any qemu-nbd naming a pid file there that it had not written yet), aborts a
+backup job still using it, and removes it (a qemu-nbd started later cannot write its pid file and exits).
+So nothing is left on the remote after a run, a failed run or a SIGKILLed one.
 """
 from __future__ import annotations
 
@@ -37,6 +38,12 @@ for f in "$d"/*.pid; do
   while kill -0 "$p" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
   kill -9 "$p" 2>/dev/null
 done
+# a qemu-nbd killed with us before it wrote its pid file: found by the pid file it names
+i=0
+while pgrep -f -- "--pid-file=$d/" >/dev/null 2>&1 && [ $i -lt 50 ]; do
+  pkill -f -- "--pid-file=$d/" 2>/dev/null; sleep 0.1; i=$((i+1))
+done
+pkill -9 -f -- "--pid-file=$d/" 2>/dev/null
 if [ "$line" != done ] && command -v virsh >/dev/null 2>&1 &&
    virsh -q -c qemu:///system backup-dumpxml "$2" 2>/dev/null | grep -qF "$d/"
 then virsh -q -c qemu:///system domjobabort "$2" >/dev/null 2>&1; fi
