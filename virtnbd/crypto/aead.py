@@ -197,7 +197,7 @@ class _Evp:
         if ok and n:
             ok = lib.EVP_CipherUpdate(ctx, ffi.from_buffer(out, require_writable=True), outlen,
                                       ffi.from_buffer(data), n) == 1 and outlen[0] == n
-        ok = ok and lib.EVP_CipherFinal_ex(ctx, ffi.NULL, outlen) == 1
+        ok = ok and lib.EVP_CipherFinal_ex(ctx, ffi.new("unsigned char[]", 32), outlen) == 1   # AEAD: writes nothing
         if not ok:
             lib.ERR_clear_error()
         return ok
