@@ -123,6 +123,7 @@ class CompressionStage:
         if len(packed) >= frame.length:
             return data
         frame.method = self.code
+        frame.owned = True          # a new buffer of the pipeline's own: later stages may work in place
         return packed
 
     def decode(self, head: FrameHeader, data: Buf, path: str, pos: int) -> Buf:
