@@ -28,8 +28,9 @@ from tests.lab.libvirt_lab import DiskSpec, make_lab_dir  # noqa: E402
 RESTORE = [sys.executable, str(REPO / "virtnbdrestore")]
 
 
-def timed(cmd: list[str], dom: object) -> tuple[float, int]:
-    """(wall seconds, peak RSS KiB) of one command (the domain's images dropped from the page cache first)."""
+def timed(cmd: list[str], dom: object) -> tuple[float, int, float]:
+    """(wall seconds, peak RSS KiB, CPU seconds user+sys) of one command (the domain's images dropped
+    from the page cache first). CPU time is less sensitive to other load on the machine than wall time."""
     _drop_caches(dom)  # type: ignore[arg-type]
     started = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_bench_env())
@@ -37,26 +38,30 @@ def timed(cmd: list[str], dom: object) -> tuple[float, int]:
     seconds = time.monotonic() - started
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{cmd[1]} failed: {proc.stderr.read().decode() if proc.stderr else ''}")
-    return seconds, int(usage.ru_maxrss)
+    return seconds, int(usage.ru_maxrss), usage.ru_utime + usage.ru_stime
 
 
 def pair(label: str, rounds: int, plain: list[str], enc: list[str], outputs: tuple[Path, Path],
          *, dom: object) -> dict[str, float]:
     """``outputs``: what the plain and the encrypted command write (removed before each run)."""
-    ratios, rss_delta = [], []
+    ratios, rss_delta, cpu_ratios = [], [], []
     for n in range(rounds):
         order = [(False, plain), (True, enc)] if n % 2 == 0 else [(True, enc), (False, plain)]
-        got: dict[bool, tuple[float, int]] = {}
+        got: dict[bool, tuple[float, int, float]] = {}
         for encrypted, cmd in order:
             shutil.rmtree(outputs[encrypted], ignore_errors=True)
             got[encrypted] = timed(cmd, dom)
         ratios.append(got[True][0] / got[False][0])
         rss_delta.append((got[True][1] - got[False][1]) / 1024)
-        print(f"  {label} round {n}: plain {got[False][0]:.2f}s  encrypted {got[True][0]:.2f}s  "
-              f"ratio {ratios[-1]:.3f}  rss {got[False][1] / 1024:.0f} -> {got[True][1] / 1024:.0f} MiB", flush=True)
-    result = {"ratio_median": round(statistics.median(ratios), 3), "rss_delta_mib_max": round(max(rss_delta), 1)}
-    print(f"{label}: encrypted/plain {result['ratio_median']:.3f} (median of {rounds}), "
-          f"RSS delta max {result['rss_delta_mib_max']:+.1f} MiB", flush=True)
+        cpu_ratios.append(got[True][2] / got[False][2])
+        print(f"  {label} round {n}: plain {got[False][0]:.2f}s (cpu {got[False][2]:.2f}s)  encrypted "
+              f"{got[True][0]:.2f}s (cpu {got[True][2]:.2f}s)  ratio {ratios[-1]:.3f} (cpu {cpu_ratios[-1]:.3f})  "
+              f"rss {got[False][1] / 1024:.0f} -> {got[True][1] / 1024:.0f} MiB  load {os.getloadavg()[0]:.2f}",
+              flush=True)
+    result = {"ratio_median": round(statistics.median(ratios), 3), "rss_delta_mib_max": round(max(rss_delta), 1),
+              "cpu_ratio_median": round(statistics.median(cpu_ratios), 3)}
+    print(f"{label}: encrypted/plain {result['ratio_median']:.3f} (median of {rounds}; CPU "
+          f"{result['cpu_ratio_median']:.3f}), RSS delta max {result['rss_delta_mib_max']:+.1f} MiB", flush=True)
     return result
 
 

@@ -258,3 +258,28 @@ def test_frame_sealer_bound_to_stream_header_and_offset() -> None:
         with pytest.raises(aead.AuthenticationFailed):
             other.open(offset, fields, sealed)
     assert one.index_tag(b"x") != key.frames(os.urandom(16), b"header one").index_tag(b"x")
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+@pytest.mark.parametrize("cipher", aead.CIPHERS)
+def test_fast_and_fallback_paths_match_the_one_shot_classes_in_place(cipher: str, fallback: bool,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The EVP fast path (one context per thread and key) and the public-API fallback write the
+    same bytes as cryptography's one-shot AEAD classes: the frame format does not depend on the path."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305  # noqa: PLC0415
+    assert aead._evp is not None                                    # python3-cryptography 38 has the binding
+    if fallback:
+        monkeypatch.setattr(aead, "_evp", None)
+    one_shot = AESGCM if cipher == aead.AES_GCM else ChaCha20Poly1305
+    key, data = os.urandom(32), os.urandom(3 * 65536 + 7)
+    for n in (0, 1, 1 << 40):                                      # the same context, a new nonce each time
+        nonce = aead.nonce_for(n)
+        expected = one_shot(key).encrypt(nonce, data, b"ad")
+        assert bytes(aead.seal(cipher, key, nonce, data, b"ad")) == expected
+        buf = bytearray(data)
+        tag = aead.seal_into(cipher, key, nonce, memoryview(buf), b"ad", out=buf)
+        assert bytes(buf) + tag == expected
+        with pytest.raises(aead.AuthenticationFailed):
+            aead.open_into(cipher, key, nonce, memoryview(buf), tag, ad=b"ae", out=bytearray(len(buf)))
+        aead.open_into(cipher, key, nonce, memoryview(buf), tag, ad=b"ad", out=buf)   # after a failure: fine
+        assert bytes(buf) == data

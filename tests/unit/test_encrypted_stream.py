@@ -168,3 +168,63 @@ def test_payload_swapped_within_stream_and_between_streams_detected() -> None:
         mixed[pa + head:pa + na], mixed[pb + head:pb + nb] = one[pb + head:pb + nb], one[pa + head:pa + na]
         _must_fail(bytes(mixed), key)
 
+
+
+def test_in_place_seal_and_open_keep_the_frame_format(tmp_path: object) -> None:
+    """The backup seals its read buffer in place (``owned``; the tag written after it) and the
+    reader decrypts its batch buffer in place: the stream's bytes are those of the copying path."""
+    from pathlib import Path  # noqa: PLC0415
+    key = _key()
+    m = with_encryption(meta(None), key)
+    stage = SealStage(key).bind(m, "<mem>")
+    streams = []
+    for owned in (False, True):
+        buf = io.BytesIO()
+        with StreamWriter(buf, m, "<mem>", stages=(stage,)) as w:
+            for kind, off, val in _layout():
+                if kind == "zero":
+                    w.write_zero(off, val)  # type: ignore[arg-type]
+                    continue
+                data = bytearray(val)  # type: ignore[arg-type]
+                w.add(w.codec.encode_data(off, memoryview(data), owned=owned))
+                assert (bytes(data) == val) is not owned        # sealed in place only when given up
+        streams.append(buf.getvalue())
+    assert streams[0] == streams[1]
+    path = Path(str(tmp_path)) / "s.stream"
+    path.write_bytes(streams[1])
+    with path.open("rb") as f, open_stream(f, str(path), stages=(SealStage(key),)) as r:
+        refs = [ref for ref in r.frames() if ref.kind == "data"]
+        jobs = [(ref.pos, ref.offset, ref.length) for ref in refs]
+        got = r.read_batch([*jobs, jobs[-1]])                   # a frame asked for twice: still its bytes
+    image = _image()
+    for (_, off, length), data in zip([*jobs, jobs[-1]], got, strict=True):
+        assert bytes(data) == image[off:off + length]
+
+
+GOLDEN = {   # sha256 of the stream below, taken with the code of main before in-place sealing (issue 16)
+    ("aes-256-gcm", None): "21b39d06e224471d74f09dbae347b096bfd5f5962e33c431f5bdaebe1155e7f7",
+    ("aes-256-gcm", "lz4"): "14796b530e59b66aaeafc2de35ade651227a152e57eb6130b8081578159bf683",
+    ("chacha20-poly1305", None): "88a993bd4b05b3b9d801da9f28484e8cb8a5f4c7c6c33a260a8cc0f4bd5184aa",
+    ("chacha20-poly1305", "lz4"): "e279d58eaa91df421792e84093d70db3ef1c06981919a174206dfb1bca313ede",
+}
+
+
+@pytest.mark.parametrize(("cipher", "compression"), list(GOLDEN))
+@pytest.mark.parametrize("owned", [False, True])
+def test_golden_encrypted_stream(cipher: str, compression: str | None, owned: bool) -> None:
+    """Golden: an encrypted stream with a fixed key and salt, byte for byte, whether frames are sealed
+    into a new buffer or in place into the caller's (the frame format is unchanged)."""
+    import hashlib  # noqa: PLC0415
+    from types import MappingProxyType  # noqa: PLC0415
+    key = SetKey("golden-set", cipher, "golden-fp", bytes(range(32)))
+    record = {"cipher": cipher, "set_id": "golden-set", "fingerprint": "golden-fp", "salt": "00" * 16}
+    m = meta(compression, extra=MappingProxyType({"note": "x", "encryption": record}))
+    stage = SealStage(key).bind(m, "<mem>")
+    data = random.Random(16).randbytes(MiB)
+    buf = io.BytesIO()
+    with StreamWriter(buf, m, "<mem>", stages=(stage,)) as w:
+        for off, val in ((0, data), (2 * MiB, b"golden " * 20000), (4 * MiB, data[:4096])):
+            w.add(w.codec.encode_data(off, memoryview(bytearray(val)), owned=owned))
+            if off == 0:
+                w.write_zero(MiB, MiB)
+    assert hashlib.sha256(buf.getvalue()).hexdigest() == GOLDEN[(cipher, compression)]

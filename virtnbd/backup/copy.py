@@ -3,8 +3,9 @@
 Reads run ahead of the writer by at most the source's buffer pool (bounded
 memory); frames reach the writer in ascending offset order. Uncompressed
 frames are checksummed in the loop itself (xxh3 costs microseconds per MiB);
-compression runs in a worker pool. Data that reads back as all zeros becomes a
-zero frame.
+compression runs in a worker pool, and so does every frame of a stream with a
+costly codec stage (encryption, which seals the read buffer in place). Data that
+reads back as all zeros becomes a zero frame.
 """
 from __future__ import annotations
 
@@ -61,10 +62,13 @@ class CopyStats:
 
 
 def encode(chunk: Chunk, codec: Codec) -> EncodedFrame:
-    """Data frame of a chunk through the writer's codec, or a zero frame when it is all zeros."""
+    """Data frame of a chunk through the writer's codec, or a zero frame when it is all zeros.
+
+    The chunk's buffer is given up (``owned``): it goes back to the pool once the frame is
+    written, so a stage may overwrite it in place (encryption: no frame-sized buffer per frame)."""
     if is_zero(chunk):
         return codec.encode_zero(chunk.offset, chunk.length)
-    return codec.encode_data(chunk.offset, chunk.data)
+    return codec.encode_data(chunk.offset, chunk.data, owned=True)
 
 
 class CompressionProbe:
@@ -117,12 +121,13 @@ class CompressionProbe:
 class _Item:
     """One extent on its way to the writer."""
 
-    __slots__ = ("ext", "frame", "read")
+    __slots__ = ("compressing", "ext", "frame", "read")
 
     def __init__(self, ext: Extent, read: Future[Chunk] | None) -> None:
         self.ext = ext
         self.read = read
         self.frame: Future[EncodedFrame] | None = None
+        self.compressing = False      # encoded in the pool with compression (else: without, or in the loop)
 
     def ready(self) -> bool:
         if self.read is None:
@@ -207,6 +212,7 @@ class _CopyLoop:
         self.pool = pool
         self.progress = progress
         self.compressing = writer.meta.compression is not None
+        self.in_pool = writer.codec.encode_in_pool      # a costly stage (encryption): every frame in the pool
         self.stats = CopyStats()
         self.skip = CompressionProbe()
         self.pending: collections.deque[_Item] = collections.deque()
@@ -223,6 +229,9 @@ class _CopyLoop:
         item = _Item(ext, self.source.read(ext.offset, ext.length))
         if self.compressing and self.skip.try_compress():
             item.compress_in(self.pool, self.writer.codec)
+            item.compressing = True
+        elif self.in_pool:
+            item.compress_in(self.pool, self.writer.codec.uncompressed)
         self.reads += 1
         self.pending.append(item)
 
@@ -257,7 +266,8 @@ class _CopyLoop:
         try:
             if item.frame is not None:
                 frame = item.frame.result()
-                self.skip.compressed(frame)
+                if item.compressing:
+                    self.skip.compressed(frame)
             else:
                 frame = encode(chunk, self.writer.codec.uncompressed)
             self.writer.add(frame)

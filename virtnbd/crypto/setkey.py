@@ -104,12 +104,21 @@ class FrameSealer:
     def ad(self, fields: bytes) -> bytes:
         return self.header_digest + fields
 
-    def seal(self, offset: int, fields: bytes, payload: bytes | memoryview) -> bytearray | memoryview:
+    def seal(self, offset: int, fields: bytes, payload: aead.Buf) -> bytearray:
         return aead.seal(self.cipher, self.key, aead.nonce_for(offset), payload, self.ad(fields))
 
-    def open(self, offset: int, fields: bytes, sealed: bytes | memoryview) -> bytearray | memoryview:
+    def seal_into(self, offset: int, fields: bytes, payload: aead.Buf, *, out: aead.Buf) -> bytes:
+        """Ciphertext into ``out`` (may be ``payload``: in place); returns the tag."""
+        return aead.seal_into(self.cipher, self.key, aead.nonce_for(offset), payload, self.ad(fields), out=out)
+
+    def open(self, offset: int, fields: bytes, sealed: aead.Buf) -> bytearray:
         """Raises aead.AuthenticationFailed."""
         return aead.open_(self.cipher, self.key, aead.nonce_for(offset), sealed, self.ad(fields))
+
+    def open_into(self, offset: int, fields: bytes, body: aead.Buf, tag: bytes, *, out: aead.Buf) -> None:
+        """Plaintext of ``body`` (ciphertext without its tag) into ``out`` (may be ``body``: in place);
+        raises aead.AuthenticationFailed."""
+        aead.open_into(self.cipher, self.key, aead.nonce_for(offset), body, tag, ad=self.ad(fields), out=out)
 
     def index_tag(self, data: bytes) -> bytes:
         return aead.mac(self.index_key, self.header_digest + data)[:INDEX_TAG_SIZE]

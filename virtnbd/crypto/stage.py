@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+import xxhash
+
 from virtnbd import errors
 from virtnbd.crypto import aead
 from virtnbd.crypto.setkey import FrameSealer, SetKey
@@ -62,6 +64,8 @@ class SealStage:
     frame_flag = FLAG
     header_flag = FLAG
     replaces_checksum = True
+    decodes_in_place = True        # a writable payload is decrypted into itself (codec.py, "Performance")
+    encode_in_pool = True          # ~0.4 ms of CPU per MiB: the backup encodes every frame in its pool
 
     def __init__(self, key: SetKey | None, sealer: FrameSealer | None = None) -> None:
         self.key = key
@@ -84,12 +88,21 @@ class SealStage:
         return SealStage(self.key, self.key.frames(salt, meta_digest_input(meta)))
 
     def encode(self, frame: FrameDraft, data: Buf) -> Buf:
+        """Seal into a new buffer, or in place into the caller's buffer when it gave it up
+        (``frame.owned``, writable: the backup's read buffer); the tag then goes to ``frame.tail``."""
         if self.sealer is None:
             raise errors.UsageError(reason="encryption stage used before bind()")
         frame.flags |= FLAG
         fields = FIELDS.pack(fmt.KIND_DATA, frame.method, frame.flags, frame.offset, frame.length,
                              len(data) + aead.TAG_SIZE)
-        sealed = self.sealer.seal(frame.offset, fields, data)  # type: ignore[arg-type]
+        view = memoryview(data)
+        if frame.owned and not view.readonly:
+            frame.tail = self.sealer.seal_into(frame.offset, fields, view, out=view)
+            hasher = xxhash.xxh3_128(view)
+            hasher.update(frame.tail)
+            frame.checksum = hasher.digest()
+            return view
+        sealed = self.sealer.seal(frame.offset, fields, data)
         frame.checksum = fmt.checksum(sealed)
         return sealed
 
@@ -101,9 +114,16 @@ class SealStage:
                 raise errors.FormatError(path=path, offset=pos, reason="ciphertext checksum mismatch")
             return None
         # with the key the AEAD tag covers the ciphertext (a second pass of xxh3 over it would only cost time);
-        # the checksum field itself is covered by the header's own check
+        # the checksum field itself is covered by the header's own check. A writable payload (the reader's
+        # batch buffer) is decrypted in place.
+        view = memoryview(data)
+        if len(view) < aead.TAG_SIZE:
+            raise errors.FormatError(path=path, offset=pos, reason="encrypted frame payload shorter than its tag")
+        body = view[:-aead.TAG_SIZE]
+        out = body if not view.readonly else bytearray(len(body))
         try:
-            return self.sealer.open(head.offset, head.raw[:FIELDS.size], data)  # type: ignore[arg-type]
+            self.sealer.open_into(head.offset, head.raw[:FIELDS.size], body, bytes(view[-aead.TAG_SIZE:]), out=out)
         except aead.AuthenticationFailed as err:
             raise errors.FormatError(path=path, offset=pos, reason="frame does not authenticate (altered, moved "
                                                                    "or from another stream or set)") from err
+        return out

@@ -28,7 +28,15 @@ method byte or any frame flag is set (:meth:`Codec.stored_checksum`).
 Zero frames carry no payload and pass no stage.
 
 Performance: the pipeline is built once per stream (``pipeline`` caches it);
-per frame it costs one small object and one call per stage.
+per frame it costs one small object and one call per stage. A caller that
+gives up its buffer (``encode_data(..., owned=True)``: the backup's read
+buffer) lets a stage work in place (``FrameDraft.owned``); such a stage may
+return its payload in two parts (``FrameDraft.tail``: stored right after the
+payload, e.g. the AEAD tag), so no frame-sized buffer is allocated. A stage
+with ``decodes_in_place`` is given a writable payload by the reader where it
+can (the batch buffer) and may return a view into it; one with
+``encode_in_pool`` (costly per byte) makes the backup encode even uncompressed
+frames in its worker pool (:attr:`Codec.encode_in_pool`).
 """
 from __future__ import annotations
 
@@ -47,14 +55,16 @@ Buf = bytes | bytearray | memoryview
 class FrameDraft:
     """A data frame being encoded: what the stages fill in before the header is packed."""
 
-    __slots__ = ("checksum", "flags", "length", "method", "offset")
+    __slots__ = ("checksum", "flags", "length", "method", "offset", "owned", "tail")
 
-    def __init__(self, offset: int, length: int) -> None:
+    def __init__(self, offset: int, length: int, owned: bool = False) -> None:
         self.offset = offset
         self.length = length
         self.method = fmt.METHOD_NONE
         self.flags = 0
         self.checksum = fmt.NO_CHECKSUM
+        self.owned = owned          # the caller gave up the data buffer: a stage may overwrite it (in place)
+        self.tail = b""             # bytes the last stage stores after its payload (AEAD tag of an in-place seal)
 
 
 class Stage(Protocol):
@@ -113,6 +123,7 @@ class CompressionStage:
         if len(packed) >= frame.length:
             return data
         frame.method = self.code
+        frame.owned = True          # a new buffer of the pipeline's own: later stages may work in place
         return packed
 
     def decode(self, head: FrameHeader, data: Buf, path: str, pos: int) -> Buf:
@@ -132,23 +143,28 @@ class Codec:
         self.uncompressed = self   # set by pipeline(): the same stages with compression off
         # frame flags whose stage put xxh3(stored payload) in the header's checksum field already
         self.checksum_flags = functools.reduce(int.__or__, (getattr(s, "skip_flags", 0) for s in self.stages), 0)
+        self.decodes_in_place = any(getattr(s, "decodes_in_place", False) for s in self.stages)
+        self.encode_in_pool = any(getattr(s, "encode_in_pool", False) for s in self.stages)
 
-    def encode_data(self, offset: int, data: bytes | memoryview) -> EncodedFrame:
-        """Run every stage over one data frame and pack its header. Pure and thread-safe."""
+    def encode_data(self, offset: int, data: bytes | memoryview, owned: bool = False) -> EncodedFrame:
+        """Run every stage over one data frame and pack its header. Pure and thread-safe.
+
+        ``owned``: the caller gives ``data``'s buffer up (it is not read again before
+        the frame is written): a stage may overwrite it in place."""
         length = len(data)
         if offset < 0 or not 0 < length <= fmt.MAX_FRAME_LENGTH:
             raise errors.UsageError(reason=f"data frame at {offset}: length {length} outside 1..{fmt.MAX_FRAME_LENGTH}")
-        frame = FrameDraft(offset, length)
+        frame = FrameDraft(offset, length, owned)
         payload: Buf = data
         for stage in self.stages:
             payload = stage.encode(frame, payload)
-        header = fmt.pack_frame(fmt.KIND_DATA, frame.method, offset, length, len(payload), frame.checksum,
-                                frame.flags)
+        header = fmt.pack_frame(fmt.KIND_DATA, frame.method, offset, length, len(payload) + len(frame.tail),
+                                frame.checksum, frame.flags)
         if frame.flags & self.checksum_flags:
             stored_checksum = frame.checksum
         else:
             stored_checksum = fmt.checksum(payload) if frame.method or frame.flags else b""
-        return EncodedFrame("data", offset, length, header, payload, stored_checksum)  # type: ignore[arg-type]
+        return EncodedFrame("data", offset, length, header, payload, stored_checksum, frame.tail)  # type: ignore[arg-type]
 
     def encode_zero(self, offset: int, length: int) -> EncodedFrame:
         if offset < 0 or length <= 0:

@@ -40,13 +40,15 @@ def check_method(method: str | None, level: int | None = None) -> None:
         raise errors.UsageError(reason=f"zstd compression level {level} out of range 1..22")
 
 
-def compress(data: bytes | memoryview, method: str | None, level: int | None = None) -> bytes | memoryview:
-    """Compress ``data``; thread-safe (one zstd context per thread)."""
+def compress(data: bytes | memoryview, method: str | None,
+             level: int | None = None) -> bytes | bytearray | memoryview:
+    """Compress ``data``; thread-safe (one zstd context per thread). lz4 returns a new bytearray
+    (the same cost as bytes): a later codec stage may overwrite it in place."""
     if method is None:
         return data
     if method == "lz4":
-        return lz4.frame.compress(data, compression_level=0 if level is None else level,
-                                  store_size=True, content_checksum=False, block_linked=False)
+        return lz4.frame.compress(data, compression_level=0 if level is None else level, store_size=True,
+                                  content_checksum=False, block_linked=False, return_bytearray=True)
     if method == "zstd":
         return _zstd_compressor(3 if level is None else level).compress(data)
     raise errors.UsageError(reason=f"unknown compression method {method!r}")

@@ -99,6 +99,7 @@ class EncodedFrame:
     header: bytes                   # the 48 packed header bytes
     payload: bytes | memoryview     # stored bytes (empty for zero frames)
     stored_checksum: bytes = b""    # xxh3-128 of a compressed payload (chained), empty otherwise
+    tail: bytes = b""               # stored right after ``payload`` (an in-place AEAD seal's tag), empty otherwise
 
     @property
     def chain_record(self) -> bytes:

@@ -330,12 +330,18 @@ class StreamReader:
         last_pos, _, last_len = frames[-1]
         span = last_pos + fmt.FRAME.size + last_len + STAGE_SLACK - first   # a stage may add a tag (AEAD: 16)
         try:
-            buf = os.pread(self._fd, span, first) if self._fd is not None else self._pread(first, span, "frames")
+            if self._fd is None:
+                view = memoryview(self._pread(first, span, "frames"))
+            elif self.codec.decodes_in_place:       # a writable buffer: a stage decodes into it (no copy)
+                view = memoryview(bytearray(span))
+                view = view[:os.preadv(self._fd, [view], first)]
+            else:
+                view = memoryview(os.pread(self._fd, span, first))
         except OSError as err:
             raise errors.FormatError(path=self.path, offset=first, reason=err.strerror or str(err)) from err
-        view = memoryview(buf)
         out: list[bytes | bytearray | memoryview] = []
         decode, flags, size = self.codec.decode, self.codec.frame_flags, fmt.FRAME.size
+        decoded_to = first      # a frame asked for twice is decoded again from its bytes, not from the result
         for pos, offset, length in frames:
             rel = pos - first
             head = fmt.unpack_frame(bytes(view[rel:rel + size]), self.path, pos, flags)
@@ -345,6 +351,9 @@ class StreamReader:
             if len(payload) != head.stored:
                 raise errors.FormatError(path=self.path, offset=pos + size + len(payload),
                                          reason="truncated frame payload")
+            if pos < decoded_to:
+                payload = memoryview(self._pread(pos + size, head.stored, "frame payload"))
+            decoded_to = max(decoded_to, pos + size + head.stored)
             out.append(decode(head, payload, self.path, pos))
         return out
 

@@ -143,8 +143,10 @@ class StreamWriter:
         self._write(frame.header)
         if frame.kind == "data":
             self._write(frame.payload)
+            if frame.tail:
+                self._write(frame.tail)
             self._data_bytes += frame.length
-            self._payload_bytes += len(frame.payload)
+            self._payload_bytes += len(frame.payload) + len(frame.tail)
         else:
             self._zero_bytes += frame.length
         self._frames += 1
