@@ -15,6 +15,7 @@ sha256 ran at ~0.45 GB/s and would have made verify CPU-bound. Two threads overl
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -93,6 +94,68 @@ def image_integrity(path: str, region: int | None = None) -> Integrity:
     region = region or region_for(os.path.getsize(path))
     size, hashes = hash_regions(path, region)
     return Integrity(size, region, hashes)
+
+
+class RegionHasher:
+    """The integrity record of a file computed from the bytes written into it (the pull engine's
+    standalone images: no second read of the data). Writes in ascending file order are hashed as
+    they go, the holes between them as zeroes; a region written to again behind the hashed end
+    (the qcow2 header, written last at offset 0) is read back from the file by :meth:`finish`.
+    The writer must call :meth:`written` with exactly the bytes it wrote, after writing them."""
+
+    def __init__(self, region: int) -> None:
+        self.region = region
+        self._done: list[str] = []      # digests of the regions hashed to their end
+        self._hash = xxhash.xxh3_128()  # of the region being hashed
+        self._pos = 0                   # file bytes hashed so far
+        self._stale: set[int] = set()   # regions to read back
+        self._lock = threading.Lock()
+
+    def written(self, pos: int, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        with self._lock:
+            if pos < self._pos:
+                end = min(pos + len(view), self._pos)
+                self._stale.update(range(pos // self.region, (end - 1) // self.region + 1))
+                view, pos = view[self._pos - pos:], self._pos
+            if view and pos > self._pos:
+                self._zeros(pos - self._pos)
+            self._feed(view)
+
+    def _feed(self, view: memoryview) -> None:
+        while view:
+            part = view[:self.region - self._pos % self.region]
+            self._hash.update(part)
+            self._pos += len(part)
+            view = view[len(part):]
+            if self._pos % self.region == 0:
+                self._done.append(self._hash.hexdigest())
+                self._hash.reset()
+
+    def _zeros(self, length: int) -> None:
+        zeros = memoryview(bytes(min(length, CHUNK)))
+        while length:
+            self._feed(zeros[:length])
+            length -= min(length, len(zeros))
+
+    def finish(self, path: str) -> Integrity:
+        """The record of the finished file at ``path`` (closed by its writer, flushed)."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            with self._lock:
+                if size < self._pos:                 # cut short after the writes: hash it all again
+                    self._stale.update(range(0, -(-size // self.region)))
+                    self._done, self._pos = [], size
+                self._zeros(size - self._pos)
+                regions = self._done + ([self._hash.hexdigest()] if self._pos % self.region else [])
+                regions += [""] * (-(-size // self.region) - len(regions))
+                for i in sorted(self._stale):
+                    if i * self.region < size:
+                        regions[i] = _hash_region(fd, i * self.region, min((i + 1) * self.region, size))
+        finally:
+            os.close(fd)
+        return Integrity(size, self.region, tuple(regions))
 
 
 def check_integrity(path: str, record: Integrity) -> None:
