@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -34,7 +37,6 @@ RESTORE = [sys.executable, str(REPO / "virtnbdrestore")]
 
 
 def drop_files(paths: list[Path]) -> None:
-    import os
     os.sync()
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
@@ -50,18 +52,31 @@ def timed(cmd: list[str]) -> float:
     return time.monotonic() - started
 
 
+def children_cpu() -> float:
+    """user+sys seconds of every child process reaped so far (and of their reaped children)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cpu_of(run: Any) -> tuple[Any, float]:
+    """(result of ``run()``, user+sys CPU seconds of the child processes it ran)."""
+    before = children_cpu()
+    result = run()
+    return result, children_cpu() - before
+
+
 def round_qcow2(bench: Bench, dom: LabDomain, n: int) -> dict[str, float]:
-    ref = bench.nbdcopy(dom, "sda")
+    ref, ref_cpu = cpu_of(lambda: bench.nbdcopy(dom, "sda"))
     folder = dom.dir / f"bk-qcow2-{n}"
-    secs, summary, peak = bench.backup(dom, "full", folder, "-t", "qcow2")
+    (secs, summary, peak), qcow2_cpu = cpu_of(lambda: bench.backup(dom, "full", folder, "-t", "qcow2"))
     images = sorted(folder.glob("*.qcow2"))
     started = time.monotonic()                  # the hashing alone, on the warm file as in the run
     image_integrity(str(images[0]))
     hashing = time.monotonic() - started
     drop_files(images)
-    cat = timed(["cat", *map(str, images)])
+    cat, cat_cpu = cpu_of(lambda: timed(["cat", *map(str, images)]))
     drop_files(images)
-    verify = timed([*RESTORE, "-n", "-i", str(folder), "-a", "verify"])
+    verify, verify_cpu = cpu_of(lambda: timed([*RESTORE, "-n", "-i", str(folder), "-a", "verify"]))
     stream_folder = dom.dir / f"bk-stream-{n}"
     _drop_caches(dom)
     stream_secs, _s, _p = bench.backup(dom, "full", stream_folder)
@@ -70,10 +85,13 @@ def round_qcow2(bench: Bench, dom: LabDomain, n: int) -> dict[str, float]:
     row = {"qcow2_s": secs, "nbdcopy_s": ref, "full_ratio": secs / ref, "hash_s": hashing,
            "hash_share": hashing / secs, "verify_s": verify, "cat_s": cat, "verify_ratio": verify / cat,
            "stream_ratio": stream_secs / ref, "rss_mib": peak / 1024,
-           "image_mib": summary["bytes_written"] / MiB}
+           "image_mib": summary["bytes_written"] / MiB, "qcow2_cpu": qcow2_cpu, "nbdcopy_cpu": ref_cpu,
+           "verify_cpu": verify_cpu, "cat_cpu": cat_cpu, "load1": os.getloadavg()[0]}
     print("  round {}: qcow2 {qcow2_s:.2f}s nbdcopy {nbdcopy_s:.2f}s ratio {full_ratio:.2f} | hashing {hash_s:.2f}s "
           "({hash_share:.0%} of the backup) | verify {verify_s:.2f}s cat {cat_s:.2f}s ratio {verify_ratio:.2f} | "
-          "stream full ratio {stream_ratio:.2f} | image {image_mib:.0f} MiB, rss {rss_mib:.0f} MiB".format(n, **row),
+          "stream full ratio {stream_ratio:.2f} | image {image_mib:.0f} MiB, rss {rss_mib:.0f} MiB\n"
+          "    cpu user+sys: qcow2 {qcow2_cpu:.2f}s nbdcopy {nbdcopy_cpu:.2f}s verify {verify_cpu:.2f}s "
+          "cat {cat_cpu:.2f}s | load {load1:.2f}".format(n, **row),
           flush=True)
     return row
 
