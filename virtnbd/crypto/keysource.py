@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from virtnbd import errors
+from virtnbd.crypto import aead
 
 KEYFILE = "keyfile"
 PASSPHRASE = "passphrase"
@@ -90,7 +91,6 @@ def _passphrase(raw: bytes, origin: str) -> Secret:
 def load(spec: KeySpec, environ: Mapping[str, str] | None = None, new: bool = False) -> Secret | None:
     """The secret ``spec`` names, or None when it names none."""
     if spec.key_file:
-        from virtnbd.crypto import aead  # local: the cryptography package costs ~0.1 s CPU to import
         raw = _read_private(spec.key_file, "key file")
         if len(raw) != aead.KEY_SIZE:
             raise errors.EncryptionError(path=spec.key_file, reason=f"a key file holds exactly {aead.KEY_SIZE} "
@@ -111,7 +111,6 @@ def create_key_file(path: str) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as err:
         raise errors.StorageError(path=path, reason=err.strerror or str(err)) from err
-    from virtnbd.crypto import aead  # local: see load()
     with os.fdopen(fd, "wb") as f:
         f.write(os.urandom(aead.KEY_SIZE))
         f.flush()
