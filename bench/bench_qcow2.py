@@ -11,7 +11,10 @@ Same disk as bench/bench_backup.py (4 GiB qcow2 disk, 1.5 GiB incompressible dat
 
 Caches of the source image and of the set's files are dropped before each timed run.
 
-    .venv/bin/python bench/bench_qcow2.py [--size 4G] [--data 1536M] [--rounds 3]
+    .venv/bin/python bench/bench_qcow2.py [--size 4G] [--data 1536M] [--rounds 3] [--baseline DIR]
+
+``--baseline DIR``: another checkout (e.g. ``git worktree add /tmp/base main``) runs the same full
+and verify in every round, so a change is measured against what it replaces under the same load.
 """
 from __future__ import annotations
 
@@ -98,11 +101,35 @@ def round_qcow2(bench: Bench, dom: LabDomain, n: int) -> dict[str, float]:
     return row
 
 
+def baseline_round(bench: Bench, dom: LabDomain, n: int, tree: Path, row: dict[str, float]) -> dict[str, float]:
+    """The same full and verify run by the checkout ``tree`` (``--baseline``), in the same round."""
+    from bench import bench_backup
+    saved = bench_backup.BACKUP
+    bench_backup.BACKUP = [sys.executable, str(tree / "virtnbdbackup")]
+    folder = dom.dir / f"bk-base-{n}"
+    try:
+        (secs, _summary, _peak), cpu = cpu_of(lambda: bench.backup(dom, "full", folder, "-t", "qcow2"))
+    finally:
+        bench_backup.BACKUP = saved
+    images = sorted(folder.glob("*.qcow2"))
+    drop_files(images)
+    verify, verify_cpu = cpu_of(lambda: timed([sys.executable, str(tree / "virtnbdrestore"), "-n", "-i", str(folder),
+                                                "-a", "verify"]))
+    shutil.rmtree(folder)
+    base = {"base_full_ratio": secs / row["nbdcopy_s"], "base_qcow2_cpu": cpu,
+            "base_verify_ratio": verify / row["cat_s"], "base_verify_cpu": verify_cpu}
+    print("    baseline {}: full ratio {base_full_ratio:.2f} cpu {base_qcow2_cpu:.2f}s | verify ratio "
+          "{base_verify_ratio:.2f} cpu {base_verify_cpu:.2f}s".format(tree, **base), flush=True)
+    return base
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=parse_size, default=4 * GiB)
     p.add_argument("--data", type=parse_size, default=1536 * MiB)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                   help="another checkout whose full and verify run in the same rounds")
     args = p.parse_args()
     bench = Bench(args)
     work = make_lab_dir(prefix="bench-qcow2-")
@@ -113,7 +140,10 @@ def main() -> int:
         dom = bench.domain([DiskSpec("sda", "sata", "qcow2", args.size)], {"sda": raw})
         raw.unlink()
         for n in range(args.rounds):
-            rows.append(round_qcow2(bench, dom, n))
+            row = round_qcow2(bench, dom, n)
+            if args.baseline is not None:
+                row.update(baseline_round(bench, dom, n, args.baseline.resolve(), row))
+            rows.append(row)
     finally:
         bench.close()
         shutil.rmtree(work, ignore_errors=True)
