@@ -4,24 +4,31 @@
 Same disk as bench/bench_backup.py (4 GiB qcow2 disk, 1.5 GiB incompressible data, running domain):
 
   * full -t qcow2 ÷ ``nbdcopy --flush`` of the same pull export into a sparse file   (target <= 1.25)
-  * what the integrity hashing adds: sha256 of the finished image's regions, timed alone, ÷ the backup
+  * what the integrity hashing adds: xxh3-128 of the finished image's regions from the page cache, timed
+    alone, ÷ the backup (an upper bound: the pull writer hashes the bytes in memory as it writes them)
   * verify of the qcow2 point (``virtnbdrestore -a verify``) ÷ ``cat`` of its files   (target <= 1.5)
   * for scale: the stream set's full (-t stream) ÷ the same nbdcopy
 
 Caches of the source image and of the set's files are dropped before each timed run.
 
-    .venv/bin/python bench/bench_qcow2.py [--size 4G] [--data 1536M] [--rounds 3]
+    .venv/bin/python bench/bench_qcow2.py [--size 4G] [--data 1536M] [--rounds 3] [--baseline DIR]
+
+``--baseline DIR``: another checkout (e.g. ``git worktree add /tmp/base main``) runs the same full
+and verify in every round, so a change is measured against what it replaces under the same load.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -34,7 +41,6 @@ RESTORE = [sys.executable, str(REPO / "virtnbdrestore")]
 
 
 def drop_files(paths: list[Path]) -> None:
-    import os
     os.sync()
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
@@ -50,18 +56,32 @@ def timed(cmd: list[str]) -> float:
     return time.monotonic() - started
 
 
+def children_cpu() -> float:
+    """user+sys seconds of every child process reaped so far (and of their reaped children)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cpu_of(run: Any) -> tuple[Any, float]:
+    """(result of ``run()``, user+sys CPU seconds of the child processes it ran)."""
+    before = children_cpu()
+    result = run()
+    return result, children_cpu() - before
+
+
 def round_qcow2(bench: Bench, dom: LabDomain, n: int) -> dict[str, float]:
-    ref = bench.nbdcopy(dom, "sda")
+    ref, ref_cpu = cpu_of(lambda: bench.nbdcopy(dom, "sda"))
     folder = dom.dir / f"bk-qcow2-{n}"
-    secs, summary, peak = bench.backup(dom, "full", folder, "-t", "qcow2")
+    (secs, summary, peak), qcow2_cpu = cpu_of(lambda: bench.backup(dom, "full", folder, "-t", "qcow2"))
     images = sorted(folder.glob("*.qcow2"))
-    started = time.monotonic()                  # the hashing alone, on the warm file as in the run
-    image_integrity(str(images[0]))
+    subprocess.run(["cat", *map(str, images)], check=True, stdout=subprocess.DEVNULL)     # warm
+    started = time.monotonic()                  # the hashing alone: an upper bound of what the writer
+    image_integrity(str(images[0]))             # spends (it hashes the bytes in memory as it writes them)
     hashing = time.monotonic() - started
     drop_files(images)
-    cat = timed(["cat", *map(str, images)])
+    cat, cat_cpu = cpu_of(lambda: timed(["cat", *map(str, images)]))
     drop_files(images)
-    verify = timed([*RESTORE, "-n", "-i", str(folder), "-a", "verify"])
+    verify, verify_cpu = cpu_of(lambda: timed([*RESTORE, "-n", "-i", str(folder), "-a", "verify"]))
     stream_folder = dom.dir / f"bk-stream-{n}"
     _drop_caches(dom)
     stream_secs, _s, _p = bench.backup(dom, "full", stream_folder)
@@ -70,12 +90,37 @@ def round_qcow2(bench: Bench, dom: LabDomain, n: int) -> dict[str, float]:
     row = {"qcow2_s": secs, "nbdcopy_s": ref, "full_ratio": secs / ref, "hash_s": hashing,
            "hash_share": hashing / secs, "verify_s": verify, "cat_s": cat, "verify_ratio": verify / cat,
            "stream_ratio": stream_secs / ref, "rss_mib": peak / 1024,
-           "image_mib": summary["bytes_written"] / MiB}
+           "image_mib": summary["bytes_written"] / MiB, "qcow2_cpu": qcow2_cpu, "nbdcopy_cpu": ref_cpu,
+           "verify_cpu": verify_cpu, "cat_cpu": cat_cpu, "load1": os.getloadavg()[0]}
     print("  round {}: qcow2 {qcow2_s:.2f}s nbdcopy {nbdcopy_s:.2f}s ratio {full_ratio:.2f} | hashing {hash_s:.2f}s "
           "({hash_share:.0%} of the backup) | verify {verify_s:.2f}s cat {cat_s:.2f}s ratio {verify_ratio:.2f} | "
-          "stream full ratio {stream_ratio:.2f} | image {image_mib:.0f} MiB, rss {rss_mib:.0f} MiB".format(n, **row),
+          "stream full ratio {stream_ratio:.2f} | image {image_mib:.0f} MiB, rss {rss_mib:.0f} MiB\n"
+          "    cpu user+sys: qcow2 {qcow2_cpu:.2f}s nbdcopy {nbdcopy_cpu:.2f}s verify {verify_cpu:.2f}s "
+          "cat {cat_cpu:.2f}s | load {load1:.2f}".format(n, **row),
           flush=True)
     return row
+
+
+def baseline_round(bench: Bench, dom: LabDomain, n: int, tree: Path, row: dict[str, float]) -> dict[str, float]:
+    """The same full and verify run by the checkout ``tree`` (``--baseline``), in the same round."""
+    from bench import bench_backup
+    saved = bench_backup.BACKUP
+    bench_backup.BACKUP = [sys.executable, str(tree / "virtnbdbackup")]
+    folder = dom.dir / f"bk-base-{n}"
+    try:
+        (secs, _summary, _peak), cpu = cpu_of(lambda: bench.backup(dom, "full", folder, "-t", "qcow2"))
+    finally:
+        bench_backup.BACKUP = saved
+    images = sorted(folder.glob("*.qcow2"))
+    drop_files(images)
+    verify, verify_cpu = cpu_of(lambda: timed([sys.executable, str(tree / "virtnbdrestore"), "-n", "-i", str(folder),
+                                                "-a", "verify"]))
+    shutil.rmtree(folder)
+    base = {"base_full_ratio": secs / row["nbdcopy_s"], "base_qcow2_cpu": cpu,
+            "base_verify_ratio": verify / row["cat_s"], "base_verify_cpu": verify_cpu}
+    print("    baseline {}: full ratio {base_full_ratio:.2f} cpu {base_qcow2_cpu:.2f}s | verify ratio "
+          "{base_verify_ratio:.2f} cpu {base_verify_cpu:.2f}s".format(tree, **base), flush=True)
+    return base
 
 
 def main() -> int:
@@ -83,6 +128,8 @@ def main() -> int:
     p.add_argument("--size", type=parse_size, default=4 * GiB)
     p.add_argument("--data", type=parse_size, default=1536 * MiB)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                   help="another checkout whose full and verify run in the same rounds")
     args = p.parse_args()
     bench = Bench(args)
     work = make_lab_dir(prefix="bench-qcow2-")
@@ -93,7 +140,10 @@ def main() -> int:
         dom = bench.domain([DiskSpec("sda", "sata", "qcow2", args.size)], {"sda": raw})
         raw.unlink()
         for n in range(args.rounds):
-            rows.append(round_qcow2(bench, dom, n))
+            row = round_qcow2(bench, dom, n)
+            if args.baseline is not None:
+                row.update(baseline_round(bench, dom, n, args.baseline.resolve(), row))
+            rows.append(row)
     finally:
         bench.close()
         shutil.rmtree(work, ignore_errors=True)

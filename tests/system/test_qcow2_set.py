@@ -275,3 +275,71 @@ def test_qcow2_disks_change_offline_raw_include(make_domain, tmp_path) -> None: 
     ok(dom, "copy", copy_dir, "-t", "qcow2", "-i", "sda")
     assert sorted(p.name for p in copy_dir.glob("*.qcow2")) == ["sda.copy.qcow2"]
     compare_images(copy_dir / "sda.copy.qcow2", dom.disk("sda").snapshot("copy"), fmt="qcow2")
+
+
+def test_qcow2_threshold_pause_and_restore_config(make_domain, libvirt_conn, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """-T and --pause with -t qcow2, pulled and pushed: below the threshold nothing is written (no image,
+    no partial, no checkpoint), above it the point is taken with the domain paused around the job's start.
+    Then -c, -N and -D of a restore from the qcow2 set: the adjusted XML (written, then defined under the
+    new name) boots the restored files, which are the disk at that point."""
+    import uuid
+
+    import libvirt
+    from lxml import etree
+
+    from tests.system.backup_helpers import backup
+
+    dom = make_domain(disks=[DiskSpec("sda", "sata", "qcow2", 8 * MiB)])
+    sda = dom.disk("sda")
+    folder = dom.dir / "backup"
+    sda.write_data(0, 2 * MiB, seed=61)
+    expected: dict[str, dict[str, Path]] = {}
+
+    def paused(level: str, *extra: str) -> str:
+        res = backup(dom, level, folder, "-t", "qcow2", "--pause", *extra)
+        assert res.rc == 0 and res.summary is not None, res.stderr
+        assert "paused for" in res.stderr, res.stderr
+        assert dom.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        point = str(res.summary["point"])
+        expected[point] = {"sda": sda.snapshot(point)}
+        return point
+
+    paused("full")
+    sda.write_data(4 * MiB, 64 << 10, seed=62)
+    for push in ((), ("--push",)):
+        summary = ok(dom, "inc", folder, "-t", "qcow2", "-T", "1M", *push)
+        assert summary["skipped"] and summary["reason"] == "below threshold", summary
+    assert [c.getName() for c in dom.dom.listAllCheckpoints()] == ["virtnbdbackup.0"]
+    assert sorted(p.name for p in folder.glob("sda.*.qcow2*")) == ["sda.virtnbdbackup.0.qcow2"]
+    p1 = paused("inc", "-T", "32K", "--push")
+    sda.write_data(6 * MiB, 128 << 10, seed=63)
+    p2 = paused("inc", "-T", "32K")
+    manifest = json.loads((folder / "virtnbd.manifest.json").read_text())
+    assert [(p["name"], p["consistency"]) for p in manifest["points"]] == \
+        [("virtnbdbackup.0", "paused"), (p1, "paused"), (p2, "paused")]
+    check_images(folder, expected)
+
+    name = f"vnbdtest-q12r{uuid.uuid4().hex[:6]}"
+    out = tmp_path / "adjusted"
+    proc = restore_cli("-i", str(folder), "-o", str(out), "--until", p1, "--format", "qcow2", "-c", "-N", name)
+    assert proc.returncode == 0, proc.stderr
+    root = etree.parse(str(out / f"{name}.xml")).getroot()
+    assert root.findtext("name") == name and root.find("uuid") is None
+    assert root.find("devices/disk/source").get("file") == str(out / "sda.qcow2")
+    assert root.find("devices/disk/driver").get("type") == "qcow2"
+    compare_images(out / "sda.qcow2", expected[p1]["sda"], fmt="qcow2")
+    with pytest.raises(libvirt.libvirtError):
+        libvirt_conn.lookupByName(name)                  # -c alone defines nothing
+
+    out = tmp_path / "defined"
+    proc = restore_cli("-i", str(folder), "-o", str(out), "--format", "raw", "-D", "-N", name)
+    assert proc.returncode == 0, proc.stderr
+    defined = libvirt_conn.lookupByName(name)
+    try:
+        root = etree.fromstring(defined.XMLDesc(0).encode())
+        assert defined.UUIDString() != dom.dom.UUIDString() and not defined.isActive()
+        assert root.find("devices/disk/source").get("file") == str(out / "sda.raw")
+        assert root.find("devices/disk/driver").get("type") == "raw"
+        compare_images(out / "sda.raw", expected[p2]["sda"], fmt="raw")
+    finally:
+        defined.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)

@@ -44,3 +44,25 @@ def test_bad_input_is_a_usage_error() -> None:
         parse(["-d", "vm", "-o", "/b", "-l", "weekly"])
     with pytest.raises(errors.UsageError, match="required"):
         parse(["-l", "full"])
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["-t", "qcow2", "-z"], "-t qcow2 writes plain qcow2 images: -z/--compress goes with -t stream"),
+    (["-t", "qcow2", "--key-file", "/k"], "-t qcow2 sets are not encrypted: key options go with -t stream"),
+    (["-t", "qcow2", "-o", "s3://bucket/vm"], "-t qcow2 sets are written into a local folder: s3:// goes with "
+                                               "-t stream"),
+    (["-t", "qcow2", "-o", "-"], "-o -: a stream set only (-t stream)"),
+    (["--push"], "--push writes qcow2 sets: use -t qcow2 --push"),
+])
+def test_options_that_do_not_apply_to_qcow2_sets_are_refused(extra: list[str], message: str) -> None:
+    """One clear line before anything connects: what does not apply to a qcow2 set, and what goes instead."""
+    with pytest.raises(errors.UsageError) as caught:
+        parse(["-d", "vm", "-o", "/b", *extra])
+    assert str(caught.value.reason) == message
+
+
+def test_qcow2_takes_threshold_pause_and_printonly() -> None:
+    """-T, --pause and -p apply to qcow2 sets, pulled or pushed (tests/system/test_qcow2_set.py)."""
+    for push in ([], ["--push"]):
+        opts = parse(["-d", "vm", "-o", "/b", "-l", "inc", "-t", "qcow2", "-T", "64M", "--pause", "-p", *push])
+        assert opts.threshold == 64 << 20 and opts.pause and opts.printonly and opts.push == bool(push)

@@ -203,9 +203,8 @@ class BackupRun:
                                        parent=plan.parent if relative else None, disk_format=pd.disk.format,
                                        create=backing is not None)
         self.images.append(image)
-        done = qcow2write.copy_into_image(src, image, self._extents(pd, src, bitmap), pool,
+        return qcow2write.copy_into_image(src, image, self._extents(pd, src, bitmap), pool,
                                           read_size=self.options.buffer_size, progress=update, cancel=self.cancel)
-        return image, done
 
     def _finish_image(self, image: qcow2set.PreparedImage, done: copy.CopyStats,
                       extra: dict[str, Any]) -> bsmanifest.DiskEntry:

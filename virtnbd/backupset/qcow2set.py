@@ -72,6 +72,7 @@ class PreparedImage:
     checkpoint: str | None     # checkpoint the point creates
     parent: str | None         # checkpoint the changes are relative to (inc/diff)
     disk_format: str = "qcow2"  # format of the source disk
+    integrity: Integrity | None = None  # computed while writing (pull, standalone); None: hash the file
 
 
 def backing_image(manifest: Manifest | None, parent_point: str | None, disk: str) -> str | None:
@@ -123,7 +124,8 @@ def prepare_image(bset: BackupSet, *, disk: str, point: str, level: str, virtual
 
 def finish_image(bset: BackupSet, image: PreparedImage, *, data_bytes: int, zero_bytes: int,
                  extra: Mapping[str, Any] | None = None) -> DiskEntry:
-    """The written partial image becomes ``image.name``: fsync, integrity records, rename, fsync folder.
+    """The written partial image becomes ``image.name``: fsync, integrity records (``image.integrity``
+    when the writer computed them from the bytes it wrote, else the file is hashed), rename, fsync folder.
 
     Call after the writer (qemu-nbd or QEMU's push job) has closed the image. Returns the manifest
     entry to commit (``Qcow2Set.commit``); until then no point lists the file. Used by push mode too.
@@ -135,7 +137,7 @@ def finish_image(bset: BackupSet, image: PreparedImage, *, data_bytes: int, zero
             os.fsync(fd)
         finally:
             os.close(fd)
-        integrity = image_integrity(image.path)
+        integrity = image.integrity or image_integrity(image.path)
         os.replace(image.path, store.path(image.name))
         fsync_dir(store.root)
     except OSError as err:

@@ -144,13 +144,18 @@ def _check_stdout(args: argparse.Namespace) -> None:
 
 
 def _check_qcow2(args: argparse.Namespace) -> None:
-    """-t qcow2: the images are plain qcow2 (no stream compression, no encryption stage, no pipe)."""
+    """-t qcow2: the images are plain qcow2 in a local folder (no stream compression, no encryption
+    stage, no pipe, no object store)."""
     if args.compress is not None:
         raise errors.UsageError(reason="-t qcow2 writes plain qcow2 images: -z/--compress goes with -t stream")
     if keyargs.key_spec(args).given:
         raise errors.UsageError(reason="-t qcow2 sets are not encrypted: key options go with -t stream")
     if args.output == "-":
         raise errors.UsageError(reason="-o -: a stream set only (-t stream)")
+    found = locations.scheme(args.output)
+    if found is not None:
+        raise errors.UsageError(reason=f"-t qcow2 sets are written into a local folder: {found}:// goes with "
+                                       "-t stream")
 
 
 def _check_values(args: argparse.Namespace) -> None:

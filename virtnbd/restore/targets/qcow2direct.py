@@ -120,10 +120,15 @@ class Qcow2DirectTarget(FileTarget):
         view = memoryview(data)
         try:
             for guest, host, length in self._host_runs(offset, len(view)):
-                pwrite_all(fd, view[guest - offset:guest - offset + length], host)
+                self._put(fd, view[guest - offset:guest - offset + length], host)
         except OSError as err:
             raise storage_error(self.tmp, err) from err
         self._count(written=len(view))
+
+    def _put(self, fd: int, data: bytes | memoryview, pos: int) -> None:
+        """Every write of the image (data and metadata) goes through here: the backup side's
+        subclass hashes the bytes as they are written (``backup/qcow2write.py``)."""
+        pwrite_all(fd, data, pos)
 
     # -- metadata ---------------------------------------------------------------------
     def _layout(self) -> tuple[bytes, dict[str, int], bytes, bytes, bytes, bytes]:
@@ -175,11 +180,11 @@ class Qcow2DirectTarget(FileTarget):
         fd = self._fd("commit")
         c = self.cluster
         header, p, l2_blob, l1, rtable, refblocks = self._layout()
-        pwrite_all(fd, l2_blob, p["l2"] * c)
-        pwrite_all(fd, l1, p["l1"] * c)
-        pwrite_all(fd, rtable, p["rt"] * c)
-        pwrite_all(fd, refblocks, p["rb"] * c)
+        self._put(fd, l2_blob, p["l2"] * c)
+        self._put(fd, l1, p["l1"] * c)
+        self._put(fd, rtable, p["rt"] * c)
+        self._put(fd, refblocks, p["rb"] * c)
         os.ftruncate(fd, p["total"] * c)
         os.fsync(fd)
-        pwrite_all(fd, header, 0)
+        self._put(fd, header, 0)
         log.debug("%s: %d data clusters", self.path, self._data_clusters)
