@@ -14,6 +14,8 @@ Scenarios (each repeated ``--rounds`` times, medians, paired with the reference)
   * inc after 64 MiB of scattered changes: bytes read vs dirty bytes
   * fixed cost: inc with no change, start to exit
   * peak RSS of the backup process, also on a 64 GiB sparse disk
+  * --only frag: full of issue 19's fragmented disk (200 000 extents of 4 KiB, one every 8 KiB,
+    4 KiB qcow2 clusters) / nbdcopy --flush
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -106,8 +109,9 @@ class Bench:
         self.conn = libvirt.open("qemu:///system")
         self.domains: list[LabDomain] = []
         self.results: dict[str, object] = {}
+        self.last_cpu = 0.0             # user+sys seconds of the last measured child
 
-    def domain(self, specs: list[DiskSpec], images: dict[str, Path]) -> LabDomain:
+    def domain(self, specs: list[DiskSpec], images: dict[str, Path], cluster: str = "64k") -> LabDomain:
         name = f"vnbdtest-bench-{uuid.uuid4().hex[:6]}"
         lab_dir = make_lab_dir(prefix=f"{name}-")
         try:
@@ -118,8 +122,8 @@ class Bench:
         self.domains.append(dom)
         for target, raw in images.items():
             image = dom.disk(target).image
-            subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", "-S", "64k", str(raw),
-                            str(image)], check=True)
+            subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", "-S", cluster,
+                            "-o", f"cluster_size={cluster}", str(raw), str(image)], check=True)
             image.chmod(0o644)
         dom.start()
         return dom
@@ -141,8 +145,9 @@ class Bench:
             with out.open("wb") as f:
                 f.truncate(dom.disk(target).size)
             _drop_caches(dom)
-            started = time.monotonic()
+            started, cpu0 = time.monotonic(), _children_cpu()
             subprocess.run(["nbdcopy", "--flush", f"nbd+unix:///{target}?socket={sock}", str(out)], check=True)
+            self.last_cpu = _children_cpu() - cpu0
             return time.monotonic() - started
         finally:
             dom.dom.abortJob()
@@ -159,6 +164,7 @@ class Bench:
             proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=_bench_env())
             _pid, status, usage = os.wait4(proc.pid, 0)
             seconds = time.monotonic() - started
+        self.last_cpu = usage.ru_utime + usage.ru_stime
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:
             raise RuntimeError(f"backup failed: {err_path.read_text()}")
@@ -168,15 +174,18 @@ class Bench:
         ratios, ours, refs, rss = [], [], [], []
         for n in range(self.args.rounds):
             ref = self.nbdcopy(dom, "sda")
+            ref_cpu = self.last_cpu
             folder = dom.dir / f"bk-{label}-{n}"
             secs, summary, peak = self.backup(dom, "copy", folder, *extra)
+            load = os.getloadavg()[0]
             shutil.rmtree(folder)
             ratios.append(secs / ref)
             ours.append(secs)
             refs.append(ref)
             rss.append(peak)
             print(f"  {label} round {n}: ours {secs:.2f}s  nbdcopy {ref:.2f}s  ratio {secs / ref:.2f}  "
-                  f"stored {summary['bytes_written'] / MiB:.0f} MiB  rss {peak / 1024:.0f} MiB", flush=True)
+                  f"stored {summary['bytes_written'] / MiB:.0f} MiB  rss {peak / 1024:.0f} MiB  "
+                  f"cpu ours {self.last_cpu:.2f}s nbdcopy {ref_cpu:.2f}s  load {load:.1f}", flush=True)
         self.results[label] = {"ratio_median": round(statistics.median(ratios), 3),
                                "ratio_best": round(min(ours) / min(refs), 3),
                                "ours_s": round(statistics.median(ours), 3),
@@ -224,6 +233,11 @@ class Bench:
         shutil.rmtree(raw.parent, ignore_errors=True)
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _drop_caches(dom: LabDomain) -> None:
     """Write back dirty pages, then drop the domain's disk images from the page cache
     (posix_fadvise DONTNEED, only these files), so both runs read from the disk."""
@@ -257,13 +271,34 @@ def _bench_env() -> dict[str, str]:
     return env
 
 
+def make_fragmented(path: Path, extents: int = 200_000, block: int = 4096) -> int:
+    """Sparse raw file with ``extents`` random 4 KiB blocks, one every 8 KiB (issue 19's fragmented disk)."""
+    size = extents * 2 * block
+    with path.open("wb") as f:
+        f.truncate(size)
+        fd = f.fileno()
+        chunk = os.urandom(block * 256)
+        for i in range(extents):
+            at = (i % 256) * block
+            os.pwrite(fd, chunk[at:at + block], i * 2 * block)
+    return size
+
+
+def fragmented(bench: Bench, work: str, extra: list[str]) -> None:
+    raw = Path(work) / "frag.raw"
+    size = make_fragmented(raw)
+    dom = bench.domain([DiskSpec("sda", "sata", "qcow2", size)], {"sda": raw}, cluster="4k")
+    raw.unlink()
+    bench.full_vs_nbdcopy("full_plain_fragmented", dom, *extra)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=parse_size, default=4 * GiB)
     p.add_argument("--data", type=parse_size, default=1536 * MiB)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--skip-big", action="store_true")
-    p.add_argument("--only", choices=("random", "text", "inc"), action="append")
+    p.add_argument("--only", choices=("random", "text", "inc", "frag"), action="append")
     p.add_argument("--extra", default="", help="extra virtnbdbackup options, space separated")
     args = p.parse_args()
     extra = args.extra.split()
@@ -287,6 +322,8 @@ def main() -> int:
             dom = bench.domain([DiskSpec("sda", "sata", "qcow2", args.size)], {"sda": raw})
             raw.unlink()
             bench.full_vs_nbdcopy("full_lz4_text", dom, "-z", *extra)
+        if "frag" in (args.only or ()):
+            fragmented(bench, work, extra)
         if not args.skip_big:
             bench.big_sparse()
     finally:

@@ -36,6 +36,8 @@ from tests.lab import scale_sets  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
+CPU: list[tuple[float, float]] = []        # (user+sys seconds, load average) of each measured child
+CHAIN_CPU: dict[int, float] = {}
 
 
 def run(args: list[str]) -> tuple[float, int]:
@@ -43,6 +45,7 @@ def run(args: list[str]) -> tuple[float, int]:
     res = scale_sets.run_restore(args, cwd=ROOT)
     if res.returncode != 0:
         raise SystemExit(f"virtnbdrestore {' '.join(args)} failed: {res.stderr}")
+    CPU.append((res.cpu, os.getloadavg()[0]))
     return res.seconds, res.peak_kib // 1024
 
 
@@ -60,18 +63,20 @@ def verify(s: scale_sets.ScaleSet) -> tuple[float, int]:
 
 
 def row(label: str, frames: int, secs: float, rss: int, extra: str = "") -> None:
-    print(f"| {label:<28} | {frames:>9} | {secs:7.2f} | {rss:5d} |{extra}", flush=True)
+    cpu, load = CPU[-1] if CPU else (0.0, 0.0)
+    print(f"| {label:<28} | {frames:>9} | {secs:7.2f} | {rss:5d} | {cpu:6.2f} | {load:4.1f} |{extra}", flush=True)
 
 
 def chain_table(base: str, size: int, frames: int, lengths: list[int]) -> dict[int, tuple[float, int, object]]:
-    print("\n| chain (restore raw)          |    frames |  time s | RSS MiB |")
-    print("|---|---:|---:|---:|")
+    print("\n| chain (restore raw)          |    frames |  time s | RSS MiB |  CPU s | load |")
+    print("|---|---:|---:|---:|---:|---:|")
     out = {}
     for n in lengths:
         s = scale_sets.build(os.path.join(base, f"chain{n}"), size=size, points=n, changes=frames // n)
         secs, rss = restore(s, os.path.join(base, f"out.chain{n}"))
         row(f"{n} point(s)", s.frames, secs, rss)
         out[n] = (secs, rss, s)
+        CHAIN_CPU[n] = CPU[-1][0]
         if n != 100:
             _drop(s, base, f"out.chain{n}")
     return out
@@ -102,6 +107,7 @@ def main() -> None:
         long_secs, long_rss, long_set = chains[100]
         single = scale_sets.single_point_copy(long_set, os.path.join(base, "single"))  # type: ignore[arg-type]
         one_secs, one_rss = restore(single, os.path.join(base, "out.single"))
+        one_cpu = CPU[-1][0]
         row("1 point, same final content", single.frames, one_secs, one_rss)
         subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw",
                         os.path.join(base, "out.chain100", "vda.raw"), long_set.expected["vda"]],  # type: ignore[attr-defined]
@@ -109,35 +115,38 @@ def main() -> None:
         v_secs, v_rss = verify(long_set)  # type: ignore[arg-type]
         row("verify, 100 points", long_set.frames, v_secs, v_rss)  # type: ignore[attr-defined]
 
-        print("\n| frames, one point            |    frames |  time s | RSS MiB |")
-        print("|---|---:|---:|---:|")
+        print("\n| frames, one point            |    frames |  time s | RSS MiB |  CPU s | load |")
+        print("|---|---:|---:|---:|---:|---:|")
         for n in (10_000, 100_000, frames):
             s = scale_sets.build(os.path.join(base, f"frames{n}"), size=size, points=1, changes=n)
             secs, rss = restore(s, os.path.join(base, f"out.frames{n}"))
             row(f"{n} frames", s.frames, secs, rss)
             _drop(s, base, f"out.frames{n}")
 
-        print("\n| disks (restore -w 4)         |    frames |  time s | RSS MiB |")
-        print("|---|---:|---:|---:|")
+        print("\n| disks (restore -w 4)         |    frames |  time s | RSS MiB |  CPU s | load |")
+        print("|---|---:|---:|---:|---:|---:|")
         per_disk = max(1000, frames // 10)
-        disk_secs = {}
+        disk_secs, disk_cpu = {}, {}
         for n in (1, 4, 16):
             s = scale_sets.build(os.path.join(base, f"disks{n}"), size=256 * MiB * (4 if n < 16 else 1),
                                  points=1, changes=per_disk // (4 if n == 16 else 1), disks=n)
             secs, rss = restore(s, os.path.join(base, f"out.disks{n}"))
             row(f"{n} disk(s)", s.frames, secs, rss)
             disk_secs[n] = secs
+            disk_cpu[n] = CPU[-1][0]
             _drop(s, base, f"out.disks{n}")
 
         print()
         ratio = long_secs / one_secs
         print(f"RATIO restore 100 points / 1 point, same content: {ratio:.2f} (target <= 1.5) "
-              f"{'ok' if ratio <= 1.5 else 'OVER'}")
+              f"{'ok' if ratio <= 1.5 else 'OVER'}; CPU {CHAIN_CPU[100]:.2f} / {one_cpu:.2f} s = "
+              f"{CHAIN_CPU[100] / one_cpu:.2f}")
         worst = max(long_rss, v_rss)
         print(f"PEAK RSS restore / verify, 100 points: {long_rss} / {v_rss} MiB (target <= 128) "
               f"{'ok' if worst <= 128 else 'OVER'}")
         ratio4 = disk_secs[4] / disk_secs[1]
-        print(f"RATIO restore 4 disks / 1 disk: {ratio4:.2f} (target <= 2.5) {'ok' if ratio4 <= 2.5 else 'OVER'}")
+        print(f"RATIO restore 4 disks / 1 disk: {ratio4:.2f} (target <= 2.5) {'ok' if ratio4 <= 2.5 else 'OVER'}; "
+              f"CPU {disk_cpu[4]:.2f} / {disk_cpu[1]:.2f} s")
     finally:
         if not opts.keep:
             shutil.rmtree(base, ignore_errors=True)

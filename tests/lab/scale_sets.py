@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import struct
 import subprocess
 import sys
@@ -153,6 +154,7 @@ class RestoreRun:
     seconds: float
     peak_kib: int          # VmHWM of the restore process itself (after exec, so not the parent's memory)
     stderr: str
+    cpu: float = 0.0       # user+sys seconds of the child
 
 
 def run_restore(args: list[str], budget: int | None = None, cwd: str | None = None) -> RestoreRun:
@@ -162,11 +164,17 @@ def run_restore(args: list[str], budget: int | None = None, cwd: str | None = No
 
 def run_cli(module: str, args: list[str], budget: int | None = None, cwd: str | None = None) -> RestoreRun:
     """``module``.main(args) in a child process that reports its own peak RSS."""
-    started = time.monotonic()
+    started, cpu0 = time.monotonic(), _children_cpu()
     res = subprocess.run([sys.executable, "-c", CHILD, "-" if budget is None else str(budget), module, *args],
                          cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          text=True, check=False)
     seconds = time.monotonic() - started
     lines = res.stderr.rstrip().splitlines()
     peak = int(lines[-1].split()[1]) if lines and lines[-1].startswith("VMHWM ") else 0
-    return RestoreRun(res.returncode, seconds, peak, "\n".join(lines[:-1] if peak else lines))
+    return RestoreRun(res.returncode, seconds, peak, "\n".join(lines[:-1] if peak else lines),
+                      _children_cpu() - cpu0)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime

@@ -14,6 +14,7 @@ ends a disk's loop between batches (another disk failed).
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -109,19 +110,34 @@ def _write_batch(source: Any, frames: Sequence[FrameJob], target: Target) -> int
     return written
 
 
+def _by_file(data: Sequence[Piece]) -> Iterable[Piece]:
+    """Pieces in (layer, file position) order. ``data`` is in disk order and a stream file's frames
+    are in disk order too (the reader checks it), so bucketing by layer keeps each bucket sorted."""
+    buckets: dict[int, list[Piece]] = {}
+    for piece in data:
+        got = buckets.get(piece[2])
+        if got is None:
+            buckets[piece[2]] = [piece]
+        else:
+            got.append(piece)
+    if len(buckets) == 1:
+        return data
+    return itertools.chain.from_iterable(buckets[layer] for layer in sorted(buckets))
+
+
 def batches(data: Sequence[Piece]) -> list[tuple[int, list[FrameJob]]]:
     """The window's data pieces as ``(layer, frames)`` batches: same file, close together, bounded."""
     out: list[tuple[int, list[FrameJob]]] = []
     frames: list[FrameJob] = []
     layer = -1
     first_pos = size = 0
-    for start, end, lay, entry in sorted(data, key=lambda p: (p[2], p[3][2], p[0])):
+    for start, end, lay, entry in _by_file(data):
         pos, off, ln = entry[2], entry[3], entry[4]
         if frames and lay == layer and frames[-1][0] == pos:
             frames[-1][3].append((start, end))
             continue
         prev = frames[-1] if frames else None
-        if (prev is None or lay != layer or pos - (prev[0] + FRAME.size + prev[2]) > BATCH_GAP
+        if (prev is None or lay != layer or pos < prev[0] or pos - (prev[0] + FRAME.size + prev[2]) > BATCH_GAP
                 or size + ln > BATCH_BYTES or pos + FRAME.size + ln - first_pos > BATCH_BYTES + BATCH_GAP):
             if frames:
                 out.append((layer, frames))

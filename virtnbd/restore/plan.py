@@ -8,12 +8,15 @@ the zero ranges and the data pieces (slices of one data frame of one file)
 of its part of the disk. Applying every window writes every byte of the
 result exactly once, whatever the chain length.
 
-Windows: every layer keeps one batch of index entries (``entry_budget``
-entries shared by all layers). A window ends at the smallest end of any
-layer's buffered entries, so everything before it is known in every layer;
-the layers' entries in the window are merged by one sort of a few sorted runs and
-swept once with a heap of the active frames (newest layer wins). Memory is
-``entry_budget`` entries plus one window's pieces, whatever the number of
+Windows: every layer keeps at least half a batch of index entries ahead (a
+batch is ``entry_budget`` entries shared by all layers; at most 1.5 batches are
+buffered). A window ends at the smallest end of any layer's buffered entries, so
+everything before it is known in every layer; keeping every layer topped up makes
+windows span about half the budget instead of one layer's last few entries.
+The layers' entries in the window are merged by one sort of a few sorted runs and
+cut into clusters of overlapping entries: a cluster of one entry owns itself, a
+larger one is swept with a heap of the active frames (newest layer wins). Memory is
+1.5 x ``entry_budget`` entries plus one window's pieces, whatever the number of
 frames, points or the disk size; planning cost is O(frames read x log layers).
 A window holding entries of only one layer skips the sweep (a full backup).
 
@@ -111,18 +114,22 @@ class _Cursor:
         self.i = 0
         self.done = False
 
-    def fill(self) -> None:
+    def fill(self, low: int) -> None:
+        """Keep at least ``low`` entries ahead (appending the next batch to what is left), so the
+        windows of many layers stay large instead of ending at whichever layer ran dry first."""
         lim = self.limit
-        while self.i >= len(self.buf) and not self.done:
+        while len(self.buf) - self.i < low and not self.done:
             nxt = next(self.batches, None)
             if nxt is None:
                 self.done = True
-                self.buf, self.i = [], 0
-                return
-            self.buf = [(off, min(off + ln, lim), pos, off, ln, data) for data, off, ln, pos in nxt if off < lim]
+                break
+            more = [(off, min(off + ln, lim), pos, off, ln, data) for data, off, ln, pos in nxt if off < lim]
+            self.buf = self.buf[self.i:] + more if self.i < len(self.buf) else more
             self.i = 0
-            if len(self.buf) < len(nxt):
+            if len(more) < len(nxt):
                 self.done = True        # sorted: every later entry is beyond the limit too
+        if self.i >= len(self.buf):
+            self.buf, self.i = [], 0
 
     def horizon(self) -> int:
         return self.buf[-1][1] if self.i < len(self.buf) else INF
@@ -147,6 +154,7 @@ def windows(layers: Sequence[Layer], virtual_size: int | None = None,
         raise ValueError("collapse needs at least one layer")
     size = layers[-1].virtual_size if virtual_size is None else virtual_size
     batch = max(16, entry_budget // len(layers))
+    low = max(1, batch // 2)
     cursors, limit = [], size
     for layer in reversed(layers):
         limit = min(limit, layer.virtual_size)
@@ -155,7 +163,7 @@ def windows(layers: Sequence[Layer], virtual_size: int | None = None,
     w0 = 0
     while w0 < size:
         for c in cursors:
-            c.fill()
+            c.fill(low)
         w1 = min(*(c.horizon() for c in cursors), size)
         runs = [(idx, got) for idx, c in enumerate(cursors) if (got := c.take(w1))]
         yield _sweep(runs, w0, w1)
@@ -169,15 +177,53 @@ def _sweep(runs: list[tuple[int, list[Entry]]], w0: int, w1: int) -> Window:
         _single(runs[0][0], runs[0][1], w0, w1, zeros, data)
         return Window(w0, w1, zeros, data)
     events = sorted((e[0], -layer, e) for layer, entries in runs for e in entries)
+    group: list[tuple[int, int, Entry]] = []        # events overlapping each other (a cluster)
+    cur = hi = w0                                   # hi: the end of the cluster so far
+    for event in events:
+        start, entry = event[0], event[2]
+        if start < hi:
+            group.append(event)
+            hi = max(hi, entry[1])
+            continue
+        if len(group) == 1:                         # a cluster of one entry owns itself (the common case)
+            one = group[0]
+            if one[2][5]:
+                data.append((one[0], hi, -one[1], one[2]))
+            else:
+                _zero(zeros, one[0], hi)
+            cur, group = hi, []
+        elif group:
+            _settle(group, hi, zeros, data)
+            cur, group = hi, []
+        if start > cur:
+            _zero(zeros, cur, start)
+        group.append(event)
+        hi = entry[1]
+    if group:
+        _settle(group, hi, zeros, data)
+        cur = hi
+    if cur < w1:
+        _zero(zeros, cur, w1)
+    return Window(w0, w1, zeros, data)
+
+
+def _settle(group: list[tuple[int, int, Entry]], hi: int, zeros: list[tuple[int, int]], data: list[Piece]) -> None:
+    """Owners of one cluster ``[group[0] start, hi)``: alone it owns itself; else a heap sweep, newest wins."""
+    if len(group) == 1:
+        start, neg, entry = group[0]
+        if entry[5]:
+            data.append((start, hi, -neg, entry))
+        else:
+            _zero(zeros, start, hi)
+        return
     heap: list[tuple[int, int, Entry]] = []
-    cur = w0
-    for start, neg, entry in events:
+    cur = group[0][0]
+    for start, neg, entry in group:
         if start > cur:
             _emit(heap, cur, start, zeros, data)
             cur = start
         heapq.heappush(heap, (neg, entry[1], entry))
-    _emit(heap, cur, w1, zeros, data)
-    return Window(w0, w1, zeros, data)
+    _emit(heap, cur, hi, zeros, data)
 
 
 def _zero(zeros: list[tuple[int, int]], start: int, end: int) -> None:

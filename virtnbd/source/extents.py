@@ -19,7 +19,8 @@ STATE_HOLE = 1
 STATE_ZERO = 2
 STATE_DIRTY = 1
 MAX_QUERY = 1 << 30          # bytes asked per block-status request
-WINDOW = 4 << 30             # extents are computed window by window: bounded memory
+WINDOW = 256 << 20           # extents are computed window by window: bounded memory (a window of
+                             # 4 KiB runs holds 64 k of them per context)
 
 DATA = "data"
 ZERO = "zero"
@@ -28,7 +29,7 @@ ZERO = "zero"
 StatusFn = Callable[[int, int], Mapping[str, Sequence[tuple[int, int]]]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Extent:
     offset: int
     length: int
@@ -39,7 +40,7 @@ class Extent:
         return self.offset + self.length
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Run:
     offset: int
     length: int

@@ -170,9 +170,12 @@ class StreamWriter:
         end_pos = self._pos
         self._write(fmt.pack_frame(fmt.KIND_END, fmt.METHOD_NONE, 0, 0, len(payload), digest) + payload)
         index_pos = self._pos
-        self._write(bytes(self._index))
+        self._write(self._index)
         counts = fmt.FOOTER.pack(end_pos, index_pos, self._frames, fmt.NO_CHECKSUM, fmt.INDEX_MAGIC)[:24]
-        index_check = fmt.checksum(digest + bytes(self._index) + counts)
+        check = xxhash.xxh3_128(digest)                  # = fmt.checksum(digest + index + counts), no copies
+        check.update(self._index)
+        check.update(counts)
+        index_check = check.digest()
         self._write(fmt.FOOTER.pack(end_pos, index_pos, self._frames, index_check, fmt.INDEX_MAGIC))
         self._stop_hasher()
         try:
