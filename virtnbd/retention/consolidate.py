@@ -4,7 +4,13 @@ One pass per disk: the restore planner collapses the chain up to the target
 point into one extent map (newest wins), each data frame is read and verified
 once, its live slices are checksummed (and compressed like the target's
 stream) in a worker pool and written in offset order by the set's
-``StreamWriter`` into ``<disk>.full.<point>.data``. The new full keeps the
+``StreamWriter`` into ``<disk>.full.<point>.data``. Whole frames that lie back
+to back in one source file (most of an old full) are copied as they are
+stored: one ``pread`` per run of up to :data:`RUN_BYTES`, each frame checked
+once there, one write per run (``StreamWriter.add_stored``); the new stream
+goes through the page cache with its writeback started as it grows, then one
+fsync and the rename. Its frames, chained digest and index are those of a
+normal full. The new full keeps the
 target's name, checkpoint and time, so the incs after it still name it as
 their parent and the libvirt checkpoints stay untouched: the next inc
 continues the chain. Crash safety: :mod:`virtnbd.retention.journal`.
