@@ -22,7 +22,6 @@ import shutil
 import statistics
 import sys
 import time
-from pathlib import Path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -31,6 +30,7 @@ sys.path.insert(0, HERE)
 
 from bench_restore import GiB, MiB, build, drop, restore_cmd, timed  # noqa: E402
 
+from virtnbd.backupset.store import LocalStore  # noqa: E402
 from virtnbd.retention import verifylog  # noqa: E402
 
 PRUNE = [sys.executable, os.path.join(ROOT, "virtnbdprune")]
@@ -51,11 +51,13 @@ def main() -> int:
     paths = build(args.dir, size=int(args.size * GiB), data=int(args.data * GiB), incs=args.incs,
                   change=args.change * MiB)
     long = paths["long"]
-    result = verifylog.verify_point(Path(long), f"virtnbdbackup.{args.incs}")
+    result = verifylog.verify_point(LocalStore(long), f"virtnbdbackup.{args.incs}")
     assert result.ok, result.error
     print(f"built and verified the chain in {time.perf_counter() - t0:.1f} s under {args.dir}")
     work, out, rss_file = os.path.join(args.dir, "work"), os.path.join(args.dir, "out"), os.path.join(args.dir, "rss")
     times: dict[str, list[float]] = {"consolidate": [], "restore-raw": []}
+    cpus: dict[str, list[float]] = {"consolidate": [], "restore-raw": []}
+    loads: list[float] = []
     peaks: list[int] = []
     try:
         for rep in range(args.repeat):
@@ -69,14 +71,18 @@ def main() -> int:
                     argv = [*PRUNE, "-i", work, "--consolidate", f"virtnbdbackup.{args.incs}"]
                 else:
                     argv = restore_cmd(long, out, "raw", 4)
-                secs, peak, _cpu = timed(argv, rss_file)
+                secs, peak, cpu = timed(argv, rss_file)
                 times[key].append(secs)
+                cpus[key].append(cpu)
+                loads.append(os.getloadavg()[0])
                 if key == "consolidate":
                     peaks.append(peak)
     finally:
         drop(args.dir)
     for k, v in times.items():
-        print(f"{k:12s} median {statistics.median(v):6.2f} s   (runs: {', '.join(f'{x:.2f}' for x in v)})")
+        print(f"{k:12s} median {statistics.median(v):6.2f} s   (runs: {', '.join(f'{x:.2f}' for x in v)}; "
+              f"CPU user+sys {', '.join(f'{x:.2f}' for x in cpus[k])} s)")
+    print(f"load average (1 min) after each run: {', '.join(f'{x:.2f}' for x in loads)}")
     ratio = statistics.median(a / b for a, b in zip(times["consolidate"], times["restore-raw"], strict=True))
     rss = max(peaks) / 1024
     print(f"consolidate full + {args.incs} incs / restore newest to raw: {ratio:.2f}  [<= 1.25] "

@@ -11,6 +11,7 @@ from tests.unit.stream_helpers import meta
 from tests.unit.stream_helpers import write_layout as write
 from virtnbd import errors, fsutil
 from virtnbd.stream import FrameRef, StreamWriter, encode_data, open_stream
+from virtnbd.stream.format import FRAME, EncodedFrame
 
 MiB = 1 << 20
 
@@ -152,3 +153,28 @@ def test_read_range_outside_the_disk_is_refused() -> None:
     for offset, length in ((MiB - 5, 6), (-1, 2), (0, -1)):
         with pytest.raises(errors.UsageError):
             r.read_range(offset, length)
+
+
+@pytest.mark.parametrize("method", [None, "lz4"])
+def test_stored_frames_copied_in_one_write_give_the_same_stream(tmp_path: Path, method: str | None) -> None:
+    """read_stored_batch + add_stored (consolidation's copy of runs) write exactly what add() writes."""
+    m = meta(method)
+    frames = [("data", i << 20, bytes([i + 1]) * 300_000 + os.urandom(200_000)) for i in range(4)]
+    src = tmp_path / "src"
+    with open(src, "wb") as f:
+        write(f, m, frames)
+    with open_stream(open(src, "rb"), str(src), owns=True) as r, io.BytesIO() as out:
+        refs = r.frames()
+        view, items = r.read_stored_batch([(ref.pos, ref.offset, ref.length) for ref in refs])
+        assert [bytes(data) for _, _, data in items] == [val for _, _, val in frames]
+        w = StreamWriter(out, m)
+        copied = [EncodedFrame("data", head.offset, head.length, head.raw,
+                               view[rel + FRAME.size:rel + FRAME.size + head.stored],
+                               w.codec.stored_checksum(head, view[rel + FRAME.size:rel + FRAME.size + head.stored]))
+                  for rel, head, _ in items]
+        end = items[-1][0] + FRAME.size + items[-1][1].stored
+        w.add_stored(copied, view[:end])
+        w.finish()
+        assert out.getvalue() == src.read_bytes()
+        with pytest.raises(errors.UsageError, match="do not match"):
+            StreamWriter(io.BytesIO(), m).add_stored(copied, view[:end - 1])

@@ -4,7 +4,13 @@ One pass per disk: the restore planner collapses the chain up to the target
 point into one extent map (newest wins), each data frame is read and verified
 once, its live slices are checksummed (and compressed like the target's
 stream) in a worker pool and written in offset order by the set's
-``StreamWriter`` into ``<disk>.full.<point>.data``. The new full keeps the
+``StreamWriter`` into ``<disk>.full.<point>.data``. Whole frames that lie back
+to back in one source file (most of an old full) are copied as they are
+stored: one ``pread`` per run of up to :data:`RUN_BYTES`, each frame checked
+once there, one write per run (``StreamWriter.add_stored``); the new stream
+goes through the page cache with its writeback started as it grows, then one
+fsync and the rename. Its frames, chained digest and index are those of a
+normal full. The new full keeps the
 target's name, checkpoint and time, so the incs after it still name it as
 their parent and the libvirt checkpoints stay untouched: the next inc
 continues the chain. Crash safety: :mod:`virtnbd.retention.journal`.
@@ -21,7 +27,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, BinaryIO, cast
 
-from virtnbd import __version__, errors
+from virtnbd import __version__, errors, fsutil
 from virtnbd.backupset import encrypted, naming
 from virtnbd.backupset import manifest as bsmanifest
 from virtnbd.backupset.api import BackupSet, open_set
@@ -33,12 +39,16 @@ from virtnbd.retention import journal, layout
 from virtnbd.stream import format as fmt
 from virtnbd.stream.codec import Codec
 from virtnbd.stream.format import EncodedFrame, StreamMeta
+from virtnbd.stream.reader import STAGE_SLACK
 from virtnbd.stream.writer import StreamWriter
 
 log = logging.getLogger(__name__)
 
-AHEAD = 16          # extents being decoded/encoded ahead of the writer
-STAGING_BLOCKS = 4  # the set's staged writer (O_DIRECT / pipelined writeback), 16 MiB
+AHEAD = 8                   # reads (runs or frames) being checked/encoded ahead of the writer
+RUN_BYTES = 4 << 20         # a run: stored frames lying back to back in one file, read and written with one call
+WRITEBACK_EVERY = 64 << 20  # start the new stream's writeback (no wait) every this many bytes
+
+Item = EncodedFrame | tuple[tuple[EncodedFrame, ...], memoryview]    # a frame, or stored frames and their bytes
 
 
 def _stream_set(folder: str) -> BackupSet:
@@ -76,45 +86,127 @@ def _copy(reader: Any, ext: Extent, codec: Codec, method: int) -> EncodedFrame:
     return EncodedFrame("data", head.offset, head.length, head.raw, stored, codec.stored_checksum(head, stored))
 
 
+def _copy_run(reader: Any, run: Sequence[Extent], codec: Codec, method: int) -> list[Item]:
+    """Whole frames lying (nearly) back to back in one source file: one ``pread``, each frame checked once;
+    frames the target may hold as they are go out as stored bytes, one slice per contiguous group."""
+    if not hasattr(reader, "read_stored_batch"):
+        return [_copy(reader, ext, codec, method) for ext in run]
+    refs = [cast(Any, ext.frame) for ext in run]
+    view, frames = reader.read_stored_batch([(r.pos, r.offset, r.length) for r in refs])
+    out: list[Item] = []
+    group: list[EncodedFrame] = []
+    start = end = 0
+    size = fmt.FRAME.size
+    for rel, head, data in frames:
+        if group and (rel != end or head.method not in (fmt.METHOD_NONE, method) or head.flags):
+            out.append((tuple(group), view[start:end]))
+            group = []
+        if head.method not in (fmt.METHOD_NONE, method) or head.flags:
+            out.append(codec.encode_data(head.offset, data))
+            continue
+        if not group:
+            start = rel
+        end = rel + size + head.stored
+        stored = view[rel + size:end]
+        group.append(EncodedFrame("data", head.offset, head.length, head.raw, stored,
+                                  codec.stored_checksum(head, stored)))
+    if group:
+        out.append((tuple(group), view[start:end]))
+    return out
+
+
+def _runs(extents: Sequence[Extent], copy: bool) -> Iterator[list[Extent]]:
+    """The extents in order, whole frames of one layer that follow each other in its file grouped into
+    runs of at most :data:`RUN_BYTES` (only when stored frames may be copied)."""
+    run: list[Extent] = []
+    for ext in extents:
+        if run and copy and _whole(ext) and _follows(run, ext):
+            run.append(ext)
+            continue
+        if run:
+            yield run
+        run = [ext]
+    if run:
+        yield run
+
+
+def _follows(run: Sequence[Extent], ext: Extent) -> bool:
+    last, first, ref = cast(Any, run[-1].frame), cast(Any, run[0].frame), cast(Any, ext.frame)
+    return (_whole(run[-1]) and ext.layer == run[-1].layer
+            and 0 < ref.pos - last.pos <= fmt.FRAME.size + last.length + STAGE_SLACK
+            and ref.pos + fmt.FRAME.size + ref.length - first.pos <= RUN_BYTES)
+
+
 def _frames(plan: Plan, readers: Sequence[Any], codec: Codec, pool: ThreadPoolExecutor,
-            method: int | None = None) -> Iterator[Future[EncodedFrame]]:
+            method: int | None = None) -> Iterator[Future[list[Item]]]:
     """Encoded frames of the plan's data extents, in offset order; each source frame decoded once.
 
     ``method``: the target's compression code when stored frames may be copied as they are (a set
-    without extra codec stages: an encrypted set seals every frame again under the new stream's key)."""
+    without extra codec stages: an encrypted set seals every frame again under the new stream's key);
+    whole frames then go in runs (:func:`_copy_run`)."""
     extents = [e for e in plan.extents if not e.is_zero]
     uses = Counter((e.layer, cast(Any, e.frame).pos) for e in extents)
     decoded: dict[tuple[Any, int], Future[bytes]] = {}
 
-    def encode(ext: Extent, source: Future[bytes]) -> EncodedFrame:
+    def encode(ext: Extent, source: Future[bytes]) -> list[Item]:
         data = memoryview(source.result())
-        return codec.encode_data(ext.start, data[ext.skip:ext.skip + ext.length])
+        return [codec.encode_data(ext.start, data[ext.skip:ext.skip + ext.length])]
 
-    window: deque[tuple[tuple[Any, int], Future[EncodedFrame]]] = deque()
-    todo = iter(extents)
+    window: deque[tuple[list[Extent], Future[list[Item]]]] = deque()
+    todo = _runs(extents, method is not None)
 
-    def submit(ext: Extent) -> None:
-        key = (ext.layer, cast(Any, ext.frame).pos)
+    def submit(job: list[Extent]) -> None:
+        ext = job[0]
+        reader = readers[cast(int, ext.layer)]
         if method is not None and _whole(ext):
-            window.append((key, pool.submit(_copy, readers[cast(int, ext.layer)], ext, codec, method)))
+            window.append((job, pool.submit(_copy_run, reader, job, codec, method)))
             return
+        key = (ext.layer, cast(Any, ext.frame).pos)
         if key not in decoded:
-            decoded[key] = pool.submit(readers[cast(int, ext.layer)].read, ext.frame)
-        window.append((key, pool.submit(encode, ext, decoded[key])))
+            decoded[key] = pool.submit(reader.read, ext.frame)
+        window.append((job, pool.submit(encode, ext, decoded[key])))
 
-    for ext in todo:
-        submit(ext)
+    for job in todo:
+        submit(job)
         if len(window) >= AHEAD:
             break
     while window:
-        key, fut = window.popleft()
+        job, fut = window.popleft()
         yield fut
-        uses[key] -= 1
-        if not uses[key]:
-            decoded.pop(key, None)
+        for ext in job:
+            key = (ext.layer, cast(Any, ext.frame).pos)
+            uses[key] -= 1
+            if not uses[key]:
+                decoded.pop(key, None)
         nxt = next(todo, None)
         if nxt is not None:
             submit(nxt)
+
+
+class _Writeback:
+    """The new stream's file: written through the page cache, its writeback started (no wait) every
+    :data:`WRITEBACK_EVERY` bytes so the final fsync has little left (a store object without a file
+    descriptor, e.g. an S3 upload, is written as it is)."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        try:
+            self._fd: int | None = f.fileno()
+        except (OSError, AttributeError, ValueError):
+            self._fd = None
+        self._dirty = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        done = self._f.write(data)
+        self._dirty += len(data)
+        if self._fd is not None and self._dirty >= WRITEBACK_EVERY:
+            self._f.flush()
+            fsutil.sync_file_range(self._fd, 0, 0, fsutil.SFR_WRITE)
+            self._dirty = 0
+        return cast(int, done)
+
+    def flush(self) -> None:
+        self._f.flush()
 
 
 def write_full(bset: BackupSet, chain: DiskChain, target: Point, merged: Sequence[str], workers: int) -> DiskEntry:
@@ -129,12 +221,16 @@ def write_full(bset: BackupSet, chain: DiskChain, target: Point, merged: Sequenc
                           compression=newest.compression, tool_version=__version__,
                           extra=MappingProxyType({"consolidated_from": list(merged)}))
         meta, stages = bset.writing(meta, name)          # an encrypted set: a new salt, sealed frames
-        with bset.create_data(name, STAGING_BLOCKS) as f, \
+        with bset.create_data(name) as f, \
                 ThreadPoolExecutor(max(1, workers), thread_name_prefix="consolidate") as pool:
-            writer = StreamWriter(cast(BinaryIO, f), meta, path=path, stages=stages)
+            writer = StreamWriter(cast(BinaryIO, _Writeback(f)), meta, path=path, stages=stages)
             copy = None if stages else fmt.METHOD_CODES[meta.compression]
             for fut in _frames(plan, readers, writer.codec, pool, copy):
-                writer.add(fut.result())
+                for item in fut.result():
+                    if isinstance(item, EncodedFrame):
+                        writer.add(item)
+                    else:
+                        writer.add_stored(*item)
             totals = writer.finish()
     old = target.disks.get(chain.disk)
     extra = {k: v for k, v in (old.extra if old else {}).items() if k in ("image_info", "bus", "source")}

@@ -325,6 +325,17 @@ class StreamReader:
         """The verified disk bytes of several data frames ``(pos, offset, length)`` that lie close
         together in the file, read with one ``pread`` (from the first header to the end of the last
         frame at most: frames between them are read and skipped)."""
+        return [data for _, _, data in self._batch(frames)[1]]
+
+    def read_stored_batch(self, frames: Sequence[tuple[int, int, int]]
+                          ) -> tuple[memoryview, list[tuple[int, fmt.FrameHeader, Any]]]:
+        """:meth:`read_batch` for copying frames as they are stored into another stream: the span
+        read, and per frame its start in the span (header, then ``head.stored`` payload bytes), its
+        header and its verified disk bytes (checked once, here)."""
+        return self._batch(frames)
+
+    def _batch(self, frames: Sequence[tuple[int, int, int]]
+               ) -> tuple[memoryview, list[tuple[int, fmt.FrameHeader, Any]]]:
         self._need_seek()
         first = frames[0][0]
         last_pos, _, last_len = frames[-1]
@@ -339,7 +350,7 @@ class StreamReader:
                 view = memoryview(os.pread(self._fd, span, first))
         except OSError as err:
             raise errors.FormatError(path=self.path, offset=first, reason=err.strerror or str(err)) from err
-        out: list[bytes | bytearray | memoryview] = []
+        out: list[tuple[int, fmt.FrameHeader, Any]] = []
         decode, flags, size = self.codec.decode, self.codec.frame_flags, fmt.FRAME.size
         decoded_to = first      # a frame asked for twice is decoded again from its bytes, not from the result
         for pos, offset, length in frames:
@@ -354,8 +365,8 @@ class StreamReader:
             if pos < decoded_to:
                 payload = memoryview(self._pread(pos + size, head.stored, "frame payload"))
             decoded_to = max(decoded_to, pos + size + head.stored)
-            out.append(decode(head, payload, self.path, pos))
-        return out
+            out.append((rel, head, decode(head, payload, self.path, pos)))
+        return view, out
 
     def read(self, ref: FrameRef) -> bytes:
         """The disk bytes of one frame, checksum-verified (zeros for a zero frame)."""

@@ -7,6 +7,7 @@ hand the results to :meth:`StreamWriter.add` in offset order.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import BinaryIO
@@ -127,24 +128,40 @@ class StreamWriter:
 
     def add(self, frame: EncodedFrame) -> None:
         """Append an encoded frame; frames must ascend and must not overlap."""
-        if self._totals is not None:
-            raise errors.UsageError(reason=f"{self.path}: stream already finished")
-        if frame.offset < self._next_offset:
-            raise errors.FormatError(path=self.path, offset=self._pos,
-                                     reason=f"frame at disk offset {frame.offset} overlaps or precedes "
-                                            f"the previous frame ending at {self._next_offset}")
-        end = frame.offset + frame.length
-        if end > self.meta.virtual_size:
-            raise errors.FormatError(path=self.path, offset=self._pos,
-                                     reason=f"frame {frame.offset}+{frame.length} ends beyond virtual size "
-                                            f"{self.meta.virtual_size}")
-        self._index += fmt.INDEX_ENTRY.pack(fmt.KIND_CODES[frame.kind], frame.offset, frame.length, self._pos)
-        self._chain = fmt.chain_step(self._chain, frame.chain_record)
+        self._account(frame, self._pos)
         self._write(frame.header)
         if frame.kind == "data":
             self._write(frame.payload)
             if frame.tail:
                 self._write(frame.tail)
+
+    def add_stored(self, frames: Sequence[EncodedFrame], data: bytes | memoryview) -> None:
+        """Append data frames copied as they are stored in another stream: ``data`` is their headers
+        and payloads back to back (what :meth:`add` writes for each), written with one call."""
+        if sum(len(f.header) + len(f.payload) + len(f.tail) for f in frames) != len(data):
+            raise errors.UsageError(reason=f"{self.path}: stored frames do not match their bytes")
+        pos = self._pos
+        for frame in frames:
+            self._account(frame, pos)
+            pos += len(frame.header) + len(frame.payload) + len(frame.tail)
+        self._write(data)
+
+    def _account(self, frame: EncodedFrame, pos: int) -> None:
+        """Check the order of a frame written at ``pos``; index, chain and count it."""
+        if self._totals is not None:
+            raise errors.UsageError(reason=f"{self.path}: stream already finished")
+        if frame.offset < self._next_offset:
+            raise errors.FormatError(path=self.path, offset=pos,
+                                     reason=f"frame at disk offset {frame.offset} overlaps or precedes "
+                                            f"the previous frame ending at {self._next_offset}")
+        end = frame.offset + frame.length
+        if end > self.meta.virtual_size:
+            raise errors.FormatError(path=self.path, offset=pos,
+                                     reason=f"frame {frame.offset}+{frame.length} ends beyond virtual size "
+                                            f"{self.meta.virtual_size}")
+        self._index += fmt.INDEX_ENTRY.pack(fmt.KIND_CODES[frame.kind], frame.offset, frame.length, pos)
+        self._chain = fmt.chain_step(self._chain, frame.chain_record)
+        if frame.kind == "data":
             self._data_bytes += frame.length
             self._payload_bytes += len(frame.payload) + len(frame.tail)
         else:
