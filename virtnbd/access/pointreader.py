@@ -297,7 +297,7 @@ def _layers(files: Sequence[ChainFile], readers: Sequence[StreamReader]) -> Iter
 
 def _table(reader: StreamReader) -> FrameTable:
     size = reader.meta.virtual_size
-    if reader.meta.extra.get("legacy"):
+    if reader.meta.extra.get("legacy") or not hasattr(reader, "index_entries"):   # listed frames (qcow2 images)
         return frametable.from_refs(reader.path, reader.frames(), size)
     entries, index_pos, _ = reader.index_entries()
     return frametable.from_index(reader.path, entries, size, index_pos)
