@@ -2,13 +2,16 @@
 """virtnbdmap benchmark: whole-disk reads of the served export against nbdkit's own file plugin, in one run.
 
 Sets are built like bench_restore.py's (4 GiB virtual, ~1.5 GiB incompressible data in 1 MiB
-uncompressed frames). Ratios printed (target in brackets):
+uncompressed frames). The two sides of a ratio are both served at once and read in turn
+(``--repeat`` times each, medians), so load drifts hit both; the CPU time (user+sys) of the server
+and of nbdcopy per read, and the load average, are printed with each. Ratios (target in brackets):
   nbdcopy of the virtnbdmap export / nbdcopy of `nbdkit file` serving the restored raw image   [<= 1.5]
   nbdcopy of full + 20 incs / full + 1 inc with the same final content                          [<= 1.2]
   time from `virtnbdmap` start to the first byte served, index of 1M frames                     [<= 2 s]
   peak RSS of nbdkit (which runs the plugin and the reader) for the 1M-frame set               [<= 128 MiB]
 
 Usage: .venv/bin/python bench/bench_map.py [--size GiB] [--data GiB] [--incs N] [--frames N] [--repeat N]
+                                         [--map OTHER_TREE/virtnbdmap]
 """
 from __future__ import annotations
 
@@ -184,7 +187,11 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=1_000_000)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--map", default=None, help="virtnbdmap to measure (default: this tree's; another tree's "
+                                                "for a before/after comparison in the same conditions)")
     args = ap.parse_args()
+    if args.map:
+        MAP[1:] = [os.path.abspath(args.map)]
     base = tempfile.mkdtemp(prefix="bench-map-", dir=args.dir)
     try:
         paths = build(base, size=int(args.size * GiB), data=int(args.data * GiB), incs=args.incs, change=64 * MiB)
