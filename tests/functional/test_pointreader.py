@@ -2,6 +2,7 @@
 plain, lz4 and zstd stream sets and virtnbdbackup sets, against the disk as it was at each point."""
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
@@ -54,6 +55,22 @@ def check_against(reader, want: bytes, seed: int) -> None:
     for start, length, kind in reader.extents(0, reader.size):
         if kind != DATA:
             assert not any(want[start:start + length]), (start, length, kind)
+    for start, length in [*random_ranges(reader.size, seed + 1), *whole_frames(reader)]:
+        buf = bytearray(b"\xee" * length)                  # readinto fills a dirty buffer (nbdkit's)
+        reader.readinto(start, memoryview(buf))
+        assert buf == want[start:start + length], (start, length)
+
+
+def whole_frames(reader, limit: int = 40) -> list[tuple[int, int]]:
+    """Ranges of whole data frames visible at the point (read straight into the caller's buffer),
+    and pairs of neighbours."""
+    out = []
+    for seg in reader.segments(0, reader.size):
+        table = reader.layers[seg.layer].table if seg.kind == DATA else None
+        if table is not None and (seg.start, seg.end) == (table.starts[seg.frame], table.end(seg.frame)):
+            out.append((seg.start, seg.end - seg.start))
+    pairs = [(a[0], b[0] + b[1] - a[0]) for a, b in itertools.pairwise(out) if a[0] + a[1] == b[0]]
+    return (out + pairs)[:limit]
 
 
 @pytest.mark.parametrize("compression", [None, "lz4", "zstd"])
@@ -120,6 +137,8 @@ def test_a_damaged_frame_fails_its_reads_only(tmp_path, compression):
         assert hit, "the damaged frame must still be visible at the newest point for this test"
         with pytest.raises(ChainFileError, match=f"point {point}.*checksum mismatch|point {point}.*corrupt"):
             reader.pread(hit[0].start, 1)
+        with pytest.raises(ChainFileError, match=f"point {point}.*checksum mismatch|point {point}.*corrupt"):
+            reader.readinto(hit[0].start, memoryview(bytearray(hit[0].end - hit[0].start)))
         elsewhere = [s for s in reader.segments(0, reader.size) if s.end <= ref.offset or s.start >= ref.offset
                      + ref.length]
         for seg in elsewhere:
@@ -135,6 +154,16 @@ def test_a_damaged_index_is_refused(tmp_path):
         swapped = entries[32:64] + entries[:32] + entries[64:]
         with pytest.raises(errors.FormatError, match="invalid index entry"):
             frametable.from_index(reader.path, swapped, reader.meta.virtual_size, index_pos)
+
+
+def test_the_preferred_request_is_a_frame(tmp_path):
+    b = SetBuilder(str(tmp_path / "set"), size=4 << 20, cluster=CLUSTER, seed=5)
+    b.scribble(6)
+    b.full()
+    with open_point(b.folder) as reader:
+        longest, preferred = reader.layers[0].table.longest_data(), reader.preferred_block_size()
+        assert longest > 0 and preferred & (preferred - 1) == 0           # a power of two
+        assert max(longest, 4096) <= preferred < max(2 * longest, 4096 + 1)
 
 
 def test_reads_outside_the_disk_are_refused(tmp_path):

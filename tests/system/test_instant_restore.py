@@ -331,7 +331,18 @@ def test_drill_of_a_good_point_passes(point: tuple[Guest, Path, Path], libvirt_c
     assert not persistent and not root.xpath("devices/interface")             # throw-away and isolated
     assert root.findtext("uuid") != etree.fromstring(orig.dom.XMLDesc(0).encode()).findtext("uuid")
     assert root.xpath("devices/disk//source[@protocol='nbd']")                 # the set itself is only served
-    assert _sha_files(folder) == before
+    _check_recorded(folder, before, "pass")
+
+
+def _check_recorded(folder: Path, before: dict[str, str], result: str) -> None:
+    """The set's files unchanged but the manifest, whose point now lists the drill (restore.drilllog)."""
+    import json
+
+    manifest = "virtnbd.manifest.json"
+    after = _sha_files(folder)
+    assert {k: v for k, v in after.items() if k != manifest} == {k: v for k, v in before.items() if k != manifest}
+    drills = json.loads((folder / manifest).read_text())["points"][-1]["extra"]["drills"]
+    assert drills[-1]["result"] == result and set(drills[-1]["seconds"]) >= {"boot", "agent", "total"}
 
 
 def test_drill_of_an_unbootable_point_fails_with_the_reason(libvirt_conn: Any, guest_build: Any) -> None:
@@ -347,6 +358,7 @@ def test_drill_of_an_unbootable_point_fails_with_the_reason(libvirt_conn: Any, g
         assert rc == 1 and result["result"] == "fail", result
         assert result["check_exitcode"] == 1 and "the check command exited 1" in result["reason"]
         assert "drill failed: the check command exited 1" in err
-        assert _sha_files(folder) == before
+        assert result["recorded"] is True
+        _check_recorded(folder, before, "fail")
     finally:
         broken.remove()

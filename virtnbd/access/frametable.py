@@ -7,6 +7,7 @@ binary searches (``bisect``) on the frame starts.
 from __future__ import annotations
 
 import bisect
+import itertools
 import operator
 import sys
 from array import array
@@ -19,6 +20,7 @@ from virtnbd.stream.format import FrameRef
 
 KINDS = {fmt.KIND_DATA: "data", fmt.KIND_ZERO: "zero"}
 _CODES = {name: code for code, name in KINDS.items()}
+_IS_DATA = bytes(int(code == fmt.KIND_DATA) for code in range(256))   # kinds -> 1 for data, 0 else
 _CHUNK = 1 << 16          # index entries converted at a time (bounded temporary memory)
 
 
@@ -48,6 +50,10 @@ class FrameTable:
 
     def ref(self, i: int) -> FrameRef:
         return FrameRef(self.kind(i), self.starts[i], self.lengths[i], self.pos[i])
+
+    def longest_data(self) -> int:
+        """Length of the longest data frame (0: none)."""
+        return max(itertools.compress(self.lengths, self.kinds.translate(_IS_DATA)), default=0)
 
 
 def _check(table: FrameTable, virtual_size: int, where: int) -> FrameTable:

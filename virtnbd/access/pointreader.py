@@ -176,18 +176,54 @@ class PointReader:
 
         A read inside one data frame returns a view of the cached frame (no copy)."""
         segments = self.segments(offset, length)
-        if len(segments) == 1 and segments[0].kind == DATA:
+        if len(segments) == 1 and segments[0].kind == DATA and not self._whole(segments[0]):
             seg = segments[0]
             skip = seg.start - self.layers[seg.layer].table.starts[seg.frame]
             return memoryview(self.frame_data(seg.layer, seg.frame))[skip:skip + length]
         out = bytearray(length)
-        for seg in segments:
-            if seg.kind != DATA:
-                continue
-            data = self.frame_data(seg.layer, seg.frame)
-            skip = seg.start - self.layers[seg.layer].table.starts[seg.frame]
-            out[seg.start - offset:seg.end - offset] = memoryview(data)[skip:skip + seg.end - seg.start]
+        self._fill(offset, memoryview(out), segments, zeroed=True)
         return out
+
+    def readinto(self, offset: int, view: memoryview) -> None:
+        """Fill ``view`` with the disk's bytes at ``offset``; every frame touched is verified first.
+
+        A data frame the read covers whole goes straight from the file into ``view`` (one
+        ``preadv``, no copy, not cached: nbdkit asks for ``preferred`` bytes, a frame, at a
+        time); a frame it covers in part comes through the frame cache. On an error ``view``
+        may hold unchecked bytes: the caller must not return them."""
+        view = memoryview(view)
+        self._fill(offset, view, self.segments(offset, len(view)), zeroed=False)
+
+    def _fill(self, offset: int, view: memoryview, segments: list[Segment], zeroed: bool) -> None:
+        for seg in segments:
+            dst = view[seg.start - offset:seg.end - offset]
+            if seg.kind != DATA:
+                if not zeroed:
+                    _zero(dst)
+            elif self._whole(seg):
+                self._read_whole(seg.layer, seg.frame, dst)
+            else:
+                skip = seg.start - self.layers[seg.layer].table.starts[seg.frame]
+                dst[:] = memoryview(self.frame_data(seg.layer, seg.frame))[skip:skip + len(dst)]
+
+    def _whole(self, seg: Segment) -> bool:
+        table = self.layers[seg.layer].table
+        return seg.start == table.starts[seg.frame] and seg.end == table.end(seg.frame)
+
+    def _read_whole(self, li: int, i: int, dst: memoryview) -> None:
+        layer = self.layers[li]
+        cached = self.cache.get((li, layer.table.pos[i]))
+        if cached is not None:
+            dst[:] = cached
+            return
+        try:
+            read_into = getattr(layer.reader, "read_into", None)
+            if read_into is not None:
+                read_into(layer.table.ref(i), dst)
+            else:                                   # a reader without it (qcow2 point images)
+                dst[:] = layer.reader.read(layer.table.ref(i))
+        except errors.FormatError as err:
+            raise source.describe(err, self._files) from err
 
     def frame_data(self, li: int, i: int) -> bytes:
         """The verified bytes of frame ``i`` of layer ``li`` (cached)."""
@@ -199,6 +235,21 @@ class PointReader:
                 raise source.describe(err, self._files) from err
 
         return self.cache.load((li, layer.table.pos[i]), load)
+
+    def preferred_block_size(self) -> int:
+        """The request size that lets a sequential reader take whole frames: the largest data
+        frame of the chain rounded up to a power of two, 4 KiB .. 32 MiB."""
+        longest = max((layer.table.longest_data() for layer in self.layers), default=0)
+        return min(max(1 << max(longest - 1, 0).bit_length(), 4096), 32 << 20)
+
+
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def _zero(view: memoryview) -> None:
+    for at in range(0, len(view), len(_ZEROS)):
+        n = min(len(_ZEROS), len(view) - at)
+        view[at:at + n] = _ZEROS[:n]
 
 
 # -- opening ----------------------------------------------------------------------------
@@ -246,7 +297,7 @@ def _layers(files: Sequence[ChainFile], readers: Sequence[StreamReader]) -> Iter
 
 def _table(reader: StreamReader) -> FrameTable:
     size = reader.meta.virtual_size
-    if reader.meta.extra.get("legacy"):
+    if reader.meta.extra.get("legacy") or not hasattr(reader, "index_entries"):   # listed frames (qcow2 images)
         return frametable.from_refs(reader.path, reader.frames(), size)
     entries, index_pos, _ = reader.index_entries()
     return frametable.from_index(reader.path, entries, size, index_pos)

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any, TextIO
 
 from virtnbd import errors
+from virtnbd.restore import drilllog
 from virtnbd.restore.source import Selection, opened
 from virtnbd.secrets import redact_json
 
@@ -82,7 +83,9 @@ def table(data: Mapping[str, Any]) -> str:
                          d["disk"] if d else "-", _size(d["virtual_size"]) if d else "-",
                          _size(d["data_bytes"]) if d else "-", _size(d["stored_bytes"]) if d else "-",
                          d["file"] if d else "-"))
-    return head + _format(rows)
+    drills = [f"last drill of {p['name']}: {drilllog.last_text(p)}\n" for p in data["points"]
+              if drilllog.last(p) is not None]
+    return head + _format(rows) + "".join(drills)
 
 
 def _format(rows: list[tuple[Any, ...]]) -> str:  # rows of any width

@@ -1,4 +1,4 @@
-"""``virtnbdprune --status``: every chain and point under a root, sizes, consistency, last verify."""
+"""``virtnbdprune --status``: every chain and point under a root, sizes, consistency, last verify, last drill."""
 from __future__ import annotations
 
 import json
@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from virtnbd.restore import drilllog
 from virtnbd.retention import layout, verifylog
 from virtnbd.retention.prune import Decision
 
@@ -20,6 +21,7 @@ class Row:
     data_bytes: int
     consistency: str
     verify: str         # "ok <time>" | "FAILED <time>: <error>" | "never"
+    drill: str = "never"    # "pass <time>: <reason> (agent .. s, total .. s)" | "fail ..." | "never"
 
 
 def _verify_text(result: verifylog.Result | None) -> str:
@@ -36,7 +38,7 @@ def rows(path: str) -> list[Row]:
             found.append(Row(chain.label, p.name, p.time, p.level,
                              sum(d.stored_bytes for d in p.disks.values()),
                              sum(d.data_bytes for d in p.disks.values()), p.consistency,
-                             _verify_text(verified.get(p.name))))
+                             _verify_text(verified.get(p.name)), drilllog.last_text(p)))
     return found
 
 
@@ -61,6 +63,8 @@ def show(found: Sequence[Row], out: TextIO, json_out: bool = False) -> None:
     for r in found:
         out.write(f"{r.chain:<24} {r.point:<22} {r.time:<25} {r.level:<5} {r.stored_bytes:>12} "
                   f"{r.data_bytes:>12} {r.consistency:<11} {r.verify}\n")
+        if r.drill != "never":
+            out.write(f"{'':<24} {r.point:<22} last drill: {r.drill}\n")
     doc = as_json(found)
     for c in doc["chains"]:
         out.write(f"total {c['chain']}: {len(c['points'])} point(s), {c['stored_bytes']} bytes stored, "

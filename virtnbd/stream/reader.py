@@ -121,6 +121,9 @@ class ByFrames:
     def read_batch(self, frames: Sequence[tuple[int, int, int]]) -> list[bytes | bytearray | memoryview]:
         return [self.read(FrameRef("data", offset, length, pos)) for pos, offset, length in frames]
 
+    def read_into(self, ref: FrameRef, view: memoryview) -> None:
+        view[:] = self.read(ref)
+
 
 class _IndexDigest:
     """The index a sequential pass expects, kept as one digest per 128 KiB of entries (not per frame)."""
@@ -376,10 +379,38 @@ class StreamReader:
         stored = self._pread(ref.pos + fmt.FRAME.size, head.stored, "frame payload")
         return cast(bytes, self.codec.decode(head, stored, self.path, ref.pos))
 
+    def read_into(self, ref: FrameRef, view: memoryview) -> None:
+        """Fill ``view`` (``ref.length`` bytes) with a data frame's verified disk bytes.
+
+        In a stream written without compression or codec stages the frame's header and payload
+        are read straight into ``view`` by one ``preadv`` (no copy) and checked there; a frame
+        stored otherwise (or a file without a descriptor) is decoded and copied. On an error
+        ``view`` may hold unchecked bytes: the caller must not use them."""
+        if self._fd is None or self.meta.compression is not None or self.codec.frame_flags:
+            view[:] = self.read(ref)
+            return
+        raw = bytearray(fmt.FRAME.size)
+        try:
+            got = os.preadv(self._fd, [raw, view], ref.pos)
+        except OSError as err:
+            raise errors.FormatError(path=self.path, offset=ref.pos, reason=err.strerror or str(err)) from err
+        head = self._checked_head(bytes(raw[:got]), ref)
+        if head.method != fmt.METHOD_NONE or head.kind != fmt.KIND_DATA:
+            view[:] = self.read(ref)
+            return
+        if got != fmt.FRAME.size + ref.length:
+            raise errors.FormatError(path=self.path, offset=ref.pos + got, reason="truncated frame payload")
+        data = self.codec.decode(head, view, self.path, ref.pos)
+        if data is not view:
+            view[:] = cast(bytes, data)
+
     def _head(self, ref: FrameRef) -> fmt.FrameHeader:
         self._need_seek()
-        head = fmt.unpack_frame(self._pread(ref.pos, fmt.FRAME.size, "frame header"), self.path, ref.pos,
-                                self.codec.frame_flags)
+        return self._checked_head(self._pread(ref.pos, fmt.FRAME.size, "frame header"), ref)
+
+    def _checked_head(self, raw: bytes, ref: FrameRef) -> fmt.FrameHeader:
+        """The parsed header read at ``ref.pos``; it must describe the frame the index lists there."""
+        head = fmt.unpack_frame(raw, self.path, ref.pos, self.codec.frame_flags)
         if fmt.KIND_NAMES.get(head.kind) != ref.kind or head.offset != ref.offset or head.length != ref.length:
             raise errors.FormatError(path=self.path, offset=ref.pos, reason="frame header does not match the index")
         return head
