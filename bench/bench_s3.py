@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -132,6 +133,7 @@ def restore_rounds(args: argparse.Namespace, bucket: str, work: str) -> None:
         shutil.rmtree(out)
         refs.append(_reference("down", os.path.join(work, "ref.data"), bucket, f"ref/{data}", env))
         os.unlink(os.path.join(work, "ref.data"))
+    remove_objects(store.client, bucket)
     print(f"set: {size / MiB:.0f} MiB stored, {args.rounds} paired rounds")
     _report("restore", ours, refs, "boto3 download_file", size / (1 << 30))
 
@@ -149,6 +151,7 @@ def backup_rounds(args: argparse.Namespace, bucket: str, work: str) -> None:
         dom = bench.domain([DiskSpec("sda", "sata", "qcow2", 2 * mib * MiB)], {"sda": Path(raw)})
         os.unlink(raw)
         env, ours, refs, stored = _bench_env(), [], [], 0
+        store_client = s3store.make_client(s3store.S3Options())
         for r in range(args.rounds):
             cmd = [os.path.join(ROOT, ".venv/bin/virtnbdbackup"), "-v", "-d", dom.name, "-l", "copy",
                    "-o", f"s3://{bucket}/bk{r}", "-n", "--json", "--no-freeze", "--scratchdir", str(dom.dir)]
@@ -162,22 +165,27 @@ def backup_rounds(args: argparse.Namespace, bucket: str, work: str) -> None:
                     f.write(os.urandom(min(16 * MiB, stored - f.tell())))
             refs.append(_reference("up", ref, bucket, f"refbk/{r}", env))
             os.unlink(ref)
+            remove_objects(store_client, bucket, f"bk{r}/")      # each round's GiBs go before the next
+            remove_objects(store_client, bucket, f"refbk/{r}")
         print(f"backup: {stored / MiB:.0f} MiB stored, {args.rounds} paired rounds")
         _report("backup", ours, refs, "boto3 upload_file", stored / (1 << 30))
     finally:
         bench.close()
 
 
-def remove_bucket(client: Any, bucket: str) -> None:
-    """Abort its uploads, delete every object, delete the bucket (the lab's memstore is RAM)."""
-    for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
+def remove_objects(client: Any, bucket: str, prefix: str = "") -> None:
+    """Abort the uploads and delete the objects below ``prefix`` (the lab's memstore is RAM)."""
+    for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
         for up in page.get("Uploads", []):
             client.abort_multipart_upload(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
         if keys:
             client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
-    client.delete_bucket(Bucket=bucket)
+
+
+def _terminate(signum: int, _frame: Any) -> None:
+    raise SystemExit(f"bench_s3: signal {signum}")      # SIGTERM too runs the cleanup below
 
 
 def main() -> int:
@@ -189,6 +197,7 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="vnbd-bench-s3-")
     bucket = f"vnbd-bench-{secrets.token_hex(3)}"
     client = s3store.make_client(s3store.S3Options())
+    signal.signal(signal.SIGTERM, _terminate)
     client.create_bucket(Bucket=bucket)
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
     try:
@@ -201,7 +210,8 @@ def main() -> int:
         print(f"load average at end: {os.getloadavg()[0]:.2f}")
         shutil.rmtree(work, ignore_errors=True)
         with contextlib.suppress(Exception):      # report the round's error, not a cleanup one
-            remove_bucket(client, bucket)
+            remove_objects(client, bucket)
+            client.delete_bucket(Bucket=bucket)
 
 
 if __name__ == "__main__":
