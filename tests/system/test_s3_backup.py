@@ -38,10 +38,10 @@ def _backup(dom: Any, level: str, url: str, ep: rgw_lab.S3Endpoint, *extra: str)
                           timeout=300, check=False)
 
 
-def _ok(dom: Any, level: str, url: str, ep: rgw_lab.S3Endpoint) -> dict[str, Any]:
-    done = _backup(dom, level, url, ep)
+def _ok(dom: Any, level: str, url: str, ep: rgw_lab.S3Endpoint, *extra: str) -> dict[str, Any]:
+    done = _backup(dom, level, url, ep, *extra)
     assert done.returncode == 0, done.stderr
-    return dict(json.loads(done.stdout))
+    return dict(json.loads(done.stdout), stderr=done.stderr)
 
 
 def _points(ep: rgw_lab.S3Endpoint, bucket: str, prefix: str) -> list[str]:
@@ -86,12 +86,12 @@ def test_full_and_incs_into_the_bucket_restore_exact(make_domain, s3_endpoint, s
     sda = dom.disk("sda")
     url = f"s3://{s3_bucket}/vm1"
     sda.write_data(0, 6 * MiB, seed=1)
-    assert _ok(dom, "full", url, s3_endpoint)["point"] == "virtnbdbackup.0"
+    assert _ok(dom, "full", url, s3_endpoint, "-z")["point"] == "virtnbdbackup.0"     # lz4 frames
     expected = {"virtnbdbackup.0": sda.snapshot("p0")}
     for n in (1, 2):
         sda.write_data(n * 9 * MiB, 3 * MiB, seed=10 + n)
         sda.write_data(n * MiB, 64 * 1024, seed=20 + n)
-        assert _ok(dom, "inc", url, s3_endpoint)["point"] == f"virtnbdbackup.{n}"
+        assert _ok(dom, "inc", url, s3_endpoint, "-z")["point"] == f"virtnbdbackup.{n}"
         expected[f"virtnbdbackup.{n}"] = sda.snapshot(f"p{n}")
     assert _points(s3_endpoint, s3_bucket, "vm1") == list(expected)
     keys = [o["Key"] for o in s3_endpoint.client().list_objects_v2(Bucket=s3_bucket)["Contents"]]
@@ -125,9 +125,14 @@ def test_killed_upload_commits_nothing_second_run_refused_next_inc_exact(make_do
             proc.wait()
     assert _points(s3_endpoint, s3_bucket, "vm2") == ["virtnbdbackup.0"]
     assert _uploads(s3_endpoint, s3_bucket), "expected the killed run's upload to be left behind"
+    orphan = "vm2/sdb.inc.virtnbdbackup.1.data"        # a stream whose upload completed, its point never committed
+    s3_endpoint.client().put_object(Bucket=s3_bucket, Key=orphan, Body=b"uncommitted")
     sda.write_data(30 * MiB, MiB, seed=3)
-    assert _ok(dom, "inc", url, s3_endpoint)["point"] == "virtnbdbackup.1"
+    done = _ok(dom, "inc", url, s3_endpoint)
+    assert done["point"] == "virtnbdbackup.1"
     assert _uploads(s3_endpoint, s3_bucket) == []
+    assert "sdb.inc.virtnbdbackup.1.data: removed: no point of the manifest lists it" in done["stderr"], done
+    assert "Contents" not in s3_endpoint.client().list_objects_v2(Bucket=s3_bucket, Prefix=orphan)
     expected["virtnbdbackup.1"] = sda.snapshot("p1")
     for point, image in expected.items():
         _restore_exact(url, point, image, tmp_path, s3_endpoint)

@@ -8,6 +8,7 @@ import pytest
 
 from tests.lab import rgw_lab
 from virtnbd import errors
+from virtnbd.backupset import s3store
 from virtnbd.backupset.s3store import S3Options, S3Store, S3Url, part_size_for
 
 pytestmark = [pytest.mark.system, pytest.mark.ceph]
@@ -25,7 +26,7 @@ def test_url_and_part_size() -> None:
     assert S3Url.parse("s3://b").key("m") == "m"
     with pytest.raises(errors.UsageError):
         S3Url.parse("s3:///x")
-    assert part_size_for(1 << 30) == 8 << 20
+    assert part_size_for(1 << 30) == s3store.MIN_PART == 5 << 20
     assert part_size_for(2 << 40) * 9900 >= 2 << 40
 
 
@@ -45,6 +46,17 @@ def test_multipart_upload_visible_only_after_commit_and_ranged_reads(store: S3St
     obj.seek(100)
     assert obj.read(10) == data[100:110]
     assert store.listing() == [("sda.full.data", len(data))]
+
+
+def test_part_buffers_reused_and_regrown(store: S3Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parts filled in place in reused buffers; a grown part size (unknown length) gets new ones."""
+    monkeypatch.setattr(s3store, "PARTS_PER_STEP", 2)        # 5, 5, 10, 10 MiB parts, then a 3 MiB tail
+    data = os.urandom(33 << 20)
+    with store.upload("grown.data") as up:
+        for i in range(0, len(data), 777_777):
+            up.write(memoryview(data)[i:i + 777_777])
+        up.commit()
+    assert store.get("grown.data") == data
 
 
 def test_failed_upload_is_aborted(store: S3Store) -> None:

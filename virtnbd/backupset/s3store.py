@@ -17,6 +17,7 @@ same object names below ``PREFIX/`` as a folder keeps files (docs/FORMAT.md).
 """
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
 import hashlib
@@ -24,6 +25,7 @@ import io
 import json
 import logging
 import os
+import queue
 import socket
 import tempfile
 import threading
@@ -42,12 +44,12 @@ log = logging.getLogger(__name__)
 Names = list[str]     # (the classes below have a method named list)
 
 SCHEME = "s3://"
-MIN_PART = 8 << 20            # S3 minimum is 5 MiB (all parts but the last)
+MIN_PART = 5 << 20            # S3 minimum (all parts but the last): memory (concurrency + 1) * part size
 MAX_PARTS = 10_000
 PARTS_PER_STEP = 1000       # part size doubles every 1000 parts (8 MiB parts: 8 GiB, then 16 MiB ...)
 LOCK_NAME = naming.LOCKS[1]
 BLOCK = 8 << 20              # ranged GETs of stream data: aligned 8 MiB blocks
-CACHED_BLOCKS = 4            # per open object (32 MiB)
+CACHED_BLOCKS = 2            # per open object (16 MiB): readers move forward, workers share a block
 LOG_SPOOL = 4 << 20          # a run's log stays in memory up to this size, then in a temporary file
 LOCK_TTL = 6 * 3600           # a lock older than this (owner gone quiet) may be broken
 
@@ -104,9 +106,12 @@ def make_client(options: S3Options) -> Any:
     for noisy in ("boto3", "botocore", "urllib3", "s3transfer"):   # their debug lines carry request headers
         logging.getLogger(noisy).setLevel(logging.WARNING)
     session = boto3.session.Session(profile_name=options.profile, region_name=options.region)
+    # Every PUT and UploadPart carries a Content-MD5 (signed): no second, SHA-256 pass over each
+    # payload for the signature (botocore skips it already over https; over http it would not).
     config = Config(connect_timeout=options.connect_timeout, read_timeout=options.read_timeout,
                     retries={"mode": "standard", "total_max_attempts": options.attempts},
-                    max_pool_connections=max(10, 2 * options.concurrency))
+                    max_pool_connections=max(10, 2 * options.concurrency),
+                    s3={"payload_signing_enabled": False})
     # botocore < 1.31 does not read AWS_ENDPOINT_URL itself
     endpoint = options.endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
     verify = options.ca_bundle if options.ca_bundle else None
@@ -158,9 +163,7 @@ class S3Store:
         self.options = options or S3Options()
         self.location = str(self.url)
         self.client = client or make_client(self.options)
-        self.requests = RequestCounter()
-        self.requests.attach(self.client)
-
+        self.requests = RequestCounter.of(self.client)
 
     def where(self, name: str) -> str:
         return f"{self.url}/{name}" if name else str(self.url)
@@ -210,7 +213,7 @@ class S3Store:
             body = self.client.get_object(Bucket=self.url.bucket, Key=self.url.key(name))["Body"]
             return bytes(body.read())
 
-    def put(self, name: str, data: bytes, *, if_absent: bool = False) -> None:
+    def put(self, name: str, data: bytes | bytearray, *, if_absent: bool = False) -> None:
         """One atomic PUT (a reader sees the old or the new object, never a part)."""
         args = {"Bucket": self.url.bucket, "Key": self.url.key(name), "Body": data, "ContentMD5": _md5(data)}
         with self._call(name), _if_none_match(self.client, if_absent):
@@ -305,7 +308,7 @@ def _holder_gone(holder: dict[str, Any]) -> bool:
     return False
 
 
-def _md5(data: bytes | memoryview) -> str:
+def _md5(data: bytes | bytearray | memoryview) -> str:
     return base64.b64encode(hashlib.md5(data).digest()).decode()  # noqa: S324 - S3 Content-MD5, not security
 
 
@@ -329,14 +332,28 @@ def _if_none_match(client: Any, on: bool) -> Iterator[None]:
 
 
 class RequestCounter:
-    """Counts the HTTP requests a store makes, by operation (for the figures in README)."""
+    """Counts the requests of one client, by operation (the figures in README; logged at exit with -v)."""
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def attach(self, client: Any) -> None:
-        client.meta.events.register("before-call.s3", self._count)
+    @classmethod
+    def of(cls, client: Any) -> RequestCounter:
+        """The counter of ``client`` (one per client: the stores of sub-prefixes share it)."""
+        found = getattr(client, "_virtnbd_requests", None)
+        if isinstance(found, RequestCounter):
+            return found
+        counter = cls()
+        client.meta.events.register("before-call.s3", counter._count)
+        client._virtnbd_requests = counter
+        atexit.register(counter.log)
+        return counter
+
+    def log(self) -> None:
+        if self.counts:
+            each = ", ".join(f"{op} {n}" for op, n in sorted(self.counts.items()))
+            log.debug("S3 requests: %d (%s)", sum(self.counts.values()), each)
 
     def _count(self, model: Any, **_: Any) -> None:
         with self._lock:
@@ -344,14 +361,23 @@ class RequestCounter:
 
 
 class Upload:
-    """One object written as a multipart upload: write() in order, then commit() or abort()."""
+    """One object written as a multipart upload: write() in order, then commit() or abort().
+
+    Parts are filled in place in ``concurrency + 1`` reused buffers and sent as they are
+    (a ``bytearray`` body: botocore sends it with one ``sendall``; a ``bytes`` body it would
+    first copy behind the request's headers). A buffer comes back when its part is stored,
+    so ``write`` blocks while every buffer is in flight: memory stays at the buffers.
+    """
 
     def __init__(self, store: S3Store, name: str, part_size: int, concurrency: int) -> None:
         self.store, self.name, self.part_size = store, name, part_size
-        self._buf = bytearray()
+        workers = max(1, concurrency)
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self._spare = workers + 1                  # buffers not yet allocated
+        self._buf: bytearray | None = None
+        self._fill = 0
         self._parts: list[Future[dict[str, Any]]] = []
-        self._pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="s3-put")
-        self._slots = threading.BoundedSemaphore(max(1, concurrency))
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3-put")
         self._id: str | None = None
         self.size = 0
 
@@ -370,17 +396,32 @@ class Upload:
             self._id = str(out["UploadId"])
         return self._id
 
+    def _take(self) -> bytearray:
+        """A part buffer of ``part_size`` bytes: a returned one, a new one, or wait for one."""
+        while True:
+            if self._spare:
+                self._spare -= 1
+                return bytearray(self.part_size)
+            buf = self._free.get()
+            self._raise_failed()
+            if len(buf) == self.part_size:
+                return buf
+            self._spare += 1                        # the part size grew (or a shrunk last part): reallocate
+
     def write(self, data: bytes | memoryview) -> int:
-        """Fill the current part in place; a full part goes out as one ``bytes`` (one copy in all)."""
+        """Copy into the current part buffer (the only copy); a full part goes out as it is."""
         view = memoryview(data).cast("B")
         self.size += len(view)
         while view:
-            take = min(len(view), self.part_size - len(self._buf))
-            self._buf += view[:take]
+            if self._buf is None:
+                self._buf, self._fill = self._take(), 0
+            take = min(len(view), len(self._buf) - self._fill)
+            self._buf[self._fill:self._fill + take] = view[:take]
+            self._fill += take
             view = view[take:]
-            if len(self._buf) >= self.part_size:
-                self._send(bytes(self._buf))
-                self._buf = bytearray()
+            if self._fill == len(self._buf):
+                self._send(self._buf)
+                self._buf = None
                 if len(self._parts) % PARTS_PER_STEP == 0:   # unknown final size: grow so 10 000 parts reach TiBs
                     self.part_size *= 2
         return len(data)
@@ -388,16 +429,15 @@ class Upload:
     def flush(self) -> None:
         """Parts go out as they fill; the tail waits for commit()."""
 
-    def _send(self, part: bytes) -> None:
+    def _send(self, part: bytearray) -> None:
         upload_id = self._start()
         number = len(self._parts) + 1
         self._raise_failed()
-        self._slots.acquire()
         future = self._pool.submit(self._put_part, upload_id, number, part)
-        future.add_done_callback(lambda _f: self._slots.release())
+        future.add_done_callback(lambda _f: self._free.put(part))
         self._parts.append(future)
 
-    def _put_part(self, upload_id: str, number: int, part: bytes) -> dict[str, Any]:
+    def _put_part(self, upload_id: str, number: int, part: bytearray) -> dict[str, Any]:
         s = self.store
         with s._call(self.name):
             out = s.client.upload_part(Bucket=s.url.bucket, Key=s.url.key(self.name), UploadId=upload_id,
@@ -409,15 +449,21 @@ class Upload:
             if f.done() and f.exception() is not None:
                 raise f.exception()  # type: ignore[misc]
 
+    def _tail(self) -> bytearray:
+        """The last, partly filled part, cut to its length in place."""
+        buf = self._buf if self._buf is not None else bytearray()
+        del buf[self._fill:]
+        self._buf = None
+        return buf
+
     def commit(self) -> None:
         """Make the object visible: all parts uploaded and checked, then one Complete call."""
         if self._id is None:                   # small object: one PUT
-            self.store.put(self.name, bytes(self._buf))
+            self.store.put(self.name, self._tail())
             self._pool.shutdown()
             return
-        if self._buf:
-            self._send(bytes(self._buf))
-            self._buf.clear()
+        if self._fill and self._buf is not None:
+            self._send(self._tail())
         parts = [f.result() for f in self._parts]
         s = self.store
         with s._call(self.name):
@@ -471,10 +517,12 @@ class RangedObject(io.RawIOBase):
         first, last = offset // BLOCK, (end - 1) // BLOCK
         if last - first > 1:
             return self._get(offset, end)
-        blocks = [self._block(i) for i in range(first, last + 1)]
-        joined = blocks[0] if len(blocks) == 1 else b"".join(blocks)
         start = offset - first * BLOCK
-        return joined[start:start + end - offset]
+        head = self._block(first)
+        if first == last:
+            return head if (start, end - offset) == (0, len(head)) else head[start:start + end - offset]
+        tail = self._block(last)     # across a block boundary: copy the wanted bytes only, not both blocks
+        return b"".join((memoryview(head)[start:], memoryview(tail)[:end - last * BLOCK]))
 
     def _block(self, index: int) -> bytes:
         with self._lock:
@@ -522,9 +570,9 @@ class RangedObject(io.RawIOBase):
 
 
 class BufferedObject(io.BufferedReader):
-    """Sequential reads through a large buffer (few GETs), plus the raw object's thread-safe pread."""
+    """Sequential reads (served from the raw object's cached blocks: one GET per block), plus its thread-safe pread."""
 
-    def __init__(self, raw: RangedObject, buffer_size: int = 8 << 20) -> None:
+    def __init__(self, raw: RangedObject, buffer_size: int = 1 << 20) -> None:
         super().__init__(raw, buffer_size)
 
     def pread(self, length: int, offset: int) -> bytes:
@@ -562,9 +610,17 @@ class ObjectStore(S3Store):
         return self.open_ranged(name).pread(length, offset)
 
     def read_bytes(self, name: str) -> bytes | None:
-        if self.size(name) is None:
-            return None
-        return self.get(name)
+        """The whole object, or None when there is none (one GET, no HEAD first)."""
+        from botocore import exceptions as bx
+
+        try:
+            return self.get(name)
+        except errors.StorageError as err:
+            cause = err.__cause__
+            if isinstance(cause, bx.ClientError) and str(cause.response.get("Error", {}).get("Code")) in (
+                    "404", "NoSuchKey"):
+                return None
+            raise
 
     @contextlib.contextmanager
     def create(self, name: str, staging_blocks: int = 0) -> Iterator[BinaryIO]:
