@@ -11,6 +11,8 @@ measured is the cost of ssh, TCP and TLS, not of a network.
     same with --no-tls, and nbdcopy of one export over TLS / over a unix socket (what TLS alone costs)
   * fixed cost of a remote inc with no changes, start to exit      (target <= 2 s), with the ssh
     round trips it made (the summary's remote.ssh_round_trips) and the local inc for comparison
+  * restore of the last full here / onto the "remote" (ssh forward; and with --nbd-ip: direct TLS)
+  Every figure comes with the CPU time (user+sys) of the command and its children and the load.
 """
 from __future__ import annotations
 
@@ -73,6 +75,25 @@ def timed(bench: Bench, cpu: list[float], *args: object) -> tuple[float, dict, i
     return result
 
 
+def restore_pair(work: Path, folder: Path, lab: remote_lab.RemoteLab) -> dict[str, float]:
+    """Wall and CPU seconds of restoring ``folder`` here and onto the "remote" (ssh forward, TLS)."""
+    result: dict[str, float] = {}
+    for kind, extra in (("local", []), ("remote", [*remote_args(lab), "-n"]),
+                        ("remote_nbd_ip", [*remote_args(lab), "-n", "--nbd-ip", "127.0.0.1"])):
+        out = work / f"restore-{kind}"
+        before = os.times()
+        started = time.monotonic()
+        subprocess.run([sys.executable, str(REPO / "virtnbdrestore"), "-i", str(folder), "-o", str(out), *extra],
+                       check=True, capture_output=True)
+        result[f"{kind}_s"] = round(time.monotonic() - started, 3)
+        after = os.times()
+        result[f"{kind}_cpu_s"] = round(after.children_user + after.children_system - before.children_user
+                                        - before.children_system, 3)
+        shutil.rmtree(out)
+    result["ratio"] = round(result["remote_s"] / result["local_s"], 3)
+    return result
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -119,6 +140,7 @@ def main() -> int:
                                       "load1": [round(v, 2) for v in load],
                                       "target": FULL_TARGET, "nbd": summary["remote"]["nbd"]}
         last = Path(work) / f"remote{args.rounds - 1}"
+        results["restore_full"] = restore_pair(Path(work), last, lab)
         incs, trips, local_incs = [], [], []
         for _ in range(args.rounds):
             t_inc, summary, _ = timed(bench, cpu_inc, dom, "inc", last, *remote_args(lab))
