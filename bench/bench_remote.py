@@ -11,11 +11,14 @@ measured is the cost of ssh, TCP and TLS, not of a network.
     same with --no-tls, and nbdcopy of one export over TLS / over a unix socket (what TLS alone costs)
   * fixed cost of a remote inc with no changes, start to exit      (target <= 2 s), with the ssh
     round trips it made (the summary's remote.ssh_round_trips) and the local inc for comparison
+  * restore of the last full here / onto the "remote" (ssh forward; and with --nbd-ip: direct TLS)
+  Every figure comes with the CPU time (user+sys) of the command and its children and the load.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import socket
 import statistics
@@ -63,6 +66,34 @@ def nbdcopy_floor(dom: LabDomain, lab: remote_lab.RemoteLab) -> float:
     return times[1] / times[0]
 
 
+def timed(bench: Bench, cpu: list[float], *args: object) -> tuple[float, dict, int]:
+    """bench.backup, and the CPU time (user+sys) of the run and its children appended to ``cpu``."""
+    before = os.times()
+    result = bench.backup(*args)  # type: ignore[arg-type]
+    after = os.times()
+    cpu.append(round(after.children_user + after.children_system - before.children_user - before.children_system, 3))
+    return result
+
+
+def restore_pair(work: Path, folder: Path, lab: remote_lab.RemoteLab) -> dict[str, float]:
+    """Wall and CPU seconds of restoring ``folder`` here and onto the "remote" (ssh forward, TLS)."""
+    result: dict[str, float] = {}
+    for kind, extra in (("local", []), ("remote", [*remote_args(lab), "-n"]),
+                        ("remote_nbd_ip", [*remote_args(lab), "-n", "--nbd-ip", "127.0.0.1"])):
+        out = work / f"restore-{kind}"
+        before = os.times()
+        started = time.monotonic()
+        subprocess.run([sys.executable, str(REPO / "virtnbdrestore"), "-i", str(folder), "-o", str(out), *extra],
+                       check=True, capture_output=True)
+        result[f"{kind}_s"] = round(time.monotonic() - started, 3)
+        after = os.times()
+        result[f"{kind}_cpu_s"] = round(after.children_user + after.children_system - before.children_user
+                                        - before.children_system, 3)
+        shutil.rmtree(out)
+    result["ratio"] = round(result["remote_s"] / result["local_s"], 3)
+    return result
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -85,11 +116,16 @@ def main() -> int:
         dom = bench.domain([DiskSpec("sda", "sata", "qcow2", args.size)], {"sda": raw})
         raw.unlink()
         ratios, plain, local, remote, floors = [], [], [], [], []
+        cpu_local: list[float] = []
+        cpu_remote: list[float] = []
+        cpu_inc: list[float] = []
+        load = [os.getloadavg()[0]]
         for n in range(args.rounds):
             floors.append(nbdcopy_floor(dom, lab))
-            t_local, _, _ = bench.backup(dom, "full", Path(work) / f"local{n}")
+            t_local, _, _ = timed(bench, cpu_local, dom, "full", Path(work) / f"local{n}")
             t_plain, _, _ = bench.backup(dom, "full", Path(work) / f"plain{n}", *remote_args(lab), "--no-tls")
-            t_remote, summary, _ = bench.backup(dom, "full", Path(work) / f"remote{n}", *remote_args(lab))
+            t_remote, summary, _ = timed(bench, cpu_remote, dom, "full", Path(work) / f"remote{n}", *remote_args(lab))
+            load.append(os.getloadavg()[0])
             local.append(round(t_local, 3))
             remote.append(round(t_remote, 3))
             ratios.append(t_remote / t_local)
@@ -100,11 +136,14 @@ def main() -> int:
                                       "ratios": [round(r, 3) for r in ratios], "local_s": local, "remote_s": remote,
                                       "no_tls_ratio_median": round(statistics.median(plain), 3),
                                       "nbdcopy_tls_over_unix_median": round(statistics.median(floors), 3),
+                                      "cpu_local_s": cpu_local, "cpu_remote_s": cpu_remote,
+                                      "load1": [round(v, 2) for v in load],
                                       "target": FULL_TARGET, "nbd": summary["remote"]["nbd"]}
         last = Path(work) / f"remote{args.rounds - 1}"
+        results["restore_full"] = restore_pair(Path(work), last, lab)
         incs, trips, local_incs = [], [], []
         for _ in range(args.rounds):
-            t_inc, summary, _ = bench.backup(dom, "inc", last, *remote_args(lab))
+            t_inc, summary, _ = timed(bench, cpu_inc, dom, "inc", last, *remote_args(lab))
             incs.append(round(t_inc, 3))
             trips.append(summary["remote"]["ssh_round_trips"])
         local_chain = Path(work) / "local-chain"       # local reference, after the remote chain: its full
@@ -113,6 +152,7 @@ def main() -> int:
             local_incs.append(round(bench.backup(dom, "inc", local_chain)[0], 3))
         results["inc_no_change_remote"] = {"seconds_median": statistics.median(incs), "seconds": incs,
                                            "ssh_round_trips": trips, "target_s": INC_TARGET,
+                                           "cpu_s": cpu_inc, "load1": round(os.getloadavg()[0], 2),
                                            "local_inc_s": local_incs}
     finally:
         bench.close()

@@ -1,6 +1,8 @@
 """Remote hosts, pure logic: which URIs are remote, host-key pinning, error lines, job XML, options."""
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,17 @@ def test_options_and_client_certificates(tmp_path: Path) -> None:
     for name in session.CLIENT_FILES:
         (tmp_path / name).write_text("x")
     session.check_tls_dir(RemoteOptions(tls_dir=str(tmp_path)))
+
+
+def test_sweep_removes_private_folders_of_dead_runs_only(tmp_path: Path) -> None:
+    """A SIGKILLed run leaves its ssh folder (control socket, askpass) and forward socket folder here."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = [tmp_path / f"virtnbd-ssh.{dead.pid}.abc", tmp_path / f"virtnbd-remote-{dead.pid}.def"]
+    kept = [tmp_path / f"virtnbd-ssh.{os.getpid()}.ghi", tmp_path / "virtnbd-ssh.x1.jkl", tmp_path / "other.1.x"]
+    for folder in stale + kept:
+        folder.mkdir()
+        (folder / "ctl").write_text("")
+    removed = ssh.sweep_stale(str(tmp_path))
+    assert sorted(removed) == sorted(str(p) for p in stale)
+    assert all(p.exists() for p in kept) and not any(p.exists() for p in stale)

@@ -34,7 +34,7 @@ def add_restore_host(p: argparse.ArgumentParser) -> None:
                         "changed key fails the run")
     g.add_argument("--tls-cert", metavar="DIR",
                    help="client certificates for the host's qemu-nbd: DIR/ca-cert.pem, client-cert.pem, "
-                        "client-key.pem (0600)")
+                        "client-key.pem (0600); default /etc/pki/qemu, as for virtnbdbackup")
     g.add_argument("--nbd-tls-dir", metavar="DIR",
                    help="server certificate folder ON THE HOST (default: backup_tls_x509_cert_dir of its qemu.conf, "
                         "else default_tls_x509_cert_dir, else /etc/pki/qemu)")

@@ -11,9 +11,10 @@ from pathlib import Path
 from virtnbd import __version__, errors
 from virtnbd.cli import hostargs, keyargs, locations, parity, rbdargs, s3args
 from virtnbd.cli.shell import OneLineParser, run_main
+from virtnbd.remote.options import DEFAULT_TLS_DIR
 from virtnbd.restore.options import ACTIONS, FORMATS, RestoreOptions
 from virtnbd.restore.targets import blockdev
-from virtnbd.restore.targets.remote import NEEDS_CERT, RemoteOptions
+from virtnbd.restore.targets.remote import RemoteOptions
 
 PROG = "virtnbdrestore"
 
@@ -189,8 +190,8 @@ def _remote(args: argparse.Namespace) -> RemoteOptions | None:
         raise errors.UsageError(reason="a remote restore (-U on another host) needs -o FOLDER on that host "
                                        "(or -o rbd:POOL)")
     files = bool(args.output) and not str(args.output).startswith("rbd:")
-    if remote is not None and remote.tls and not remote.tls_cert and files:
-        raise errors.UsageError(reason=NEEDS_CERT)
+    if remote is not None and remote.tls and not remote.tls_cert and files:     # the same default as a backup
+        remote = dataclasses.replace(remote, tls_cert=DEFAULT_TLS_DIR)
     return remote
 
 

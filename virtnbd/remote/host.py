@@ -52,7 +52,8 @@ class RemoteFacts:
     host: str = ""
     nbd: list[str] = field(default_factory=list)     # addresses the client read from
     tls: bool = True
-    ssh_round_trips: int = 0
+    ssh_round_trips: int = 0                          # ssh sessions opened (the master, the run's shell, ...)
+    remote_commands: int = 0                          # commands run through the run's one remote shell
 
 
 class Host(Protocol):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shlex
+import os
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -19,37 +19,12 @@ from pathlib import Path
 from virtnbd import errors
 from virtnbd.remote.host import ExportSpec, RemoteFacts, nbd_argv, untar
 from virtnbd.remote.options import PORT_RANGE, RemoteOptions
+from virtnbd.remote.rshell import STOP_PID, RemoteShell, ShellBroken
 from virtnbd.remote.ssh import SshConnection, last_line
 from virtnbd.source.nbdsource import Address, TcpAddress
 from virtnbd.virt.xmlbuild import TcpServer
 
 log = logging.getLogger(__name__)
-
-GUARD = r"""
-set -u
-d=$(mktemp -d "$1/virtnbd.$3.XXXXXXXX") || exit 1
-chmod 1733 "$d"
-echo "$d"
-trap '' HUP INT TERM PIPE
-line=; read -r line || true
-for f in "$d"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null; done
-for f in "$d"/*.pid; do
-  [ -f "$f" ] || continue; p=$(cat "$f"); i=0
-  while kill -0 "$p" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-  kill -9 "$p" 2>/dev/null
-done
-# a qemu-nbd killed with us before it wrote its pid file: found by the pid file it names
-i=0
-while pgrep -f -- "--pid-file=$d/" >/dev/null 2>&1 && [ $i -lt 50 ]; do
-  pkill -f -- "--pid-file=$d/" 2>/dev/null; sleep 0.1; i=$((i+1))
-done
-pkill -9 -f -- "--pid-file=$d/" 2>/dev/null
-if [ "$line" != done ] && command -v virsh >/dev/null 2>&1 &&
-   virsh -q -c qemu:///system backup-dumpxml "$2" 2>/dev/null | grep -qF "$d/"
-then virsh -q -c qemu:///system domjobabort "$2" >/dev/null 2>&1; fi
-rm -rf "$d"
-echo gone
-"""
 
 START_NBD = r"""
 command -v qemu-nbd >/dev/null 2>&1 || { echo "qemu-nbd: command not found" >&2; exit 127; }
@@ -80,22 +55,32 @@ class RemoteHost:
         self.name = ssh.target.host
         self.dial = options.nbd_ip or ssh.target.host     # the name certificates are checked against
         self.report = RemoteFacts(host=self.name, tls=options.tls)
+        self.shell = RemoteShell(ssh)           # starts now: its login overlaps the libvirt connect
+
+    def close(self) -> None:
+        self.shell.close()
 
     # -- commands and files -----------------------------------------------------------
+    def _exec(self, argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess[bytes]:
+        """A command on the host: through the run's shell, or (shell broken) an ssh session of its own."""
+        try:
+            return self.shell.request("run", argv, timeout)
+        except ShellBroken:
+            return self.ssh.run(argv, timeout=timeout)
+
     def run(self, argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
-        proc = self.ssh.run(argv, timeout=timeout)
+        proc = self._exec(argv, timeout)
         return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(errors="replace"),
                                            proc.stderr.decode(errors="replace"))
 
     def read_file(self, path: str) -> bytes:
-        proc = self.ssh.run(["cat", "--", path], timeout=120)
+        proc = self._exec(["cat", "--", path], timeout=120)
         if proc.returncode != 0:
             raise OSError(f"{self.name}:{path}: {last_line(proc.stderr.decode(errors='replace'))}")
         return proc.stdout
 
     def fetch_tree(self, path: str, dest: Path) -> bool:
-        proc = self.ssh.run(["sh", "-c", 'test -d "$1" || exit 3; exec tar -C "$1" -cf - .', "sh", path],
-                            timeout=300)
+        proc = self._exec(["sh", "-c", 'test -d "$1" || exit 3; exec tar -C "$1" -cf - .', "sh", path], 300)
         if proc.returncode == 3:
             return False
         if proc.returncode != 0:
@@ -106,19 +91,22 @@ class RemoteHost:
     # -- the work folder ----------------------------------------------------------------
     @contextlib.contextmanager
     def work_dir(self, scratchdir: str, domain: str) -> Iterator[str]:
-        import os
-
-        guard = self.ssh.popen(["sh", "-c", GUARD, "virtnbd-guard", scratchdir, domain, str(os.getpid())])
+        """``SCRATCH/virtnbd.<pid>.<rand>`` on the host, made and guarded by the run's shell."""
         try:
-            line = guard.stdout.readline().decode(errors="replace").strip() if guard.stdout else ""
-            if not line.startswith("/"):
-                err = guard.stderr.read().decode(errors="replace") if guard.stderr else ""
-                raise errors.RemoteError(host=self.name, reason=f"cannot create a work folder in {scratchdir}: "
-                                         f"{last_line(err) or 'no answer'} (--scratchdir names a folder on the host)")
-            log.debug("remote work folder %s:%s", self.name, line)
+            proc = self.shell.request("work", [scratchdir, domain, str(os.getpid())], 60)
+        except ShellBroken as err:
+            raise errors.RemoteError(host=self.name, reason=f"no remote shell for the work folder: {err}") from err
+        line = proc.stdout.decode(errors="replace").strip()
+        if proc.returncode != 0 or not line.startswith("/"):
+            raise errors.RemoteError(host=self.name, reason=f"cannot create a work folder in {scratchdir}: "
+                                     f"{last_line(proc.stderr.decode(errors='replace')) or 'no answer'} "
+                                     "(--scratchdir names a folder on the host)")
+        log.debug("remote work folder %s:%s", self.name, line)
+        try:
             yield line
         finally:
-            _release(guard, self.name)
+            with contextlib.suppress(ShellBroken):      # a broken shell cleans up when the run ends
+                self.shell.request("release", [line], 60)
 
     # -- NBD ----------------------------------------------------------------------------
     def _client(self, port: int) -> TcpAddress:
@@ -143,7 +131,7 @@ class RemoteHost:
                                  f"{self.options.first_port + 63} for the NBD server (--nbd-port)")
 
     def _server_tls_dir(self) -> str:
-        return self.ssh.run(["sh", "-c", TLS_DIR], timeout=60).stdout.decode().strip()
+        return self._exec(["sh", "-c", TLS_DIR], 60).stdout.decode().strip()
 
     def _start_nbd(self, spec: ExportSpec, workdir: str, tls_dir: str | None) -> int:
         for port in ports(self.options.first_port):
@@ -151,7 +139,7 @@ class RemoteHost:
                     f"--bind={self.dial}", f"--port={port}"]
             if tls_dir:
                 argv += ["--object", f"tls-creds-x509,id=tls0,dir={tls_dir},endpoint=server", "--tls-creds=tls0"]
-            proc = self.ssh.run(["sh", "-c", START_NBD, "qemu-nbd", *argv[1:], spec.path], timeout=60)
+            proc = self._exec(["sh", "-c", START_NBD, "qemu-nbd", *argv[1:], spec.path], 60)
             err = proc.stderr.decode(errors="replace")
             if proc.returncode == 0:
                 return port
@@ -179,13 +167,13 @@ class RemoteHost:
 
     def _stop_nbd(self, pidfiles: list[str]) -> None:
         """Stop the exports now (the domain may start right after the run); the guardian does it too."""
-        script = ('for f in "$@"; do p=$(cat "$f" 2>/dev/null) || continue; kill "$p"; i=0; '
-                  'while kill -0 "$p" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; rm -f "$f"; done')
+        script = STOP_PID + 'for f in "$@"; do p=$(cat "$f" 2>/dev/null) || continue; stop_pid "$p"; rm -f "$f"; done'
         with contextlib.suppress(errors.RemoteError):
-            self.ssh.run(["sh", "-c", script, "stop", *pidfiles], timeout=60)
+            self._exec(["sh", "-c", script, "stop", *pidfiles], 60)
 
     def facts(self) -> RemoteFacts:
         self.report.ssh_round_trips = self.ssh.round_trips
+        self.report.remote_commands = self.shell.commands
         return self.report
 
 
@@ -199,18 +187,3 @@ def _job_error(err: errors.LibvirtError, host: str) -> errors.VirtnbdError:
         return errors.RemoteError(host=host, reason=f"the host cannot listen on the URI's host name ({err.reason}): "
                                   "name an address of the host reachable from here with --nbd-ip")
     return err
-
-
-def _release(guard: subprocess.Popen[bytes], host: str) -> None:
-    """Tell the guardian the run is over and wait until it has cleaned up."""
-    try:
-        try:
-            out, _ = guard.communicate(input=b"done\n", timeout=60)
-        except (BrokenPipeError, ValueError):      # the guardian's session already ended
-            out, _ = guard.communicate(timeout=60)
-        if b"gone" not in out:
-            log.warning("remote work folder on %s: cleanup did not confirm (%s)", host, shlex.quote(out.decode()))
-    except subprocess.TimeoutExpired:
-        guard.kill()
-        guard.wait()
-        log.warning("remote work folder on %s: cleanup did not finish within 60 s", host)

@@ -56,8 +56,12 @@ def session(uri: str | None, options: RemoteOptions) -> Iterator[tuple[str | Non
         log.warning("%s", NO_TLS_WARNING)
     ssh = SshConnection(target, options).open()
     try:
-        with using(RemoteHost(ssh, options)) as host:
-            yield libvirt_uri(target, ssh), host
+        remote = RemoteHost(ssh, options)
+        try:
+            with using(remote) as host:
+                yield libvirt_uri(target, ssh), host
+        finally:
+            remote.close()
     finally:
         ssh.close()
 

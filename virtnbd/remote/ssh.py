@@ -8,6 +8,7 @@ changed key stops the run before anything is read; nothing is ever added to a kn
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -22,10 +23,45 @@ from virtnbd import errors
 from virtnbd.remote.host import die_with_parent
 from virtnbd.remote.options import RemoteOptions
 from virtnbd.remote.uri import RemoteUri
+from virtnbd.virt.job import pid_alive
 
 log = logging.getLogger(__name__)
 
 SSH = "ssh"
+TEMP_PREFIXES = ("virtnbd-ssh.", "virtnbd-remote-")    # our private folders here: PREFIX<pid>.<random>
+
+
+def temp_dir(prefix: str) -> str:
+    """A private folder ``PREFIX<pid>.<random>`` in the temp folder (a later run removes it if we die)."""
+    sweep_stale(tempfile.gettempdir())
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}.")
+
+
+def sweep_stale(tmp: str) -> list[str]:
+    """Remove our private folders whose run is dead (SIGKILL leaves them: ssh control socket, askpass,
+    forwarded NBD socket). Only folders of this user with a ``<pid>.`` of no running process."""
+    removed = []
+    with contextlib.suppress(OSError), os.scandir(tmp) as entries:
+        for entry in entries:
+            pid = _owner_pid(entry)
+            if pid is None or pid_alive(pid):
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+            log.info("removed %s: left by run %d, which is gone (killed?)", entry.path, pid)
+            removed.append(entry.path)
+    return removed
+
+
+def _owner_pid(entry: os.DirEntry[str]) -> int | None:
+    prefix = next((p for p in TEMP_PREFIXES if entry.name.startswith(p)), None)
+    if prefix is None or not entry.is_dir(follow_symlinks=False):
+        return None
+    pid, dot, _ = entry.name[len(prefix):].partition(".")
+    if not dot or not pid.isdigit() or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+        return None
+    return int(pid)
+
+    return True
 
 
 def explain(stderr: str, where: str, known_hosts: str) -> str:
@@ -59,10 +95,16 @@ class SshConnection:
         self.options = options
         self.known_hosts = options.known_hosts or str(Path.home() / ".ssh" / "known_hosts")
         self.round_trips = 0
-        self._dir = Path(tempfile.mkdtemp(prefix="virtnbd-ssh."))
+        self._dir = Path(temp_dir(TEMP_PREFIXES[0]))
         self.control = str(self._dir / "ctl")
         self.wrapper = str(self._dir / "ssh")
         self._master: subprocess.Popen[bytes] | None = None
+        self._askpass: str | None = None
+        if options.password_file:       # an encrypted key's passphrase, answered by a helper (never argv)
+            self._askpass = str(self._dir / "askpass")
+            with open(self._askpass, "w", encoding="utf-8") as f:
+                f.write(f"#!/bin/sh\nexec head -n 1 {shlex.quote(os.path.abspath(options.password_file))}\n")
+            os.chmod(self._askpass, 0o700)
 
     @property
     def where(self) -> str:
@@ -77,6 +119,8 @@ class SshConnection:
                 "-o", "ServerAliveCountMax=3", "-o", f"ControlPath={self.control}"]
         if self.target.keyfile:
             argv += ["-i", self.target.keyfile, "-o", "IdentitiesOnly=yes"]
+        if self._askpass:       # OpenSSH keeps the FIRST value of an option: these go before BatchMode=yes
+            argv[1:1] = ["-o", "BatchMode=no", "-o", "NumberOfPasswordPrompts=1"]
         return argv
 
     def _dest(self) -> list[str]:
@@ -91,7 +135,10 @@ class SshConnection:
         self._write_wrapper()
         argv = [*self.base_argv(), "-M", "-N", "-o", "ControlPersist=no", *self._dest()]
         log.debug("ssh: master connection to %s", self.where)
-        self._master = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        env = None
+        if self._askpass:       # the master alone asks (sessions ride on it)
+            env = {**os.environ, "SSH_ASKPASS": self._askpass, "SSH_ASKPASS_REQUIRE": "force"}
+        self._master = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,
                                         stderr=subprocess.PIPE, preexec_fn=die_with_parent)  # noqa: PLW1509
         self.round_trips += 1
         self._wait_master()

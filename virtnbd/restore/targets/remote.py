@@ -27,10 +27,8 @@ import contextlib
 import logging
 import os
 import random
-import shlex
 import shutil
 import subprocess
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,7 +38,8 @@ from virtnbd import errors, secrets
 from virtnbd.remote import options as remote_options
 from virtnbd.remote import session as remote_session
 from virtnbd.remote import uri as uri_mod
-from virtnbd.remote.ssh import SshConnection, explain
+from virtnbd.remote.rshell import STOP_PID
+from virtnbd.remote.ssh import TEMP_PREFIXES, SshConnection, explain, temp_dir
 from virtnbd.restore.targets.base import TargetRequest
 from virtnbd.restore.targets.qcow2 import Qcow2Target, ServedImage, create_options
 from virtnbd.restore.targets.raw import temp_name
@@ -73,16 +72,12 @@ class RemoteOptions:
 
 # The supervisor. $1 image.partial $2 final $3 format $4 size $5 create -o $6 address $7 ports
 # $8 server TLS dir ("" = from qemu.conf, "-" = no TLS) $9 connections.
-SUPERVISOR = r'''
+SUPERVISOR = STOP_PID + r'''
 img=$1 final=$2 fmt=$3 size=$4 opts=$5 addr=$6 ports=$7 tlsdir=$8 conns=$9
 d=$(mktemp -d "${TMPDIR:-/tmp}/virtnbd-restore.XXXXXX") || exit 1
 stop() {
   [ -s "$d/pid" ] || return 0
-  pid=$(cat "$d/pid"); kill "$pid" 2>/dev/null; i=0
-  while kill -0 "$pid" 2>/dev/null; do
-    i=$((i+1)); [ $i -gt 300 ] && { kill -9 "$pid" 2>/dev/null; sleep 0.2; break; }; sleep 0.1
-  done
-  rm -f "$d/pid"
+  stop_pid "$(cat "$d/pid")"; rm -f "$d/pid"
 }
 fail() { trap - EXIT HUP INT TERM PIPE; stop; rm -f "$img"; rm -rf "$d"; exit 1; }
 trap fail EXIT HUP INT TERM PIPE
@@ -98,6 +93,7 @@ if [ "$tlsdir" != - ] && [ ! -r "$tlsdir/server-cert.pem" ]; then
     "(set backup_tls_x509_cert_dir in qemu.conf, or give --nbd-tls-dir)" >&2; exit 1
 fi
 if [ -e "$final" ] || [ -L "$final" ]; then echo "$final exists already, refusing to overwrite" >&2; exit 1; fi
+mkdir -p -- "$(dirname -- "$final")" 2>"$d/err" || { cat "$d/err" >&2; exit 1; }
 rm -f "$img"
 qemu-img create -q -f "$fmt" ${opts:+-o "$opts"} "$img" "$size" 2>"$d/err" || { cat "$d/err" >&2; exit 1; }
 chmod 600 "$img"
@@ -124,41 +120,9 @@ echo committed
 
 
 class RestoreSsh(SshConnection):
-    """The backup side's ssh connection (virtnbd/remote/ssh.py) plus what a restore needs:
-    a checked ``check_run``, an ``-O forward`` of a local unix socket, and ``--password-file``
-    answering an encrypted key's passphrase through an askpass helper (never argv)."""
-
-    def __init__(self, target: uri_mod.RemoteUri, options: remote_options.RemoteOptions,
-                 password_file: str | None = None) -> None:
-        super().__init__(target, options)
-        self._askpass: str | None = None
-        if password_file:
-            self._askpass = str(self._dir / "askpass")
-            with open(self._askpass, "w", encoding="utf-8") as f:
-                f.write(f"#!/bin/sh\nexec head -n 1 {shlex.quote(os.path.abspath(password_file))}\n")
-            os.chmod(self._askpass, 0o700)
-
-    def base_argv(self) -> list[str]:
-        argv = super().base_argv()
-        if self._askpass:       # OpenSSH keeps the FIRST value of an option: these go before BatchMode=yes
-            argv[1:1] = ["-o", "BatchMode=no", "-o", "NumberOfPasswordPrompts=1"]
-        return argv
-
-    def open(self) -> RestoreSsh:
-        if not self._askpass:
-            super().open()
-            return self
-        saved = {k: os.environ.get(k) for k in ("SSH_ASKPASS", "SSH_ASKPASS_REQUIRE")}
-        os.environ.update(SSH_ASKPASS=self._askpass, SSH_ASKPASS_REQUIRE="force")   # the master only
-        try:
-            super().open()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-        return self
+    """The backup side's ssh connection (virtnbd/remote/ssh.py; ``--password-file`` answers an
+    encrypted key's passphrase there) plus what a restore needs: a checked ``check_run`` and an
+    ``-O forward`` of a local unix socket."""
 
     def check_run(self, command: list[str], stdin: bytes | None = None) -> str:
         log.debug("remote %s: %s", self.target.host, shown(command))
@@ -205,11 +169,12 @@ class RemoteHost:
         self.name = target.host
 
     def make_folder(self, path: str) -> None:
-        self.link.check_run(["mkdir", "-p", "--", path])
+        """Nothing now: the disk helpers and :meth:`write_file` make their folder (one ssh session less)."""
 
     def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        """A small file on the host, written under a temp name and renamed."""
-        script = 'umask 077; cat > "$1.tmp" && chmod "$2" "$1.tmp" && mv -- "$1.tmp" "$1"'
+        """A small file on the host, written under a temp name and renamed (its folder made if needed)."""
+        script = ('umask 077; mkdir -p -- "$(dirname -- "$1")" && cat > "$1.tmp" && chmod "$2" "$1.tmp" && '
+                  'mv -- "$1.tmp" "$1"')
         self.link.check_run(["sh", "-c", script, "sh", path, f"{mode:o}"], stdin=data)
 
     def libvirt_uri(self) -> str:
@@ -229,8 +194,9 @@ def open_host(options: RemoteOptions, password_file: str | None = None) -> Itera
                     "any client on %s", options.nbd_ip or "its loopback")
     target = ssh_target(options.uri)
     ssh_options = remote_options.RemoteOptions(tls=options.tls, known_hosts=options.known_hosts,
-                                               tls_dir=options.tls_cert or remote_options.DEFAULT_TLS_DIR)
-    link = RestoreSsh(target, ssh_options, password_file)
+                                               tls_dir=options.tls_cert or remote_options.DEFAULT_TLS_DIR,
+                                               password_file=password_file)
+    link = RestoreSsh(target, ssh_options)
     try:
         link.open()
         yield RemoteHost(options, link, target)
@@ -301,7 +267,7 @@ class RemoteTarget(Qcow2Target):
         self.port = int(line.split()[1])
         log.debug("%s: remote qemu-nbd on %s:%d", self.name, o.nbd_ip or "127.0.0.1", self.port)
         if o.nbd_ip is None:
-            self._sockdir = tempfile.mkdtemp(prefix="virtnbd-remote-")
+            self._sockdir = temp_dir(TEMP_PREFIXES[1])
             self.sock = os.path.join(self._sockdir, "nbd.sock")
             self.host.link.forward(self.sock, self.port)
         else:
