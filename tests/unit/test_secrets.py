@@ -121,7 +121,7 @@ def test_ssh_target_and_askpass_order(tmp_path: Path) -> None:
     assert (target.user, target.host, target.ssh_port, target.keyfile) == ("root", "h.example", 2222, str(key))
     pw = tmp_path / "pw"
     pw.write_text("x\n")
-    link = remote.RestoreSsh(target, RemoteOptions(known_hosts="/kh"), str(pw))
+    link = remote.RestoreSsh(target, RemoteOptions(known_hosts="/kh", password_file=str(pw)))
     try:
         argv = link.base_argv()
         # OpenSSH keeps the first value: BatchMode=no must come before the shared BatchMode=yes
