@@ -146,15 +146,23 @@ def test_two_domains_at_once_take_different_ports(remote_lab: RemoteLab, make_do
     with socket.socket() as busy:                  # the first port is taken: both runs must move on
         busy.bind(("127.0.0.1", base))
         busy.listen()
-        # small reads keep both jobs running long enough to overlap (checked below)
         procs = [subprocess.Popen(_cmd(remote_lab, dom, "full", tmp_path / dom.name, "--nbd-port", str(base),
-                                       "--read-size", "4K", scheme=scheme),
+                                       scheme=scheme),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for dom, scheme in zip(doms, ("qemu+ssh", "qemu+libssh"), strict=True)]
-        overlapped = False
-        while any(p.poll() is None for p in procs) and not overlapped:
-            overlapped = all(_job_port(dom) not in (None, base) for dom in doms)    # both really listening
-            time.sleep(0.02)
+        overlapped, stopped = False, set()
+        try:       # a run whose job listens first is held (SIGSTOP) until the other's job listens too
+            while any(p.poll() is None for p in procs) and not overlapped:
+                listening = [_job_port(dom) not in (None, base) for dom in doms]
+                overlapped = all(listening)
+                for i in range(2):
+                    if listening[i] and not overlapped and i not in stopped:
+                        procs[i].send_signal(signal.SIGSTOP)
+                        stopped.add(i)
+                time.sleep(0.02)
+        finally:
+            for i in stopped:
+                procs[i].send_signal(signal.SIGCONT)
         outs = [p.communicate(timeout=300) for p in procs]
     assert overlapped, "the two jobs never ran at the same time"
     assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]

@@ -18,14 +18,13 @@ import shutil
 import signal
 import subprocess
 import tarfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from virtnbd import errors, fsutil
+from virtnbd import errors, fsutil, qemunbd
 from virtnbd.source.nbdsource import Address
 from virtnbd.virt.xmlbuild import TcpServer
 
@@ -80,18 +79,6 @@ class Host(Protocol):
 def die_with_parent() -> None:
     """In the child: SIGTERM when the backup process dies (a killed run leaves no export holding the image)."""
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _wait_socket(proc: subprocess.Popen[bytes], socket: Path, target: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while not socket.exists():
-        if proc.poll() is not None:
-            err = (proc.stderr.read() if proc.stderr else b"").decode(errors="replace").strip()
-            last = err.splitlines()[-1] if err else f"exit {proc.returncode}"
-            raise errors.NbdError(export=target, reason=f"qemu-nbd ended: {last}")
-        if time.monotonic() > deadline:
-            raise errors.NbdError(export=target, reason=f"qemu-nbd did not create {socket} in {START_TIMEOUT:.0f}s")
-        time.sleep(0.01)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -151,11 +138,16 @@ class LocalHost:
         try:
             for spec in specs:
                 socket = Path(workdir) / f"{spec.target}.nbd.sock"
-                proc = subprocess.Popen([*nbd_argv(spec), f"--socket={socket}", spec.path], stdin=subprocess.DEVNULL,
+                pidfile = str(Path(workdir) / f"{spec.target}.nbd.pid")
+                proc = subprocess.Popen([*nbd_argv(spec), f"--socket={socket}", f"--pid-file={pidfile}", spec.path],
+                                        stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                         preexec_fn=die_with_parent)  # noqa: PLW1509 (one call, no locks taken)
                 procs.append(proc)
-                _wait_socket(proc, socket, spec.target)
+                try:
+                    qemunbd.wait_ready(proc, pidfile, START_TIMEOUT)
+                except qemunbd.NotReady as err:
+                    raise errors.NbdError(export=spec.target, reason=err.reason) from None
                 sockets[spec.target] = str(socket)
             yield sockets
         finally:

@@ -20,11 +20,10 @@ import signal
 import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from virtnbd import errors
+from virtnbd import errors, qemunbd
 from virtnbd.fsutil import fsync_dir, storage_error
 from virtnbd.restore.targets.base import TargetBase, TargetRequest
 from virtnbd.restore.targets.raw import refuse_existing, temp_name
@@ -97,21 +96,19 @@ class ServedImage:
     def start(self) -> None:
         self._sockdir = tempfile.mkdtemp(prefix="virtnbd-image-")
         self.sock = os.path.join(self._sockdir, "nbd.sock")
+        pidfile = os.path.join(self._sockdir, "qemu-nbd.pid")
         argv = ["qemu-nbd", "-f", self.fmt, "--cache=writeback", "--aio=threads", "--discard=unmap",
-                "-e", str(self.workers + 1), *(["-t"] if self.persistent else []), "-k", self.sock, self.path]
+                "-e", str(self.workers + 1), *(["-t"] if self.persistent else []), "-k", self.sock,
+                f"--pid-file={pidfile}", self.path]
         try:
             self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.PIPE, start_new_session=True)
         except FileNotFoundError as err:
             raise errors.StorageError(path=self.label, reason="qemu-nbd not found (install qemu-utils)") from err
-        deadline = time.monotonic() + START_TIMEOUT
-        while not os.path.exists(self.sock):
-            if self._proc.poll() is not None:
-                err_text = self._proc.stderr.read().decode(errors="replace").strip() if self._proc.stderr else ""
-                raise errors.StorageError(path=self.label, reason=f"qemu-nbd failed: {err_text}")
-            if time.monotonic() > deadline:
-                raise errors.StorageError(path=self.label, reason="qemu-nbd did not start")
-            time.sleep(0.01)
+        try:
+            qemunbd.wait_ready(self._proc, pidfile, START_TIMEOUT)
+        except qemunbd.NotReady as err:
+            raise errors.StorageError(path=self.label, reason=err.reason) from None
 
     def handle(self) -> Any:
         """This thread's NBD connection to the image."""
