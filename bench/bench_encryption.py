@@ -5,10 +5,11 @@ Not a test: prints ratios of paired rounds (the order alternates per round), bes
 CPU time (user+sys) ratio and the peak RSS difference. Every run reads cold: the domain's images
 and, for a restore, the set it reads are dropped from the page cache first (a set left cached by
 an earlier round made one side of a pair faster than the other). Targets (issue 16): backup and
-restore ratio <= 1.15 (uncompressed and lz4), peak RSS within 16 MiB. The data is random: the lz4
-runs measure the compression probe's path (almost every frame is stored raw, then sealed).
+restore ratio <= 1.15 (uncompressed and lz4), peak RSS within 16 MiB. The data is random by
+default: the lz4 runs then measure the compression probe's path (almost every frame is stored raw,
+then sealed); ``--kind text`` seals compressed frames (bench_backup's text).
 
-    .venv/bin/python bench/bench_encryption.py [--size 2G] [--data 768M] [--rounds 3]
+    .venv/bin/python bench/bench_encryption.py [--size 2G] [--data 768M] [--rounds 3] [--kind random|text]
 """
 from __future__ import annotations
 
@@ -93,6 +94,7 @@ def main() -> int:
     p.add_argument("--size", type=parse_size, default=2 * GiB)
     p.add_argument("--data", type=parse_size, default=768 * MiB)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--kind", choices=("random", "text"), default="random")
     args = p.parse_args()
     bench = Bench(args)
     work = Path(make_lab_dir(prefix="bench-enc-"))
@@ -102,7 +104,7 @@ def main() -> int:
         key.write_bytes(os.urandom(32))
         key.chmod(0o600)
         raw = work / "disk.raw"
-        make_raw(raw, args.size, args.data, "random", seed=5)
+        make_raw(raw, args.size, args.data, args.kind, seed=5)
         dom = bench.domain([DiskSpec("sda", "sata", "qcow2", args.size)], {"sda": raw})
         raw.unlink()
         for label, extra in (("uncompressed", []), ("lz4", ["-z"])):
