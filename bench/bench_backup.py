@@ -20,6 +20,7 @@ Scenarios (each repeated ``--rounds`` times, medians, paired with the reference)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -39,7 +40,7 @@ sys.path.insert(0, str(REPO))
 import libvirt  # noqa: E402
 
 from tests.lab.libvirt_lab import DiskSpec, LabDomain, make_lab_dir  # noqa: E402
-from virtnbd.virt import xmlbuild  # noqa: E402
+from virtnbd.virt import connection, xmlbuild  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -106,7 +107,9 @@ def make_raw(path: Path, size: int, data: int, kind: str, seed: int) -> list[tup
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.conn = libvirt.open("qemu:///system")
+        # libvirt's event loop answers keepalive: making a disk image can take longer than its timeout
+        self._stack = contextlib.ExitStack()
+        self.conn: libvirt.virConnect = self._stack.enter_context(connection.connect("qemu:///system"))
         self.domains: list[LabDomain] = []
         self.results: dict[str, object] = {}
         self.last_cpu = 0.0             # user+sys seconds of the last measured child
@@ -129,9 +132,11 @@ class Bench:
         return dom
 
     def close(self) -> None:
-        for dom in self.domains:
-            dom.remove()
-        self.conn.close()
+        try:
+            for dom in self.domains:
+                dom.remove()
+        finally:
+            self._stack.close()
 
     # -- measurements --------------------------------------------------------------
     def nbdcopy(self, dom: LabDomain, target: str) -> float:

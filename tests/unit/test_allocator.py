@@ -44,3 +44,16 @@ def test_can_be_called_again():
     from virtnbd import allocator
     assert allocator.keep_frame_buffers() is True
     assert allocator.keep_frame_buffers() is True
+
+
+def test_uninitialized_is_a_writable_bytearray_of_that_size():
+    import pytest
+
+    from virtnbd import allocator
+    for size in (0, 1, 4096, (1 << 20) + 16):
+        buf = allocator.uninitialized(size)
+        assert type(buf) is bytearray and len(buf) == size
+        buf[:] = b"\x5a" * size
+        assert buf == b"\x5a" * size
+    with pytest.raises(ValueError):
+        allocator.uninitialized(-1)

@@ -21,7 +21,7 @@ from typing import Any
 
 import xxhash
 
-from virtnbd import errors
+from virtnbd import allocator, errors
 from virtnbd.crypto import aead
 from virtnbd.crypto.setkey import FrameSealer, SetKey
 from virtnbd.stream import format as fmt
@@ -120,7 +120,7 @@ class SealStage:
         if len(view) < aead.TAG_SIZE:
             raise errors.FormatError(path=path, offset=pos, reason="encrypted frame payload shorter than its tag")
         body = view[:-aead.TAG_SIZE]
-        out = body if not view.readonly else bytearray(len(body))
+        out = body if not view.readonly else allocator.uninitialized(len(body))   # filled by open_into
         try:
             self.sealer.open_into(head.offset, head.raw[:FIELDS.size], body, bytes(view[-aead.TAG_SIZE:]), out=out)
         except aead.AuthenticationFailed as err:

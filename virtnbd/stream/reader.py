@@ -14,7 +14,7 @@ from typing import Any, BinaryIO, cast
 
 import xxhash
 
-from virtnbd import errors
+from virtnbd import allocator, errors
 from virtnbd.stream import codec
 from virtnbd.stream import format as fmt
 from virtnbd.stream.format import FrameRef, StreamMeta, StreamTotals
@@ -346,8 +346,8 @@ class StreamReader:
         try:
             if self._fd is None:
                 view = memoryview(self._pread(first, span, "frames"))
-            elif self.codec.decodes_in_place:       # a writable buffer: a stage decodes into it (no copy)
-                view = memoryview(bytearray(span))
+            elif self.codec.decodes_in_place:       # a writable buffer (the read fills it): a stage decodes into it
+                view = memoryview(allocator.uninitialized(span))
                 view = view[:os.preadv(self._fd, [view], first)]
             else:
                 view = memoryview(os.pread(self._fd, span, first))
