@@ -23,6 +23,7 @@ import contextlib
 import datetime as dt
 import logging
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -290,6 +291,7 @@ def write_full(bset: BackupSet, chain: DiskChain, target: Point, merged: Sequenc
     """Write the synthetic full stream of one disk; returns its manifest entry (file not listed yet)."""
     name = naming.synthetic_full_file(chain.disk, target.name)
     path = bset.store.describe(name)
+    started = time.monotonic()
     with contextlib.ExitStack() as stack:
         plan, readers = build_plan(chain, stack)
         newest = readers[-1].meta
@@ -315,8 +317,8 @@ def write_full(bset: BackupSet, chain: DiskChain, target: Point, merged: Sequenc
     old = target.disks.get(chain.disk)
     extra = {k: v for k, v in (old.extra if old else {}).items() if k in ("image_info", "bus", "source")}
     extra.update({"mode": "full", "consolidated_from": list(merged)})
-    log.info("%s: synthetic full %s: %d data bytes, %d stored", chain.disk, name, totals.data_bytes,
-             totals.stored_bytes)
+    log.info("%s: synthetic full %s: %d data bytes, %d stored, written in %.2f s", chain.disk, name,
+             totals.data_bytes, totals.stored_bytes, time.monotonic() - started)
     return bsmanifest.disk_entry(meta, name, totals, extra)
 
 
@@ -382,7 +384,9 @@ def consolidate(folder: str, target: str, drop: Sequence[str] = (), workers: int
         log.info("point %s merged into the synthetic full at %s", p.name, target)
     for p in others:
         log.info("point %s removed with the consolidation (no rule keeps it)", p.name)
-    journal.remove_unlisted(store, old_files, "its point was merged or removed")
+    started = time.monotonic()
+    gone = journal.remove_unlisted(store, old_files, "its point was merged or removed")
+    log.info("removed %d file(s) of merged or removed points in %.2f s", len(gone), time.monotonic() - started)
     journal.finish(store)
     return Result(target, tuple(names), tuple(p.name for p in others), _stored(manifest.points),
                   _stored(updated.points))
