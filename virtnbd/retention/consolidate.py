@@ -148,6 +148,8 @@ def _copy_run(reader: Any, run: Sequence[Extent], codec: Codec, method: int, buf
         out.append((tuple(group), view[start:end]))
     if view.obj is buf:
         out.append(buf)
+    else:                       # read elsewhere (a store object without a descriptor): not used
+        buffers.put(buf)
     return out
 
 
