@@ -6,10 +6,12 @@ once, its live slices are checksummed (and compressed like the target's
 stream) in a worker pool and written in offset order by the set's
 ``StreamWriter`` into ``<disk>.full.<point>.data``. Whole frames that lie back
 to back in one source file (most of an old full) are copied as they are
-stored: one ``pread`` per run of up to :data:`RUN_BYTES`, each frame checked
-once there, one write per run (``StreamWriter.add_stored``); the new stream
-goes through the page cache with its writeback started as it grows, then one
-fsync and the rename. Its frames, chained digest and index are those of a
+stored: one ``preadv`` per run of up to :data:`RUN_BYTES` into a recycled
+buffer, each frame checked once there, one write per run
+(``StreamWriter.add_stored``). The new stream is written by one helper thread
+through the page cache, in order (it also computes the whole-file digest), its
+writeback started as it grows, then one fsync and the rename; a run's buffer is
+used again once the writer thread is past its writes. Its frames, chained digest and index are those of a
 normal full. The new full keeps the
 target's name, checkpoint and time, so the incs after it still name it as
 their parent and the libvirt checkpoints stay untouched: the next inc
@@ -20,12 +22,16 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import threading
+import time
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, BinaryIO, cast
+
+import xxhash
 
 from virtnbd import __version__, errors, fsutil
 from virtnbd.backupset import encrypted, naming
@@ -47,8 +53,10 @@ log = logging.getLogger(__name__)
 AHEAD = 8                   # reads (runs or frames) being checked/encoded ahead of the writer
 RUN_BYTES = 4 << 20         # a run: stored frames lying back to back in one file, read and written with one call
 WRITEBACK_EVERY = 64 << 20  # start the new stream's writeback (no wait) every this many bytes
+WRITES_AHEAD = 4            # buffers handed to the new stream's writer thread, not written yet
 
-Item = EncodedFrame | tuple[tuple[EncodedFrame, ...], memoryview]    # a frame, or stored frames and their bytes
+# a frame, stored frames and their bytes, or a read buffer all items before it are slices of
+Item = EncodedFrame | tuple[tuple[EncodedFrame, ...], memoryview] | bytearray
 
 
 def _stream_set(folder: str) -> BackupSet:
@@ -86,13 +94,39 @@ def _copy(reader: Any, ext: Extent, codec: Codec, method: int) -> EncodedFrame:
     return EncodedFrame("data", head.offset, head.length, head.raw, stored, codec.stored_checksum(head, stored))
 
 
-def _copy_run(reader: Any, run: Sequence[Extent], codec: Codec, method: int) -> list[Item]:
-    """Whole frames lying (nearly) back to back in one source file: one ``pread``, each frame checked once;
-    frames the target may hold as they are go out as stored bytes, one slice per contiguous group."""
+class _Buffers:
+    """Read buffers of runs, used again once the writer thread wrote what was read into them (a fresh
+    buffer per run costs page faults on every read)."""
+
+    def __init__(self, keep: int) -> None:
+        self._free: list[bytearray] = []
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def get(self, size: int) -> bytearray:
+        with self._lock:
+            while self._free:
+                buf = self._free.pop()
+                if len(buf) >= size:
+                    return buf
+        return bytearray(max(size, RUN_BYTES + STAGE_SLACK))
+
+    def put(self, buf: bytearray) -> None:
+        with self._lock:
+            if len(self._free) < self._keep:
+                self._free.append(buf)
+
+
+def _copy_run(reader: Any, run: Sequence[Extent], codec: Codec, method: int, buffers: _Buffers) -> list[Item]:
+    """Whole frames lying (nearly) back to back in one source file: one ``preadv`` into a recycled
+    buffer, each frame checked once; frames the target may hold as they are go out as stored bytes,
+    one slice per contiguous group; the buffer comes last (to recycle once its slices are written)."""
     if not hasattr(reader, "read_stored_batch"):
         return [_copy(reader, ext, codec, method) for ext in run]
     refs = [cast(Any, ext.frame) for ext in run]
-    view, frames = reader.read_stored_batch([(r.pos, r.offset, r.length) for r in refs])
+    batch = [(r.pos, r.offset, r.length) for r in refs]
+    buf = buffers.get(reader.batch_span(batch))
+    view, frames = reader.read_stored_batch(batch, into=buf)
     out: list[Item] = []
     group: list[EncodedFrame] = []
     start = end = 0
@@ -112,6 +146,10 @@ def _copy_run(reader: Any, run: Sequence[Extent], codec: Codec, method: int) -> 
                                   codec.stored_checksum(head, stored)))
     if group:
         out.append((tuple(group), view[start:end]))
+    if view.obj is buf:
+        out.append(buf)
+    else:                       # read elsewhere (a store object without a descriptor): not used
+        buffers.put(buf)
     return out
 
 
@@ -138,14 +176,15 @@ def _follows(run: Sequence[Extent], ext: Extent) -> bool:
 
 
 def _frames(plan: Plan, readers: Sequence[Any], codec: Codec, pool: ThreadPoolExecutor,
-            method: int | None = None) -> Iterator[Future[list[Item]]]:
+            method: int | None = None, *, buffers: _Buffers | None = None) -> Iterator[Future[list[Item]]]:
     """Encoded frames of the plan's data extents, in offset order; each source frame decoded once.
 
     ``method``: the target's compression code when stored frames may be copied as they are (a set
     without extra codec stages: an encrypted set seals every frame again under the new stream's key);
-    whole frames then go in runs (:func:`_copy_run`)."""
+    whole frames then go in runs (:func:`_copy_run`), read into ``buffers``."""
     extents = [e for e in plan.extents if not e.is_zero]
     uses = Counter((e.layer, cast(Any, e.frame).pos) for e in extents)
+    buffers = buffers or _Buffers(0)
     decoded: dict[tuple[Any, int], Future[bytes]] = {}
 
     def encode(ext: Extent, source: Future[bytes]) -> list[Item]:
@@ -159,7 +198,7 @@ def _frames(plan: Plan, readers: Sequence[Any], codec: Codec, pool: ThreadPoolEx
         ext = job[0]
         reader = readers[cast(int, ext.layer)]
         if method is not None and _whole(ext):
-            window.append((job, pool.submit(_copy_run, reader, job, codec, method)))
+            window.append((job, pool.submit(_copy_run, reader, job, codec, method, buffers)))
             return
         key = (ext.layer, cast(Any, ext.frame).pos)
         if key not in decoded:
@@ -184,28 +223,69 @@ def _frames(plan: Plan, readers: Sequence[Any], codec: Codec, pool: ThreadPoolEx
 
 
 class _Writeback:
-    """The new stream's file: written through the page cache, its writeback started (no wait) every
-    :data:`WRITEBACK_EVERY` bytes so the final fsync has little left (a store object without a file
-    descriptor, e.g. an S3 upload, is written as it is)."""
+    """The new stream's file, written in order by one helper thread through the page cache (the
+    caller goes on checking and handing over the next run meanwhile; at most :data:`WRITES_AHEAD`
+    buffers wait), its writeback started (no wait, by a second helper) every :data:`WRITEBACK_EVERY`
+    bytes so the final fsync has little left. Buffers handed to :meth:`write` must not change
+    afterwards. A store object without a file descriptor (e.g. an S3 upload) is written as it is.
+    Errors of a write come out of a later :meth:`write` or :meth:`flush`. The whole-file digest is
+    computed by the writer thread too, over the bytes it writes, in order."""
+
+    hashes_data = True      # StreamWriter leaves the whole-file digest to this file (see hexdigest)
 
     def __init__(self, f: Any) -> None:
         self._f = f
+        self._digest = xxhash.xxh3_128()
         try:
             self._fd: int | None = f.fileno()
         except (OSError, AttributeError, ValueError):
             self._fd = None
         self._dirty = 0
+        self._writes: deque[Future[Any]] = deque()
+        self._kick: Future[None] | None = None
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="consolidate-write")
+        self._kicker = ThreadPoolExecutor(1, thread_name_prefix="consolidate-writeback")
+
+    def __enter__(self) -> _Writeback:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._writer.shutdown(wait=True)
+        self._kicker.shutdown(wait=True)
+
+    def _put(self, data: bytes | bytearray | memoryview) -> None:
+        self._digest.update(data)
+        self._f.write(data)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        done = self._f.write(data)
+        if self._fd is None:
+            self._put(data)
+            return len(data)
+        while len(self._writes) >= WRITES_AHEAD:
+            self._writes.popleft().result()
+        self._writes.append(self._writer.submit(self._put, data))
         self._dirty += len(data)
-        if self._fd is not None and self._dirty >= WRITEBACK_EVERY:
-            self._f.flush()
-            fsutil.sync_file_range(self._fd, 0, 0, fsutil.SFR_WRITE)
+        if self._dirty >= WRITEBACK_EVERY and (self._kick is None or self._kick.done()):
+            self._kick = self._kicker.submit(fsutil.sync_file_range, self._fd, 0, 0, fsutil.SFR_WRITE)
             self._dirty = 0
-        return cast(int, done)
+        return len(data)
+
+    def after_writes(self, fn: Callable[[bytearray], None], buf: bytearray) -> None:
+        """``fn(buf)`` once every write handed over so far is done (the writer thread goes in order)."""
+        if self._fd is None:
+            fn(buf)
+        else:
+            self._writer.submit(fn, buf)
+
+    def hexdigest(self) -> str:
+        """The xxh3-128 of everything written (StreamWriter's file digest); after :meth:`flush`."""
+        return self._digest.hexdigest()
 
     def flush(self) -> None:
+        while self._writes:
+            self._writes.popleft().result()
+        if self._kick is not None:
+            self._kick.result()
         self._f.flush()
 
 
@@ -213,6 +293,7 @@ def write_full(bset: BackupSet, chain: DiskChain, target: Point, merged: Sequenc
     """Write the synthetic full stream of one disk; returns its manifest entry (file not listed yet)."""
     name = naming.synthetic_full_file(chain.disk, target.name)
     path = bset.store.describe(name)
+    started = time.monotonic()
     with contextlib.ExitStack() as stack:
         plan, readers = build_plan(chain, stack)
         newest = readers[-1].meta
@@ -221,22 +302,25 @@ def write_full(bset: BackupSet, chain: DiskChain, target: Point, merged: Sequenc
                           compression=newest.compression, tool_version=__version__,
                           extra=MappingProxyType({"consolidated_from": list(merged)}))
         meta, stages = bset.writing(meta, name)          # an encrypted set: a new salt, sealed frames
-        with bset.create_data(name) as f, \
+        buffers = _Buffers(AHEAD + WRITES_AHEAD + 2)
+        with bset.create_data(name) as f, _Writeback(f) as out, \
                 ThreadPoolExecutor(max(1, workers), thread_name_prefix="consolidate") as pool:
-            writer = StreamWriter(cast(BinaryIO, _Writeback(f)), meta, path=path, stages=stages)
+            writer = StreamWriter(cast(BinaryIO, out), meta, path=path, stages=stages)
             copy = None if stages else fmt.METHOD_CODES[meta.compression]
-            for fut in _frames(plan, readers, writer.codec, pool, copy):
+            for fut in _frames(plan, readers, writer.codec, pool, copy, buffers=buffers):
                 for item in fut.result():
                     if isinstance(item, EncodedFrame):
                         writer.add(item)
-                    else:
+                    elif isinstance(item, tuple):
                         writer.add_stored(*item)
+                    else:
+                        out.after_writes(buffers.put, item)
             totals = writer.finish()
     old = target.disks.get(chain.disk)
     extra = {k: v for k, v in (old.extra if old else {}).items() if k in ("image_info", "bus", "source")}
     extra.update({"mode": "full", "consolidated_from": list(merged)})
-    log.info("%s: synthetic full %s: %d data bytes, %d stored", chain.disk, name, totals.data_bytes,
-             totals.stored_bytes)
+    log.info("%s: synthetic full %s: %d data bytes, %d stored, written in %.2f s", chain.disk, name,
+             totals.data_bytes, totals.stored_bytes, time.monotonic() - started)
     return bsmanifest.disk_entry(meta, name, totals, extra)
 
 
@@ -302,7 +386,9 @@ def consolidate(folder: str, target: str, drop: Sequence[str] = (), workers: int
         log.info("point %s merged into the synthetic full at %s", p.name, target)
     for p in others:
         log.info("point %s removed with the consolidation (no rule keeps it)", p.name)
-    journal.remove_unlisted(store, old_files, "its point was merged or removed")
+    started = time.monotonic()
+    gone = journal.remove_unlisted(store, old_files, "its point was merged or removed")
+    log.info("removed %d file(s) of merged or removed points in %.2f s", len(gone), time.monotonic() - started)
     journal.finish(store)
     return Result(target, tuple(names), tuple(p.name for p in others), _stored(manifest.points),
                   _stored(updated.points))

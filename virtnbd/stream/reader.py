@@ -330,25 +330,32 @@ class StreamReader:
         frame at most: frames between them are read and skipped)."""
         return [data for _, _, data in self._batch(frames)[1]]
 
-    def read_stored_batch(self, frames: Sequence[tuple[int, int, int]]
+    def read_stored_batch(self, frames: Sequence[tuple[int, int, int]], into: bytearray | None = None
                           ) -> tuple[memoryview, list[tuple[int, fmt.FrameHeader, Any]]]:
         """:meth:`read_batch` for copying frames as they are stored into another stream: the span
         read, and per frame its start in the span (header, then ``head.stored`` payload bytes), its
-        header and its verified disk bytes (checked once, here)."""
-        return self._batch(frames)
+        header and its verified disk bytes (checked once, here). ``into``: a buffer to read into
+        when it is large enough (:meth:`batch_span`; the caller recycles it: no fresh pages)."""
+        return self._batch(frames, into)
 
-    def _batch(self, frames: Sequence[tuple[int, int, int]]
+    @staticmethod
+    def batch_span(frames: Sequence[tuple[int, int, int]]) -> int:
+        """Bytes :meth:`read_stored_batch` reads for ``frames`` (the last one's tag room included)."""
+        last_pos, _, last_len = frames[-1]
+        return last_pos + fmt.FRAME.size + last_len + STAGE_SLACK - frames[0][0]   # AEAD tag: 16
+
+    def _batch(self, frames: Sequence[tuple[int, int, int]], into: bytearray | None = None
                ) -> tuple[memoryview, list[tuple[int, fmt.FrameHeader, Any]]]:
         self._need_seek()
         first = frames[0][0]
-        last_pos, _, last_len = frames[-1]
-        span = last_pos + fmt.FRAME.size + last_len + STAGE_SLACK - first   # a stage may add a tag (AEAD: 16)
+        span = self.batch_span(frames)
         try:
             if self._fd is None:
                 view = memoryview(self._pread(first, span, "frames"))
-            elif self.codec.decodes_in_place:       # a writable buffer (the read fills it): a stage decodes into it
-                view = memoryview(allocator.uninitialized(span))
-                view = view[:os.preadv(self._fd, [view], first)]
+            elif self.codec.decodes_in_place or (into is not None and len(into) >= span):
+                buf = into if into is not None and len(into) >= span else allocator.uninitialized(span)
+                view = memoryview(buf)[:span]
+                view = view[:os.preadv(self._fd, [view], first)]   # a stage may decode into it (no copy)
             else:
                 view = memoryview(os.pread(self._fd, span, first))
         except OSError as err:
