@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 
 from virtnbd import errors
-from virtnbd.backupset import naming
+from virtnbd.backupset import naming, s3options
+from virtnbd.backupset.s3options import S3Options
 
 log = logging.getLogger(__name__)
 Names = list[str]     # (the classes below have a method named list)
@@ -52,20 +53,6 @@ BLOCK = 8 << 20              # ranged GETs of stream data: aligned 8 MiB blocks
 CACHED_BLOCKS = 2            # per open object (16 MiB): readers move forward, workers share a block
 LOG_SPOOL = 4 << 20          # a run's log stays in memory up to this size, then in a temporary file
 LOCK_TTL = 6 * 3600           # a lock older than this (owner gone quiet) may be broken
-
-
-@dataclass(frozen=True)
-class S3Options:
-    """How to reach the store; secrets only come from the environment or ~/.aws (boto3's rules)."""
-
-    endpoint: str | None = None        # --s3-endpoint, else AWS_ENDPOINT_URL
-    profile: str | None = None         # --s3-profile (~/.aws/credentials section)
-    ca_bundle: str | None = None       # --s3-ca-bundle
-    region: str | None = None
-    connect_timeout: float = 10
-    read_timeout: float = 60
-    attempts: int = 3                  # total attempts per request (botocore "standard" retries)
-    concurrency: int = 2               # parts / ranged GETs in flight
 
 
 @dataclass(frozen=True)
@@ -579,15 +566,6 @@ class BufferedObject(io.BufferedReader):
         return self.raw.pread(length, offset)  # type: ignore[attr-defined, no-any-return]
 
 
-class _Defaults:
-    options = S3Options()
-
-
-def configure(options: S3Options) -> None:
-    """Endpoint, profile, CA bundle and timeouts for the s3:// stores this process opens (set by the CLI)."""
-    _Defaults.options = options
-
-
 class ObjectStore(S3Store):
     """The :class:`~virtnbd.backupset.store.Store` of a set at ``s3://BUCKET/PREFIX``."""
 
@@ -702,4 +680,4 @@ class ObjectStore(S3Store):
 
 
 def open_object_store(location: str) -> ObjectStore:
-    return ObjectStore(location, _Defaults.options)
+    return ObjectStore(location, s3options.configured())
