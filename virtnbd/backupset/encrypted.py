@@ -18,7 +18,7 @@ from virtnbd import errors
 from virtnbd.backupset import naming
 from virtnbd.backupset.api import BackupSet, register_kind
 from virtnbd.backupset.manifest import Manifest
-from virtnbd.backupset.store import Store
+from virtnbd.backupset.store import Store, open_store, scheme_of
 from virtnbd.crypto.keysource import KeySpec
 
 if TYPE_CHECKING:
@@ -109,7 +109,17 @@ def for_backup(bset: Any, spec: KeySpec, found: Manifest | None, level: str) -> 
     return sealed.continue_chain(store, spec, _unlocked)
 
 
+def holds_keys(location: str) -> bool:
+    """The set at ``location`` (a folder or a store URL) has a key slot file: it is encrypted."""
+    if scheme_of(location) is None:
+        return os.path.exists(os.path.join(location, naming.KEYS))
+    return open_store(location).size(naming.KEYS) is not None
+
+
 def plain_key_given(location: str, spec: KeySpec) -> None:
     """A key named for a set that is not encrypted is an error (the user expects encryption)."""
-    if spec.given and os.path.isdir(location) and not os.path.exists(os.path.join(location, naming.KEYS)):
+    if not spec.given or holds_keys(location):
+        return
+    there = os.path.isdir(location) if scheme_of(location) is None else open_store(location).exists()
+    if there:
         raise errors.EncryptionError(path=location, reason="a key was given but the backup set is not encrypted")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from virtnbd import errors
-from virtnbd.backupset import encrypted, naming
+from virtnbd.backupset import encrypted
 from virtnbd.backupset.api import open_set
 from virtnbd.restore.options import RestoreOptions
 
@@ -29,7 +29,7 @@ def prepare(options: RestoreOptions) -> tuple[bool, bool]:
     folder = options.input
     if options.sequence:
         folder = os.path.dirname(os.path.abspath(options.sequence[0]))
-    if not os.path.exists(os.path.join(folder, naming.KEYS)):
+    if not encrypted.holds_keys(folder):
         encrypted.plain_key_given(folder, options.key)
         return False, False
     if options.sequence:
