@@ -1,7 +1,7 @@
 """Start-up cost: a plain local verify, dump or restore loads no feature it does not use.
 
-Encryption (``cryptography``), object storage (boto3/botocore), other hosts (ssh, remote shell,
-remote qemu-nbd), libvirt, libnbd, lxml and Ceph are resolved by their registries (set kind,
+Encryption (``cryptography``), object storage (boto3/botocore; with them never pyOpenSSL), other
+hosts (ssh, remote shell, remote qemu-nbd), libvirt, libnbd, lxml and Ceph are resolved by their registries (set kind,
 store scheme, target scheme, host) only when a set, location or option needs them. Each check
 runs the real command in a fresh interpreter (``sys.modules`` of this one is shared by all tests)
 on a small synthetic set, then lists the modules it loaded; the last test shows the check fails
@@ -32,13 +32,19 @@ import json, sys
 pre, heavy, argv = json.loads(sys.argv[1])
 for name in pre:
     __import__(name)
-if argv:
+if argv == ["s3-client"]:
+    from virtnbd.backupset import s3store
+    a = s3store.make_client(s3store.S3Options(endpoint="http://127.0.0.1:9"))
+    assert s3store.make_client(s3store.S3Options(endpoint="http://127.0.0.1:9")) is a    # one per options
+    assert s3store.make_client(s3store.S3Options(endpoint="http://127.0.0.1:8")) is not a
+elif argv:
     from virtnbd.cli.restore import main
     if main(argv) != 0:
         sys.exit("command failed")
 else:
     import virtnbd.backup.run, virtnbd.cli.backup  # noqa: E401
-print(json.dumps(sorted(m for m in sys.modules if any(m == h or m.startswith(h + ".") for h in heavy))))
+print(json.dumps(sorted(m for m, mod in sys.modules.items()
+                         if mod is not None and any(m == h or m.startswith(h + ".") for h in heavy))))
 """
 
 
@@ -70,6 +76,11 @@ def test_plain_local_commands_load_no_unused_feature(plain_set: str, tmp_path: P
 
 def test_backup_modules_load_no_crypto_s3_or_ssh() -> None:
     assert loaded([], BACKUP_HEAVY) == []
+
+
+def test_an_s3_client_is_shared_and_loads_no_pyopenssl() -> None:
+    """botocore would import urllib3.contrib.pyopenssl (pyOpenSSL + cryptography) for nothing."""
+    assert loaded(["s3-client"], ("cryptography", "OpenSSL", "urllib3.contrib.pyopenssl")) == []
 
 
 def test_the_check_sees_a_loaded_feature(plain_set: str) -> None:

@@ -69,7 +69,7 @@ def authenticate(bset: BackupSet) -> None:
 
 
 def _probe(store: Store) -> BackupSet | None:
-    if store.size(naming.MANIFEST) is None or store.size(naming.KEYS) is None:
+    if store.size(naming.KEYS) is None or store.size(naming.MANIFEST) is None:   # plain sets: one look
         return None
     from virtnbd.backupset import sealed  # an encrypted set: now the crypto is needed
     return sealed.open_found(store, _spec, _keyless_ok, _unlocked)

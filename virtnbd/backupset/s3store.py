@@ -27,6 +27,7 @@ import logging
 import os
 import queue
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -86,7 +87,26 @@ def part_size_for(expected: int) -> int:
     return max(MIN_PART, -(-need // (1 << 20)) << 20)
 
 
+_CLIENTS: dict[tuple[Any, ...], Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
 def make_client(options: S3Options) -> Any:
+    """The process's client for ``options`` and the AWS_* environment it was built under.
+
+    boto3 clients are thread-safe and building one costs about 0.1 s of CPU (endpoint and
+    service model, event handlers): every store a command opens on the same endpoint (the set,
+    its sub-prefixes, the key slot probe) shares one, and one request counter."""
+    key = (options, tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
+    with _CLIENTS_LOCK:
+        found = _CLIENTS.get(key)
+        if found is None:
+            found = _CLIENTS[key] = _new_client(options)
+        return found
+
+
+def _new_client(options: S3Options) -> Any:
+    _skip_pyopenssl()
     import boto3
     from botocore.config import Config
 
@@ -103,6 +123,16 @@ def make_client(options: S3Options) -> Any:
     endpoint = options.endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
     verify = options.ca_bundle if options.ca_bundle else None
     return session.client("s3", endpoint_url=endpoint, verify=verify, config=config)
+
+
+def _skip_pyopenssl() -> None:
+    """botocore (< 1.31, with urllib3 1.x) imports ``urllib3.contrib.pyopenssl`` only to take the
+    standard library's SSLContext from it (``orig_util_SSLContext``); that import loads pyOpenSSL
+    and cryptography's x509 (about 0.1 s of CPU per command). Unless something in this process
+    imported it already, it is marked absent, and botocore takes the same class from
+    ``urllib3.util.ssl_`` (its own ImportError fallback). TLS is the standard ``ssl`` module's
+    either way: nothing here injects pyOpenSSL into urllib3."""
+    sys.modules.setdefault("urllib3.contrib.pyopenssl", None)  # type: ignore[arg-type]
 
 
 def describe(err: Exception, what: str, options: S3Options | None = None) -> errors.StorageError:
