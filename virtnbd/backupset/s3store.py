@@ -51,7 +51,7 @@ MAX_PARTS = 10_000
 PARTS_PER_STEP = 1000       # part size doubles every 1000 parts (8 MiB parts: 8 GiB, then 16 MiB ...)
 LOCK_NAME = naming.LOCKS[1]
 BLOCK = 8 << 20              # ranged GETs of stream data: aligned 8 MiB blocks
-CACHED_BLOCKS = 2            # per open object (16 MiB): readers move forward, workers share a block
+CACHED_BLOCKS = 2            # per open object (16 MiB, + 8 MiB read ahead): readers move forward, workers share one
 LOG_SPOOL = 4 << 20          # a run's log stays in memory up to this size, then in a temporary file
 LOCK_TTL = 6 * 3600           # a lock older than this (owner gone quiet) may be broken
 
@@ -542,18 +542,42 @@ class RangedObject(io.RawIOBase):
         return b"".join((memoryview(head)[start:], memoryview(tail)[:end - last * BLOCK]))
 
     def _block(self, index: int) -> bytes:
+        """Block ``index`` (cached, being loaded, or loaded now); a reader going forward block by
+        block has the next one loaded in the background meanwhile (one GET ahead, not more)."""
         with self._lock:
-            if index in self._cache:
+            data = self._cache.get(index)
+            if data is not None:
                 self._cache.move_to_end(index)
-                return self._cache[index]
-            waiter = self._loading.get(index)
-            if waiter is None:
-                waiter = self._loading[index] = Future()
-                mine = True
+                waiter, mine = None, False
             else:
-                mine = False
-        if not mine:
-            return waiter.result()
+                waiter, mine = self._claim(index)
+            ahead = (index == 0 or index - 1 in self._cache) and (index + 1) * BLOCK < self.length
+        if ahead:
+            self._prefetch(index + 1)
+        if waiter is None:
+            return cast(bytes, data)
+        return self._load(index, waiter) if mine else waiter.result()
+
+    def _claim(self, index: int) -> tuple[Future[bytes], bool]:
+        """(the future of block ``index``, True when the caller loads it); under the lock."""
+        waiter = self._loading.get(index)
+        if waiter is not None:
+            return waiter, False
+        waiter = self._loading[index] = Future()
+        return waiter, True
+
+    def _prefetch(self, index: int) -> None:
+        with self._lock:
+            if index in self._cache or index in self._loading:
+                return
+            waiter = self._loading[index] = Future()
+        threading.Thread(target=self._load_ahead, args=(index, waiter), name="s3-ahead", daemon=True).start()
+
+    def _load_ahead(self, index: int, waiter: Future[bytes]) -> None:
+        with contextlib.suppress(errors.StorageError):     # a reader of the block gets it from the future
+            self._load(index, waiter)
+
+    def _load(self, index: int, waiter: Future[bytes]) -> bytes:
         try:
             data = self._get(index * BLOCK, min((index + 1) * BLOCK, self.length))
         except BaseException as err:
