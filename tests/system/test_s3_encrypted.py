@@ -2,8 +2,9 @@
 
 A full and an inc of a real domain go encrypted into the bucket; both points restore
 byte-identical from it with the key; verify with the key authenticates, without it says it
-could not; a restore without the key is refused; and a marker text written into the guest
-disk appears in no stored object (the disk's own bytes in another prefix are the control: there it does).
+could not; a restore without the key is refused, a verify with a wrong S3 secret says so in one
+line; and a marker text written into the guest disk appears in no stored object (the disk's own
+bytes in another prefix are the control: there it does).
 """
 from __future__ import annotations
 
@@ -90,6 +91,10 @@ def test_encrypted_full_and_inc_in_the_bucket_exact_and_no_plaintext(make_domain
     assert not (tmp_path / "nokey" / "sda.raw").exists()
     keyless = _run([sys.executable, RESTORE, "-n", "-i", url, "-a", "verify"], s3_endpoint)
     assert keyless.returncode == 0 and "could NOT be authenticated" in keyless.stderr, keyless.stderr
+    wrong = subprocess.run([sys.executable, RESTORE, "-n", "-i", url, "-a", "verify"], capture_output=True, text=True,
+                           env={**_env(s3_endpoint), "AWS_SECRET_ACCESS_KEY": "wrong" * 8}, timeout=120, check=False)
+    assert wrong.returncode == 1 and "secret key does not match" in wrong.stderr, wrong.stderr      # one clear line
+    assert len(wrong.stderr.strip().splitlines()) == 1
     # control: the disk's own bytes, stored as they are, show the marker, so the scan can fail
     image = expected["virtnbdbackup.1"].read_bytes()
     s3_endpoint.client().put_object(Bucket=s3_bucket, Key="plain/sda.raw", Body=image)

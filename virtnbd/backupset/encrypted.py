@@ -113,7 +113,7 @@ def holds_keys(location: str) -> bool:
     """The set at ``location`` (a folder or a store URL) has a key slot file: it is encrypted."""
     if scheme_of(location) is None:
         return os.path.exists(os.path.join(location, naming.KEYS))
-    return open_store(location).size(naming.KEYS) is not None
+    return open_store(location).read_bytes(naming.KEYS) is not None     # a GET: its errors say more than a HEAD's
 
 
 def plain_key_given(location: str, spec: KeySpec) -> None:
