@@ -14,7 +14,7 @@ import time
 
 from virtnbd.backup.output import SideFiles
 from virtnbd.backupset import manifest, naming
-from virtnbd.backupset.encrypted import EncryptedSet
+from virtnbd.backupset.sealed import EncryptedSet
 from virtnbd.backupset.store import LocalStore
 from virtnbd.stream.format import StreamMeta
 from virtnbd.stream.writer import StreamWriter

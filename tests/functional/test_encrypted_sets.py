@@ -16,7 +16,7 @@ import pytest
 from tests.functional.restore_sets import SetBuilder, compare
 from virtnbd.backupset import encrypted
 from virtnbd.backupset.api import create_set
-from virtnbd.backupset.encrypted import EncryptedSet
+from virtnbd.backupset.sealed import EncryptedSet
 from virtnbd.cli import key as key_cli
 from virtnbd.cli import restore as restore_cli
 from virtnbd.crypto import keyring, keysource, store

@@ -178,3 +178,28 @@ def test_stored_frames_copied_in_one_write_give_the_same_stream(tmp_path: Path, 
         assert out.getvalue() == src.read_bytes()
         with pytest.raises(errors.UsageError, match="do not match"):
             StreamWriter(io.BytesIO(), m).add_stored(copied, view[:end - 1])
+
+
+class _ObjectFile(io.BytesIO):
+    """A seekable file without a descriptor that answers ``pread`` like a ranged GET (s3store.RangedObject):
+    fewer bytes only at the end of the object."""
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("no descriptor")
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return self.getvalue()[offset:offset + length]
+
+
+def test_batch_read_of_a_compressed_last_frame_through_pread(tmp_path: Path) -> None:
+    """A batch's span reaches past the file's end when its last frame is compressed well (a restore
+    from object storage said "truncated frames" there); it must read what is there, like os.pread."""
+    path = tmp_path / "sda.full.data"
+    text = b"marker " * (MiB // 7)
+    with fsutil.partial_file(path) as f:
+        write(f, meta("lz4"), [("data", 0, os.urandom(4096)), ("data", MiB, text)], str(path))
+    with open_stream(_ObjectFile(path.read_bytes())) as r:
+        refs = [ref for ref in r.frames() if ref.kind == "data"]
+        assert refs[-1].pos + FRAME.size + refs[-1].length > path.stat().st_size     # the span passes the end
+        got = r.read_batch([(ref.pos, ref.offset, ref.length) for ref in refs])
+    assert bytes(got[1]) == text

@@ -276,7 +276,7 @@ class BackupRun:
 
     def side_files(self) -> output.SideFiles:
         """Where this point's side files go (sealed by an encrypted set)."""
-        sealed = isinstance(self.bset, encrypted.EncryptedSet)
+        sealed = encrypted.is_encrypted(self.bset)
         return output.SideFiles(self.bset.store, self.bset.seal_side if sealed else None)
 
     # -- side files ---------------------------------------------------------------

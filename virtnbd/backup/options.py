@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from virtnbd.backup.renew import Renew
-from virtnbd.backupset.s3store import S3Options
+from virtnbd.backupset.s3options import S3Options
 from virtnbd.crypto.keysource import KeySpec
 from virtnbd.rbdconn import CephOptions
 from virtnbd.remote.options import RemoteOptions

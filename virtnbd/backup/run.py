@@ -26,7 +26,7 @@ from virtnbd.backup.plan import Plan, PlannedDisk, make_plan
 from virtnbd.backupset import (
     encrypted,
     qcow2set,  # noqa: F401  (registers the qcow2 kind)
-    s3store,
+    s3options,
 )
 from virtnbd.backupset.api import BackupSet, create_set
 from virtnbd.remote import host
@@ -184,7 +184,7 @@ def run(options: BackupOptions) -> RunSummary:
             connection.connect(uri, options.remote.password_file) as conn:
         dom = connection.lookup_domain(conn, options.domain)
         if options.s3 is not None:
-            s3store.configure(options.s3)
+            s3options.configure(options.s3)
         bset = create_set(options.output, options.set_kind)
         with bset.lock():
             recovery.recover(bset.store)

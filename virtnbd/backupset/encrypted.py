@@ -1,43 +1,32 @@
-"""The encrypted stream set: a StreamSet whose streams, side files and manifest are sealed.
+"""The encrypted kind of stream set (``stream+aead``): its registration and the command's secret.
 
 A store holding ``virtnbd.keys.json`` next to its manifest is an encrypted set.
 The kind registers its probe ahead of the plain stream set (``install``);
 the command says once which secret to use (``use_keys``) and every set opened
-afterwards is unlocked with it (one KDF run per set, cached). Without a
-secret an encrypted set opens only for verify (``keyless_ok``): streams are
-checked but not decrypted, side files cannot be read.
+afterwards is unlocked with it (one KDF run per set, cached).
 
-With the key, :meth:`EncryptedSet.manifest` authenticates the manifest
-(HMAC-SHA256 over its canonical bytes), :meth:`read_side` unseals side files,
-:meth:`writing` gives each new stream its encryption record and bound AEAD
-stage, :meth:`commit` saves a new chain's key slot file before the first
-point and writes the manifest with its MAC. Spec: docs/FORMAT.md, "Encryption".
+This module stays light: the sealed set itself (``backupset/sealed.py``: the AEAD
+stage, key slots, ``cryptography``) is imported only when a probe finds a key slot
+file or a backup starts a chain with a key. A plain set never loads it.
 """
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Mapping
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from virtnbd import errors
-from virtnbd.backupset import manifest as manifest_mod
 from virtnbd.backupset import naming
-from virtnbd.backupset.api import StreamSet, register_kind
-from virtnbd.backupset.manifest import Manifest, Point
-from virtnbd.backupset.store import Store
-from virtnbd.crypto import keyring, keysource
-from virtnbd.crypto import store as keystore
-from virtnbd.crypto.keyring import Keyring
+from virtnbd.backupset.api import BackupSet, register_kind
+from virtnbd.backupset.manifest import Manifest
+from virtnbd.backupset.store import Store, open_store, scheme_of
 from virtnbd.crypto.keysource import KeySpec
-from virtnbd.crypto.setkey import SetKey, is_sealed
-from virtnbd.crypto.stage import SealStage, with_encryption
-from virtnbd.stream.codec import Stage
-from virtnbd.stream.format import StreamMeta
 
-KIND = "stream+aead"
-POINT_KEY = "encryption"            # Point.extra record: set_id, cipher, fingerprint
-SEALED_GUEST_INFO = "guest_info_sealed"
+if TYPE_CHECKING:
+    from virtnbd.backupset.sealed import EncryptedSet
+    from virtnbd.crypto.setkey import SetKey
+
+KIND = naming.ENCRYPTED_KIND
+POINT_KEY = naming.ENCRYPTION_RECORD
 
 _spec = KeySpec()
 _keyless_ok = False
@@ -60,131 +49,33 @@ def use_for(location: str, spec: KeySpec) -> None:
     plain_key_given(location, spec)
 
 
+def is_encrypted(bset: BackupSet) -> bool:
+    return bset.kind == KIND
+
+
 def manifest_key(bset: Any) -> bytes | None:
     """The MAC key of ``bset``'s manifest: None for a plain set; KeyRequired for a locked encrypted one."""
-    return bset.manifest_key() if isinstance(bset, EncryptedSet) else None
+    return bset.manifest_key() if is_encrypted(bset) else None
 
 
-def load_ring(store: Store) -> Keyring | None:
-    data = store.read_bytes(keystore.KEYS)
-    return None if data is None else keyring.from_json(data, store.describe(keystore.KEYS))
+def authenticate(bset: BackupSet) -> None:
+    """An encrypted set opened with its key: manifest and every sealed side file authenticated."""
+    if not is_encrypted(bset):
+        return
+    sealed_set = cast("EncryptedSet", bset)
+    found = sealed_set.manifest() if sealed_set.key is not None else None
+    if found is not None:
+        sealed_set.check_side_files(found)
 
 
-def unlock(store: Store, ring: Keyring, spec: KeySpec) -> SetKey:
-    cached = _unlocked.get(store.location)
-    if cached is not None:
-        return cached
-    master, _slot = keyring.unlock(ring, keystore.require_secret(spec, store.location),
-                                   store.describe(keystore.KEYS))
-    _unlocked[store.location] = keystore.set_key(ring, master)
-    return _unlocked[store.location]
-
-
-class EncryptedSet(StreamSet):
-    kind = KIND
-
-    def __init__(self, store: Store, key: SetKey | None, new_ring: Keyring | None = None) -> None:
-        super().__init__(store, (cast(Stage, SealStage(key)),))
-        self.key = key
-        self.new_ring = new_ring          # a chain being started: saved with its first point
-
-    # -- reading ------------------------------------------------------------------------
-    def manifest(self) -> Manifest | None:
-        data = self.store.read_bytes(naming.MANIFEST)
-        if data is None:
-            return None
-        found = manifest_mod.from_json(data, self.store.describe(naming.MANIFEST), self._folder())
-        if self.key is not None:
-            if data != manifest_mod.to_json(found, self.key.manifest_key()):
-                raise errors.FormatError(path=self.store.describe(naming.MANIFEST), offset=0,
-                                         reason="manifest does not authenticate with the set's key (altered, "
-                                                "damaged or not this set's)")
-            self._check_points(found)
-        return found
-
-    def _check_points(self, found: Manifest) -> None:
-        for point in found.points:
-            record = point.extra.get(POINT_KEY) or {}
-            if record.get("fingerprint") != self.key.fingerprint:  # type: ignore[union-attr]
-                raise errors.WrongKey(path=self.location, reason=f"point {point.name} was written with key "
-                                                                 f"{record.get('fingerprint')}, not this one")
-
-    def read_side(self, name: str) -> bytes | None:
-        raw = super().read_side(name)
-        if raw is None:
-            return None
-        where = self.store.describe(name)
-        if not is_sealed(raw):
-            raise errors.FormatError(path=where, offset=0, reason="side file of an encrypted set is not sealed")
-        if self.key is None:
-            raise errors.KeyRequired(path=where, reason="side file is encrypted: give the set's key")
-        return self.key.unseal(name, raw, where)
-
-    def check_side_files(self, found: Manifest) -> None:
-        """Every sealed side file and field of every point authenticates (before any output)."""
-        for point in found.points:
-            for name in side_names(point):
-                if self.read_side(name) is None:
-                    raise errors.FormatError(path=self.store.describe(name), offset=0, reason="side file missing")
-            sealed = point.extra.get(SEALED_GUEST_INFO)
-            if isinstance(sealed, str) and self.key is not None:
-                self.key.unseal_text("guest_info", sealed, self.store.describe(naming.MANIFEST))
-
-    # -- writing ------------------------------------------------------------------------
-    def writing(self, meta: StreamMeta, name: str) -> tuple[StreamMeta, tuple[Stage, ...]]:
-        key = self._need_key()
-        sealed = with_encryption(meta, key)
-        return sealed, (cast(Stage, SealStage(key).bind(sealed, self.store.describe(name))),)
-
-    def seal_side(self, name: str, data: bytes) -> bytes:
-        return self._need_key().seal(name, data)
-
-    def point_extra(self, extra: Mapping[str, Any]) -> dict[str, Any]:
-        """``guest_info`` sealed (OS, host name, file systems); the key record added."""
-        key = self._need_key()
-        out = dict(extra)
-        info = out.pop("guest_info", None)
-        if info:
-            out[SEALED_GUEST_INFO] = key.seal_text("guest_info", json.dumps(info, sort_keys=True).encode())
-        out[POINT_KEY] = {"set_id": key.set_id, "cipher": key.cipher, "fingerprint": key.fingerprint}
-        return out
-
-    def commit(self, point: Point, domain: str, domain_uuid: str) -> Manifest:
-        key = self._need_key()
-        if self.new_ring is not None:
-            self.store.replace(keystore.KEYS, keyring.to_json(self.new_ring))
-        return self._commit(point, domain, domain_uuid, key.manifest_key())
-
-    def manifest_key(self) -> bytes:
-        """The key a rewritten manifest (prune, consolidation) is authenticated with."""
-        return self._need_key().manifest_key()
-
-    def _need_key(self) -> SetKey:
-        if self.key is None:
-            raise errors.KeyRequired(path=self.location, reason=f"the backup set is encrypted: {keystore.HOW}")
-        return self.key
-
-
-def side_names(point: Point) -> list[str]:
-    """The side files a point lists (domain XML, checkpoint XML, qemu-img info, boot files)."""
-    names = [n for n in (point.domain_xml, point.checkpoint_xml) if n and not n.lstrip().startswith("<")]
-    for key in ("qemu_img_info", "boot_files"):
-        names += [v for v in dict(point.extra.get(key) or {}).values() if isinstance(v, str)]
-    return names
-
-
-def _probe(store: Store) -> EncryptedSet | None:
-    if store.size(naming.MANIFEST) is None:
+def _probe(store: Store) -> BackupSet | None:
+    if store.size(naming.KEYS) is None or store.size(naming.MANIFEST) is None:   # plain sets: one look
         return None
-    ring = load_ring(store)
-    if ring is None:
-        return None
-    if _keyless_ok and not _spec.given:
-        return EncryptedSet(store, None)
-    return EncryptedSet(store, unlock(store, ring, _spec))
+    from virtnbd.backupset import sealed  # an encrypted set: now the crypto is needed
+    return sealed.open_found(store, _spec, _keyless_ok, _unlocked)
 
 
-def _create(store: Store) -> EncryptedSet:
+def _create(store: Store) -> BackupSet:
     raise errors.UsageError(reason="an encrypted set is started by a full backup with a key (for_backup)")
 
 
@@ -198,29 +89,37 @@ def for_backup(bset: Any, spec: KeySpec, found: Manifest | None, level: str) -> 
 
     Raises KeyRequired / WrongKey / EncryptionError before anything is written."""
     store = bset.store
-    ring = load_ring(store)
+    has_ring = store.size(naming.KEYS) is not None
     if level in ("copy", "full") and (found is None or not found.points):
-        secret = keysource.load(spec)
-        if secret is None:
-            if ring is not None:
-                store.remove(keystore.KEYS)      # left by an encrypted full that never committed
+        if not spec.given:
+            if has_ring:
+                store.remove(naming.KEYS)      # left by an encrypted full that never committed
             return bset
-        new_ring, master = keyring.create(secret)
-        return EncryptedSet(store, keystore.set_key(new_ring, master), new_ring)
+        from virtnbd.backupset import sealed
+        return sealed.new_chain(store, spec)
     recorded = {(p.extra.get(POINT_KEY) or {}).get("fingerprint") for p in (found.points if found else ())}
-    if ring is None:
+    if not has_ring:
         if spec.given:
             raise errors.EncryptionError(path=bset.location, reason="a key was given but the chain is not encrypted")
         if recorded - {None}:
             raise errors.KeyRequired(path=bset.location, reason="the chain is encrypted but its key slot file is "
                                                                 "missing")
         return bset
-    encrypted = EncryptedSet(store, unlock(store, ring, spec))
-    encrypted.manifest()          # authenticates it and checks every point's key fingerprint
-    return encrypted
+    from virtnbd.backupset import sealed
+    return sealed.continue_chain(store, spec, _unlocked)
+
+
+def holds_keys(location: str) -> bool:
+    """The set at ``location`` (a folder or a store URL) has a key slot file: it is encrypted."""
+    if scheme_of(location) is None:
+        return os.path.exists(os.path.join(location, naming.KEYS))
+    return open_store(location).read_bytes(naming.KEYS) is not None     # a GET: its errors say more than a HEAD's
 
 
 def plain_key_given(location: str, spec: KeySpec) -> None:
     """A key named for a set that is not encrypted is an error (the user expects encryption)."""
-    if spec.given and os.path.isdir(location) and not os.path.exists(os.path.join(location, keystore.KEYS)):
+    if not spec.given or holds_keys(location):
+        return
+    there = os.path.isdir(location) if scheme_of(location) is None else open_store(location).exists()
+    if there:
         raise errors.EncryptionError(path=location, reason="a key was given but the backup set is not encrypted")

@@ -11,6 +11,9 @@ import re
 from virtnbd import errors
 
 MANIFEST = "virtnbd.manifest.json"
+KEYS = "virtnbd.keys.json"        # key slots: the set is encrypted (crypto/keyring.py, backupset/sealed.py)
+ENCRYPTED_KIND = "stream+aead"   # the kind of an encrypted stream set (backupset/encrypted.py)
+ENCRYPTION_RECORD = "encryption"  # Point.extra of an encrypted point: set_id, cipher, key fingerprint
 CHECKPOINT_PREFIX = "virtnbdbackup"
 DATA_SUFFIX = ".data"
 LEVELS = ("copy", "full", "inc", "diff")

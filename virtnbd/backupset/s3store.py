@@ -27,6 +27,7 @@ import logging
 import os
 import queue
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -38,7 +39,8 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 
 from virtnbd import errors
-from virtnbd.backupset import naming
+from virtnbd.backupset import naming, s3options
+from virtnbd.backupset.s3options import S3Options
 
 log = logging.getLogger(__name__)
 Names = list[str]     # (the classes below have a method named list)
@@ -49,23 +51,9 @@ MAX_PARTS = 10_000
 PARTS_PER_STEP = 1000       # part size doubles every 1000 parts (8 MiB parts: 8 GiB, then 16 MiB ...)
 LOCK_NAME = naming.LOCKS[1]
 BLOCK = 8 << 20              # ranged GETs of stream data: aligned 8 MiB blocks
-CACHED_BLOCKS = 2            # per open object (16 MiB): readers move forward, workers share a block
+CACHED_BLOCKS = 2            # per open object (16 MiB, + 8 MiB read ahead): readers move forward, workers share one
 LOG_SPOOL = 4 << 20          # a run's log stays in memory up to this size, then in a temporary file
 LOCK_TTL = 6 * 3600           # a lock older than this (owner gone quiet) may be broken
-
-
-@dataclass(frozen=True)
-class S3Options:
-    """How to reach the store; secrets only come from the environment or ~/.aws (boto3's rules)."""
-
-    endpoint: str | None = None        # --s3-endpoint, else AWS_ENDPOINT_URL
-    profile: str | None = None         # --s3-profile (~/.aws/credentials section)
-    ca_bundle: str | None = None       # --s3-ca-bundle
-    region: str | None = None
-    connect_timeout: float = 10
-    read_timeout: float = 60
-    attempts: int = 3                  # total attempts per request (botocore "standard" retries)
-    concurrency: int = 2               # parts / ranged GETs in flight
 
 
 @dataclass(frozen=True)
@@ -99,7 +87,26 @@ def part_size_for(expected: int) -> int:
     return max(MIN_PART, -(-need // (1 << 20)) << 20)
 
 
+_CLIENTS: dict[tuple[Any, ...], Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
 def make_client(options: S3Options) -> Any:
+    """The process's client for ``options`` and the AWS_* environment it was built under.
+
+    boto3 clients are thread-safe and building one costs about 0.1 s of CPU (endpoint and
+    service model, event handlers): every store a command opens on the same endpoint (the set,
+    its sub-prefixes, the key slot probe) shares one, and one request counter."""
+    key = (options, tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
+    with _CLIENTS_LOCK:
+        found = _CLIENTS.get(key)
+        if found is None:
+            found = _CLIENTS[key] = _new_client(options)
+        return found
+
+
+def _new_client(options: S3Options) -> Any:
+    _skip_pyopenssl()
     import boto3
     from botocore.config import Config
 
@@ -116,6 +123,16 @@ def make_client(options: S3Options) -> Any:
     endpoint = options.endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
     verify = options.ca_bundle if options.ca_bundle else None
     return session.client("s3", endpoint_url=endpoint, verify=verify, config=config)
+
+
+def _skip_pyopenssl() -> None:
+    """botocore (< 1.31, with urllib3 1.x) imports ``urllib3.contrib.pyopenssl`` only to take the
+    standard library's SSLContext from it (``orig_util_SSLContext``); that import loads pyOpenSSL
+    and cryptography's x509 (about 0.1 s of CPU per command). Unless something in this process
+    imported it already, it is marked absent, and botocore takes the same class from
+    ``urllib3.util.ssl_`` (its own ImportError fallback). TLS is the standard ``ssl`` module's
+    either way: nothing here injects pyOpenSSL into urllib3."""
+    sys.modules.setdefault("urllib3.contrib.pyopenssl", None)  # type: ignore[arg-type]
 
 
 def describe(err: Exception, what: str, options: S3Options | None = None) -> errors.StorageError:
@@ -525,18 +542,42 @@ class RangedObject(io.RawIOBase):
         return b"".join((memoryview(head)[start:], memoryview(tail)[:end - last * BLOCK]))
 
     def _block(self, index: int) -> bytes:
+        """Block ``index`` (cached, being loaded, or loaded now); a reader going forward block by
+        block has the next one loaded in the background meanwhile (one GET ahead, not more)."""
         with self._lock:
-            if index in self._cache:
+            data = self._cache.get(index)
+            if data is not None:
                 self._cache.move_to_end(index)
-                return self._cache[index]
-            waiter = self._loading.get(index)
-            if waiter is None:
-                waiter = self._loading[index] = Future()
-                mine = True
+                waiter, mine = None, False
             else:
-                mine = False
-        if not mine:
-            return waiter.result()
+                waiter, mine = self._claim(index)
+            ahead = (index == 0 or index - 1 in self._cache) and (index + 1) * BLOCK < self.length
+        if ahead:
+            self._prefetch(index + 1)
+        if waiter is None:
+            return cast(bytes, data)
+        return self._load(index, waiter) if mine else waiter.result()
+
+    def _claim(self, index: int) -> tuple[Future[bytes], bool]:
+        """(the future of block ``index``, True when the caller loads it); under the lock."""
+        waiter = self._loading.get(index)
+        if waiter is not None:
+            return waiter, False
+        waiter = self._loading[index] = Future()
+        return waiter, True
+
+    def _prefetch(self, index: int) -> None:
+        with self._lock:
+            if index in self._cache or index in self._loading:
+                return
+            waiter = self._loading[index] = Future()
+        threading.Thread(target=self._load_ahead, args=(index, waiter), name="s3-ahead", daemon=True).start()
+
+    def _load_ahead(self, index: int, waiter: Future[bytes]) -> None:
+        with contextlib.suppress(errors.StorageError):     # a reader of the block gets it from the future
+            self._load(index, waiter)
+
+    def _load(self, index: int, waiter: Future[bytes]) -> bytes:
         try:
             data = self._get(index * BLOCK, min((index + 1) * BLOCK, self.length))
         except BaseException as err:
@@ -577,15 +618,6 @@ class BufferedObject(io.BufferedReader):
 
     def pread(self, length: int, offset: int) -> bytes:
         return self.raw.pread(length, offset)  # type: ignore[attr-defined, no-any-return]
-
-
-class _Defaults:
-    options = S3Options()
-
-
-def configure(options: S3Options) -> None:
-    """Endpoint, profile, CA bundle and timeouts for the s3:// stores this process opens (set by the CLI)."""
-    _Defaults.options = options
 
 
 class ObjectStore(S3Store):
@@ -702,4 +734,4 @@ class ObjectStore(S3Store):
 
 
 def open_object_store(location: str) -> ObjectStore:
-    return ObjectStore(location, _Defaults.options)
+    return ObjectStore(location, s3options.configured())

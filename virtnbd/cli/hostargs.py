@@ -9,7 +9,7 @@ import argparse
 
 from virtnbd import errors, secrets
 from virtnbd.remote.uri import parse as parse_uri
-from virtnbd.restore.targets.remote import RemoteOptions
+from virtnbd.restore.options import RemoteOptions
 
 
 def add_password_file(p: argparse.ArgumentParser) -> None:

@@ -12,9 +12,8 @@ from virtnbd import __version__, errors
 from virtnbd.cli import hostargs, keyargs, locations, parity, rbdargs, s3args
 from virtnbd.cli.shell import OneLineParser, run_main
 from virtnbd.remote.options import DEFAULT_TLS_DIR
-from virtnbd.restore.options import ACTIONS, FORMATS, RestoreOptions
+from virtnbd.restore.options import ACTIONS, FORMATS, RemoteOptions, RestoreOptions
 from virtnbd.restore.targets import blockdev
-from virtnbd.restore.targets.remote import RemoteOptions
 
 PROG = "virtnbdrestore"
 

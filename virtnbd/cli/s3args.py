@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from virtnbd import errors
-from virtnbd.backupset.s3store import S3Options, configure
+from virtnbd.backupset.s3options import S3Options, configure
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

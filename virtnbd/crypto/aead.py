@@ -32,10 +32,11 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from virtnbd.crypto.keysource import KEY_SIZE
+
 AES_GCM = "aes-256-gcm"
 CHACHA = "chacha20-poly1305"
 CIPHERS = (AES_GCM, CHACHA)
-KEY_SIZE = 32
 NONCE_SIZE = 12
 TAG_SIZE = 16
 _SLACK = 15           # update_into wants len(data) + block size - 1 bytes of room

@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from virtnbd import errors
-from virtnbd.crypto import aead
 
 KEYFILE = "keyfile"
 PASSPHRASE = "passphrase"
@@ -23,6 +22,7 @@ ENV_PASSPHRASE = "VIRTNBD_PASSPHRASE"
 ENV_NEW_KEY_FILE = "VIRTNBD_NEW_KEY_FILE"
 ENV_NEW_PASSPHRASE = "VIRTNBD_NEW_PASSPHRASE"
 MAX_PASSPHRASE = 4096
+KEY_SIZE = 32                # bytes of a key file (and of every AEAD key: crypto/aead.py)
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,8 @@ def load(spec: KeySpec, environ: Mapping[str, str] | None = None, new: bool = Fa
     """The secret ``spec`` names, or None when it names none."""
     if spec.key_file:
         raw = _read_private(spec.key_file, "key file")
-        if len(raw) != aead.KEY_SIZE:
-            raise errors.EncryptionError(path=spec.key_file, reason=f"a key file holds exactly {aead.KEY_SIZE} "
+        if len(raw) != KEY_SIZE:
+            raise errors.EncryptionError(path=spec.key_file, reason=f"a key file holds exactly {KEY_SIZE} "
                                                                     f"random bytes, this one {len(raw)}")
         return Secret(KEYFILE, spec.key_file, raw)
     if spec.passphrase_file:
@@ -112,6 +112,6 @@ def create_key_file(path: str) -> None:
     except OSError as err:
         raise errors.StorageError(path=path, reason=err.strerror or str(err)) from err
     with os.fdopen(fd, "wb") as f:
-        f.write(os.urandom(aead.KEY_SIZE))
+        f.write(os.urandom(KEY_SIZE))
         f.flush()
         os.fsync(f.fileno())

@@ -11,12 +11,12 @@ import os
 from pathlib import Path
 
 from virtnbd import errors, fsutil
+from virtnbd.backupset.naming import KEYS
 from virtnbd.crypto import keyring, keysource
 from virtnbd.crypto.keyring import Keyring
 from virtnbd.crypto.keysource import KeySpec, Secret
 from virtnbd.crypto.setkey import SetKey
 
-KEYS = "virtnbd.keys.json"
 HOW = ("give --key-file FILE or --passphrase-file FILE (or set VIRTNBD_KEY_FILE / VIRTNBD_PASSPHRASE)")
 
 

@@ -12,14 +12,15 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from virtnbd import errors
 from virtnbd.remote import uri as uri_mod
 from virtnbd.remote.host import Host, LocalHost, using
 from virtnbd.remote.options import RemoteOptions
-from virtnbd.remote.remotehost import RemoteHost
-from virtnbd.remote.ssh import SshConnection
+
+if TYPE_CHECKING:
+    from virtnbd.remote.ssh import SshConnection
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ def session(uri: str | None, options: RemoteOptions) -> Iterator[tuple[str | Non
         check_tls_dir(options)
     else:
         log.warning("%s", NO_TLS_WARNING)
+    from virtnbd.remote.remotehost import RemoteHost  # ssh and the remote shell: only for another host
+    from virtnbd.remote.ssh import SshConnection
     ssh = SshConnection(target, options).open()
     try:
         remote = RemoteHost(ssh, options)

@@ -14,7 +14,6 @@ import os
 from virtnbd import errors
 from virtnbd.backupset import encrypted
 from virtnbd.backupset.api import open_set
-from virtnbd.crypto import store as keystore
 from virtnbd.restore.options import RestoreOptions
 
 UNAUTHENTICATED = ("encrypted set verified without its key: structure, ciphertext checksums, chained digests and "
@@ -30,15 +29,12 @@ def prepare(options: RestoreOptions) -> tuple[bool, bool]:
     folder = options.input
     if options.sequence:
         folder = os.path.dirname(os.path.abspath(options.sequence[0]))
-    if not os.path.exists(os.path.join(folder, keystore.KEYS)):
+    if not encrypted.holds_keys(folder):
         encrypted.plain_key_given(folder, options.key)
         return False, False
     if options.sequence:
         raise errors.UsageError(reason="--sequence does not open encrypted sets: use -i DIR with --until")
     keyless = keyless_ok and not options.key.given
-    bset = open_set(folder)
-    if not keyless and isinstance(bset, encrypted.EncryptedSet):
-        found = bset.manifest()          # authenticated
-        if found is not None:
-            bset.check_side_files(found)
+    if not keyless:
+        encrypted.authenticate(open_set(folder))
     return True, keyless

@@ -5,7 +5,21 @@ from dataclasses import dataclass, field
 
 from virtnbd.crypto.keysource import KeySpec
 from virtnbd.restore.targets.rbd import RbdOptions
-from virtnbd.restore.targets.remote import RemoteOptions
+
+
+@dataclass(frozen=True)
+class RemoteOptions:
+    """What virtnbdrestore's options say about a remote host (built by cli/restore.py; used by
+    restore/targets/remote.py, which is imported only for a remote restore)."""
+
+    uri: str                                  # qemu+ssh://USER@HOST[:PORT]/system[?keyfile=...]
+    known_hosts: str | None = None            # --ssh-known-hosts
+    tls_cert: str | None = None               # --tls-cert DIR here (ca-cert, client-cert, client-key)
+    server_tls_dir: str | None = None         # --nbd-tls-dir on the host; None: from its qemu.conf
+    nbd_ip: str | None = None                 # --nbd-ip: the host's address qemu-nbd binds and we dial
+    nbd_port: int | None = None               # --nbd-port: first port tried
+    tls: bool = True                          # --no-tls: plain NBD (a warning)
+
 
 ACTIONS = ("restore", "dump", "verify", "instant", "drill")
 FORMATS = ("qcow2", "raw")

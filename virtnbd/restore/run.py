@@ -9,10 +9,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from virtnbd import errors
-from virtnbd.restore import config, dump, encrypted, verify
+from virtnbd.restore import dump, encrypted, verify
 from virtnbd.restore import plan as plan_mod
 from virtnbd.restore.apply import Engine, Stopped, apply_windows
 from virtnbd.restore.options import RestoreOptions
@@ -27,8 +27,11 @@ from virtnbd.restore.source import (
     select,
     select_sequence,
 )
-from virtnbd.restore.targets import TargetRequest, open_target, remote, scheme_of
+from virtnbd.restore.targets import TargetRequest, open_target, scheme_of
 from virtnbd.restore.targets.rbd import explicit_targets
+
+if TYPE_CHECKING:
+    from virtnbd.restore.targets.remote import RemoteHost
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +73,13 @@ def make_selection(options: RestoreOptions) -> Selection:
     return verify.select_all(options.input, options.until, options.disk)
 
 
-def target_spec(output: str, disk: str, fmt: str, host: remote.RemoteHost | None = None) -> str:
+def target_spec(output: str, disk: str, fmt: str, host: RemoteHost | None = None) -> str:
     """Where one disk goes: ``OUT/<disk>.<fmt>`` (``remote:OUT/...`` on another host), or
     ``<scheme>:.../<disk>`` for store targets."""
     if scheme_of(output) is not None:
         return f"{output.rstrip('/')}/{disk}"
     if host is not None:
-        return remote.name_in(output, disk, fmt)
+        return host.target_spec(output, disk, fmt)
     return os.path.join(output, f"{disk}.{fmt}")
 
 
@@ -91,21 +94,23 @@ def restore(selection: Selection, options: RestoreOptions) -> list[RestoredDisk]
                                                              options.format, host)) for chain in selection.disks]
         done = restore_disks(jobs, options, {"remote_host": host} if host else {})
         if options.adjust_config or options.define:
+            from virtnbd.restore import config  # -c/-D: domain XML (lxml), only when asked
             config.write_for_restore(selection, done, options, host)
         return done
 
 
 @contextlib.contextmanager
-def _host(options: RestoreOptions) -> Iterator[remote.RemoteHost | None]:
+def _host(options: RestoreOptions) -> Iterator[RemoteHost | None]:
     """The remote host of ``-U qemu+ssh://HOST`` (one ssh connection for the run), else None."""
     if options.remote is None:
         yield None
         return
+    from virtnbd.restore.targets import remote  # ssh, remote qemu-nbd: only for another host
     with remote.open_host(options.remote, options.password_file) as host:
         yield host
 
 
-def _make_folder(folder: str, host: remote.RemoteHost | None) -> None:
+def _make_folder(folder: str, host: RemoteHost | None) -> None:
     if host is not None:
         host.make_folder(folder)
         return

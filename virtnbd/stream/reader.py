@@ -223,8 +223,9 @@ class StreamReader:
         except OSError as err:
             raise errors.FormatError(path=self.path, offset=0, reason=err.strerror or str(err)) from err
 
-    def _pread(self, pos: int, n: int, what: str) -> bytes:
-        """Read exactly ``n`` bytes at ``pos`` without moving the sequential position."""
+    def _pread(self, pos: int, n: int, what: str, short_ok: bool = False) -> bytes:
+        """Read exactly ``n`` bytes at ``pos`` without moving the sequential position (``short_ok``:
+        up to ``n``, fewer at the end of the file)."""
         try:
             if self._fd is not None:
                 data = os.pread(self._fd, n, pos)
@@ -242,7 +243,7 @@ class StreamReader:
                 self._f.seek(keep)
         except OSError as err:
             raise errors.FormatError(path=self.path, offset=pos, reason=err.strerror or str(err)) from err
-        if len(data) != n:
+        if len(data) != n and not short_ok:
             raise errors.FormatError(path=self.path, offset=pos + len(data), reason=f"truncated {what}")
         return data
 
@@ -351,7 +352,8 @@ class StreamReader:
         span = self.batch_span(frames)
         try:
             if self._fd is None:
-                view = memoryview(self._pread(first, span, "frames"))
+                view = memoryview(self._pread(first, span, "frames", short_ok=True))   # the span may pass the
+                # end of the file (compressed last frame + slack): short, as os.pread below; payloads checked
             elif self.codec.decodes_in_place or (into is not None and len(into) >= span):
                 buf = into if into is not None and len(into) >= span else allocator.uninitialized(span)
                 view = memoryview(buf)[:span]

@@ -31,7 +31,6 @@ import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from virtnbd import errors, secrets
@@ -40,6 +39,7 @@ from virtnbd.remote import session as remote_session
 from virtnbd.remote import uri as uri_mod
 from virtnbd.remote.rshell import STOP_PID
 from virtnbd.remote.ssh import TEMP_PREFIXES, SshConnection, explain, temp_dir
+from virtnbd.restore.options import RemoteOptions
 from virtnbd.restore.targets.base import TargetRequest
 from virtnbd.restore.targets.qcow2 import Qcow2Target, ServedImage, create_options
 from virtnbd.restore.targets.raw import temp_name
@@ -55,19 +55,6 @@ COMMIT_TIMEOUT = 120.0
 
 NEEDS_CERT = ("a remote restore writes over NBD with TLS: give --tls-cert DIR (ca-cert.pem, client-cert.pem, "
               "client-key.pem signed by the host's CA), or --no-tls")
-
-
-@dataclass(frozen=True)
-class RemoteOptions:
-    """What virtnbdrestore's options say about a remote host (built by cli/restore.py)."""
-
-    uri: str                                  # qemu+ssh://USER@HOST[:PORT]/system[?keyfile=...]
-    known_hosts: str | None = None            # --ssh-known-hosts
-    tls_cert: str | None = None               # --tls-cert DIR here (ca-cert, client-cert, client-key)
-    server_tls_dir: str | None = None         # --nbd-tls-dir on the host; None: from its qemu.conf
-    nbd_ip: str | None = None                 # --nbd-ip: the host's address qemu-nbd binds and we dial
-    nbd_port: int | None = None               # --nbd-port: first port tried
-    tls: bool = True                          # --no-tls: plain NBD (a warning)
 
 
 # The supervisor. $1 image.partial $2 final $3 format $4 size $5 create -o $6 address $7 ports
@@ -179,6 +166,10 @@ class RemoteHost:
 
     def libvirt_uri(self) -> str:
         return remote_session.libvirt_uri(self.target, self.link)
+
+    def target_spec(self, output: str, disk: str, fmt: str) -> str:
+        """The target spec of a disk restored into ``output`` on this host."""
+        return name_in(output, disk, fmt)
 
     def popen(self, command: list[str]) -> subprocess.Popen[bytes]:
         log.debug("remote %s: %s", self.name, shown(command))
