@@ -90,7 +90,7 @@ def last_line(text: str) -> str:
 class SshConnection:
     """``ssh`` to the URI's user, host and port with its key; one master connection for the run."""
 
-    def __init__(self, target: RemoteUri, options: RemoteOptions) -> None:
+    def __init__(self, target: RemoteUri, options: RemoteOptions, forwards: Sequence[str] = ()) -> None:
         self.target = target
         self.options = options
         self.known_hosts = options.known_hosts or str(Path.home() / ".ssh" / "known_hosts")
@@ -98,6 +98,8 @@ class SshConnection:
         self._dir = Path(temp_dir(TEMP_PREFIXES[0]))
         self.control = str(self._dir / "ctl")
         self.wrapper = str(self._dir / "ssh")
+        # unix sockets on the host reached through the master (libvirt's): (local socket here, remote path)
+        self.forwards = tuple((str(self._dir / f"fwd{n}.sock"), path) for n, path in enumerate(forwards))
         self._master: subprocess.Popen[bytes] | None = None
         self._askpass: str | None = None
         if options.password_file:       # an encrypted key's passphrase, answered by a helper (never argv)
@@ -133,7 +135,8 @@ class SshConnection:
         if shutil.which(SSH) is None:
             raise errors.RemoteError(host=self.target.host, reason="the ssh client is missing (openssh-client)")
         self._write_wrapper()
-        argv = [*self.base_argv(), "-M", "-N", "-o", "ControlPersist=no", *self._dest()]
+        argv = [*self.base_argv(), "-M", "-N", "-o", "ControlPersist=no",
+                *(a for here, there in self.forwards for a in ("-L", f"{here}:{there}")), *self._dest()]
         log.debug("ssh: master connection to %s", self.where)
         env = None
         if self._askpass:       # the master alone asks (sessions ride on it)
