@@ -26,6 +26,7 @@ from virtnbd.remote import uri as uri_mod
 from virtnbd.remote.host import Host, LocalHost, using
 from virtnbd.remote.options import RemoteOptions
 from virtnbd.remote.remotehost import RemoteHost
+from virtnbd.remote.rshell import SHELL_ARGV
 from virtnbd.remote.ssh import SshConnection
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def session(uri: str | None, options: RemoteOptions) -> Iterator[tuple[str | tup
         check_tls_dir(options)
     else:
         log.warning("%s", NO_TLS_WARNING)
-    ssh = SshConnection(target, options, forwarded_sockets(target)).open()
+    ssh = SshConnection(target, options, forwarded_sockets(target)).open(SHELL_ARGV)
     try:
         remote = RemoteHost(ssh, options)
         try:
