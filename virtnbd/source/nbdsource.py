@@ -338,17 +338,29 @@ class NbdSource:
         self.close()
 
     def open(self) -> None:
-        main = _open(self.socket, self.export, self.contexts)
+        early = self._start_readers() if isinstance(self.socket, TcpAddress) else None
+        try:
+            main = _open(self.socket, self.export, self.contexts)
+        except BaseException:
+            self._drop_early(early)
+            raise
         self._handles.append(main)
         try:
             self.size = main.get_size()
             self.multi_conn = bool(main.can_multi_conn())
             self.max_block = int(main.get_block_size(nbd.SIZE_MAXIMUM) or 0)
-            self._open_readers(self._wanted if self.multi_conn else 1)
+            count = self._wanted if self.multi_conn else 1
+            if early is None:
+                self._handles.extend(_open(self.socket, self.export, ()) for _ in range(count))
+            else:
+                pending, early = early, None
+                self._keep_readers(pending, count)
         except nbd.Error as err:
+            self._drop_early(early)
             self.close()
             raise errors.NbdError(export=self.export, reason=_nbd_reason(err)) from err
         except errors.VirtnbdError:
+            self._drop_early(early)
             self.close()
             raise
         # the first handle answers block status in the caller's thread; the others read
@@ -362,18 +374,39 @@ class NbdSource:
         log.debug("nbd %s: size %d, multi-conn %s, %d reader connection(s), depth %d",
                   self.export, self.size, self.multi_conn, len(self._workers), self._depth)
 
-    def _open_readers(self, count: int) -> None:
-        """The reader connections; over TCP opened at once (each TLS handshake is a round trip or more)."""
-        if not isinstance(self.socket, TcpAddress) or count == 1:
-            self._handles.extend(_open(self.socket, self.export, ()) for _ in range(count))
-            return
-        with ThreadPoolExecutor(count, thread_name_prefix="nbd-connect") as pool:
-            futures = [pool.submit(_open, self.socket, self.export, ()) for _ in range(count)]
-            for fut in futures:         # every handle kept (closed by close() on failure), then errors raised
-                with contextlib.suppress(errors.NbdError):
-                    self._handles.append(fut.result())
-            for fut in futures:
-                fut.result()
+    def _start_readers(self) -> tuple[ThreadPoolExecutor, list[Future[nbd.NBD]]]:
+        """Over TCP the reader connections are made while the first one is (each TLS handshake is a
+        round trip or more); those beyond one are closed again if the server does not allow multi-conn."""
+        pool = ThreadPoolExecutor(self._wanted, thread_name_prefix="nbd-connect")
+        return pool, [pool.submit(_open, self.socket, self.export, ()) for _ in range(self._wanted)]
+
+    def _drop_early(self, early: tuple[ThreadPoolExecutor, list[Future[nbd.NBD]]] | None) -> None:
+        """Close early reader connections not yet kept (the run failed before)."""
+        if early is not None:
+            with contextlib.suppress(errors.NbdError):
+                self._keep_readers(early, 0)
+
+    def _keep_readers(self, early: tuple[ThreadPoolExecutor, list[Future[nbd.NBD]]], count: int) -> None:
+        """Keep ``count`` of the early reader connections, close the others; the first failure is raised
+        when fewer than ``count`` connected."""
+        pool, futures = early
+        pool.shutdown(wait=True)
+        failure: errors.NbdError | None = None
+        kept = 0
+        for fut in futures:
+            try:
+                h = fut.result()
+            except errors.NbdError as err:
+                failure = failure or err
+                continue
+            if kept < count:
+                self._handles.append(h)
+                kept += 1
+            else:
+                with contextlib.suppress(nbd.Error):
+                    h.shutdown()
+        if failure is not None and kept < count:
+            raise failure
 
     def block_status(self, offset: int, count: int) -> Mapping[str, Sequence[tuple[int, int]]]:
         """{context: [(length, flags), ...]} from ``offset``; see :mod:`virtnbd.source.extents`."""
