@@ -107,3 +107,44 @@ def test_dirty_bitmap_extents_cover_exactly_the_writes(nbd_lab) -> None:  # type
     with NbdSource(str(server.sock), server.export, contexts=(BASE_ALLOCATION, server.dirty_context)) as src:
         got = [(e.offset, e.length, e.kind) for e in iter_extents(src.block_status, src.size, server.dirty_context)]
     assert got == [(0, 64 * 1024, "zero"), (4 * MiB, 128 * 1024, "data"), (6 * MiB, 64 * 1024, "data")]
+
+
+@pytest.mark.parametrize("multi_conn", [True, False])
+def test_tcp_readers_connect_with_the_first_and_extras_close(tmp_path, multi_conn: bool) -> None:  # type: ignore[no-untyped-def]
+    """Over TCP the reader connections are made together with the first one (quick ACKs, see
+    source/tcpwait.py); a server without multi-conn keeps one reader. Bytes and extents exact."""
+    import socket
+    import struct
+    import subprocess
+    import time
+
+    from virtnbd.source.nbdsource import TcpAddress
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    size = 4 * MiB
+    mode = "plugin" if multi_conn else "disable"          # the pattern plugin itself allows multi-conn
+    argv = ["nbdkit", "--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port),
+            "--filter=multi-conn", "pattern", f"size={size}", f"multi-conn-mode={mode}"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+                time.sleep(0.02)
+        with NbdSource(TcpAddress("127.0.0.1", port), "", connections=3, depth=4) as src:
+            assert (src.size, src.multi_conn, len(src._workers)) == (size, multi_conn, 3 if multi_conn else 1)
+            extents = list(iter_extents(src.block_status, src.size))
+            assert sum(e.length for e in extents) == size and all(e.kind == DATA for e in extents)
+            chunk = src.read(MiB, MiB).result()
+            want = b"".join(struct.pack(">Q", off) for off in range(MiB, 2 * MiB, 8))
+            assert bytes(chunk.data) == want
+            chunk.release()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -69,3 +69,18 @@ def test_tls_backup_job_over_ssh(remote_lab: RemoteLab, make_domain) -> None:  #
             rdom.abortJob()
     finally:
         conn.close()
+
+
+def test_libvirt_through_the_master_forward_and_fallback(remote_lab: RemoteLab) -> None:
+    """qemu+ssh reaches the host's libvirt socket through the ssh master (no remote shell); a URI that
+    does not open is passed over for the next one."""
+    from virtnbd.remote.options import RemoteOptions
+    from virtnbd.remote.session import connected
+    from virtnbd.virt import connection
+
+    options = RemoteOptions(tls_dir=str(remote_lab.client_tls), known_hosts=str(remote_lab.known_hosts))
+    with connected(remote_lab.uri(), options) as conn:
+        assert conn.getURI().startswith("qemu+unix:///system?socket=")
+        assert conn.getHostname() == socket.gethostname()
+    with connection.connect(["qemu+unix:///system?socket=/nonexistent/libvirt-sock", "qemu:///system"]) as conn:
+        assert conn.getURI() == "qemu:///system"

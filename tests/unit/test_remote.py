@@ -101,3 +101,19 @@ def test_sweep_removes_private_folders_of_dead_runs_only(tmp_path: Path) -> None
     removed = ssh.sweep_stale(str(tmp_path))
     assert sorted(removed) == sorted(str(p) for p in stale)
     assert all(p.exists() for p in kept) and not any(p.exists() for p in stale)
+
+
+@pytest.mark.parametrize(("text", "forwarded"), [
+    ("qemu+ssh://root@h/system?keyfile=/k", session.LIBVIRT_SOCKETS),
+    ("qemu+ssh://root@h:2222/system", session.LIBVIRT_SOCKETS),
+    ("qemu+ssh://root@h/session", ()),                                      # per-user daemon: libvirt's way
+    ("qemu+ssh://root@h/system?socket=/run/x.sock", ()),                    # the user chose the socket
+    ("qemu+ssh://root@h/system?mode=direct", ()),
+    ("qemu+ssh://root@h/system?proxy=netcat", ()),
+    ("qemu+libssh://root@h/system", ()),                                    # libvirt's own ssh client
+    ("qemu+tls://h/system", ()),
+])
+def test_libvirt_socket_forwarded_only_where_libvirt_would_pick_it(text: str, forwarded: tuple[str, ...]) -> None:
+    target = uri.parse(text)
+    assert target is not None
+    assert session.forwarded_sockets(target) == forwarded

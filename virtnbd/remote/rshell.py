@@ -8,7 +8,9 @@ run dies - even SIGKILL: the ssh master is our child, so the session's stdin rea
 shell stops those servers, aborts a backup job still using a folder, removes it, and exits. It ignores
 HUP, INT, TERM and PIPE, so a lost connection cannot stop it half-way.
 
-Started in the background when the run's host is opened, so its login overlaps the libvirt connect.
+It is the ssh master's own session (``SshConnection.open(SHELL_ARGV)``): it starts with the connection,
+no second session has to be opened, and its login overlaps the libvirt connect (libvirt rides on a
+socket forward of the same master).
 A command that times out leaves the shell's state unknown: it is not used again (later commands take
 an ssh session each, the guardian still cleans up at the end).
 """
@@ -93,6 +95,7 @@ rm -rf "$t"
 echo gone
 """
 
+SHELL_ARGV = ("sh", "-c", SHELL, "virtnbd-shell")
 
 
 class ShellBroken(Exception):
@@ -106,7 +109,9 @@ class RemoteShell:
         self.ssh = ssh
         self.commands = 0
         self._lock = threading.Lock()
-        self._proc: subprocess.Popen[bytes] | None = ssh.popen(["sh", "-c", SHELL, "virtnbd-shell"])
+        session = ssh.take_session()
+        self._in_master = session is not None       # the master's own session: it ends with the master
+        self._proc: subprocess.Popen[bytes] | None = session or ssh.popen(SHELL_ARGV)
         self._ready = False
         self._kept: subprocess.Popen[bytes] | None = None    # a broken shell, still guarding the work folders
 
@@ -175,18 +180,43 @@ class RemoteShell:
         self._kept, self._proc = self._proc, None     # its stdin stays open: closing it would clean up now
 
     def close(self, timeout: float = 60) -> None:
-        """End of the run: the shell cleans what is left and exits (it says ``gone``)."""
+        """End of the run: the shell cleans what is left and exits (it says ``gone``). The answer is read
+        up to ``gone``, not to end of file: the master connection (whose session the shell may be) ends
+        after it, in :meth:`SshConnection.close`."""
         proc = self._proc or self._kept
         self._proc = self._kept = None
         if proc is None:
             return
         try:
-            out, _ = proc.communicate(timeout=timeout)
-            if b"gone" not in out:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            if not _read_until_gone(proc, time.monotonic() + timeout):
                 log.warning("remote shell on %s: cleanup did not confirm", self.ssh.where)
+            if not self._in_master:
+                proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
             log.warning("remote shell on %s: cleanup did not finish within %.0f s", self.ssh.where, timeout)
         except (OSError, ValueError) as err:
             raise errors.RemoteError(host=self.ssh.target.host, reason=f"remote shell: {err}") from err
+
+
+def _read_until_gone(proc: subprocess.Popen[bytes], deadline: float) -> bool:
+    """Read the shell's last output until its ``gone`` line (True) or end of file (False);
+    TimeoutExpired at the deadline."""
+    if proc.stdout is None:
+        return False
+    fd = proc.stdout.fileno()
+    seen = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while not seen.endswith(b"gone\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                raise subprocess.TimeoutExpired(proc.args, 0)
+            data = os.read(fd, 1 << 16)
+            if not data:
+                return False
+            seen = (seen + data)[-64:]
+    return True

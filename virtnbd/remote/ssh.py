@@ -90,7 +90,7 @@ def last_line(text: str) -> str:
 class SshConnection:
     """``ssh`` to the URI's user, host and port with its key; one master connection for the run."""
 
-    def __init__(self, target: RemoteUri, options: RemoteOptions) -> None:
+    def __init__(self, target: RemoteUri, options: RemoteOptions, forwards: Sequence[str] = ()) -> None:
         self.target = target
         self.options = options
         self.known_hosts = options.known_hosts or str(Path.home() / ".ssh" / "known_hosts")
@@ -98,7 +98,10 @@ class SshConnection:
         self._dir = Path(temp_dir(TEMP_PREFIXES[0]))
         self.control = str(self._dir / "ctl")
         self.wrapper = str(self._dir / "ssh")
+        # unix sockets on the host reached through the master (libvirt's): (local socket here, remote path)
+        self.forwards = tuple((str(self._dir / f"fwd{n}.sock"), path) for n, path in enumerate(forwards))
         self._master: subprocess.Popen[bytes] | None = None
+        self._session: subprocess.Popen[bytes] | None = None
         self._askpass: str | None = None
         if options.password_file:       # an encrypted key's passphrase, answered by a helper (never argv)
             self._askpass = str(self._dir / "askpass")
@@ -129,20 +132,31 @@ class SshConnection:
             argv += ["-l", self.target.user]
         return [*argv, self.target.host]
 
-    def open(self) -> SshConnection:
+    def open(self, command: Sequence[str] | None = None) -> SshConnection:
+        """Start the master connection; with ``command``, the master's own session runs it (no second
+        session to open: see :meth:`take_session`)."""
         if shutil.which(SSH) is None:
             raise errors.RemoteError(host=self.target.host, reason="the ssh client is missing (openssh-client)")
         self._write_wrapper()
-        argv = [*self.base_argv(), "-M", "-N", "-o", "ControlPersist=no", *self._dest()]
+        tail = ["--", shlex.join(command)] if command else []
+        argv = [*self.base_argv(), "-M", "-T" if command else "-N", "-o", "ControlPersist=no",
+                *(a for here, there in self.forwards for a in ("-L", f"{here}:{there}")), *self._dest(), *tail]
         log.debug("ssh: master connection to %s", self.where)
         env = None
         if self._askpass:       # the master alone asks (sessions ride on it)
             env = {**os.environ, "SSH_ASKPASS": self._askpass, "SSH_ASKPASS_REQUIRE": "force"}
-        self._master = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,
+        pipe = subprocess.PIPE if command else subprocess.DEVNULL
+        self._master = subprocess.Popen(argv, stdin=pipe, stdout=pipe, env=env,
                                         stderr=subprocess.PIPE, preexec_fn=die_with_parent)  # noqa: PLW1509
+        self._session = self._master if command else None
         self.round_trips += 1
         self._wait_master()
         return self
+
+    def take_session(self) -> subprocess.Popen[bytes] | None:
+        """The master's own session (``open(command)``), once: stdin/stdout are the command's."""
+        session, self._session = self._session, None
+        return session
 
     def _wait_master(self) -> None:
         deadline = time.monotonic() + self.options.timeout + 5
@@ -156,7 +170,7 @@ class SshConnection:
                 self.close()
                 raise errors.RemoteError(host=self.target.host, reason=f"no ssh connection to {self.where} within "
                                          f"{self.options.timeout}s: check the host name, port and firewall")
-            time.sleep(0.02)
+            time.sleep(0.005)
 
     def _write_wrapper(self) -> None:
         """The ssh libvirt runs for qemu+ssh: same pinning, through the master connection."""

@@ -181,7 +181,7 @@ def _write_on_host(selection: Any, restored: Sequence[Any], options: Any, host: 
     return path
 
 
-def define(xml: str, uri: str, password_file: str | None = None) -> None:
+def define(xml: str, uri: str | Sequence[str], password_file: str | None = None) -> None:
     import libvirt
 
     from virtnbd.virt.connection import connect, reason

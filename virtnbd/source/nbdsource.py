@@ -17,8 +17,7 @@ import logging
 import os
 import queue
 import threading
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
@@ -27,10 +26,12 @@ import nbd
 
 from virtnbd import errors
 from virtnbd.source.extents import BASE_ALLOCATION
+from virtnbd.source.tcpwait import TcpWait
 
 log = logging.getLogger(__name__)
 
 _STOP = None
+STATUS_TIMEOUT = 300.0          # seconds for one block-status answer over TCP
 
 
 class _Buf:
@@ -158,13 +159,12 @@ def _connect_tcp(h: nbd.NBD, address: TcpAddress) -> None:
         h.set_tls(nbd.TLS_REQUIRE)
         h.set_tls_certificates(address.tls_dir)
     h.aio_connect_tcp(address.host, str(address.port))
-    deadline = time.monotonic() + address.timeout
-    while h.aio_is_connecting():
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise errors.NbdError(export=h.get_export_name(), reason=explain_tcp(
-                address, f"connect timed out after {address.timeout:.0f}s"))
-        h.poll(int(min(left, 1.0) * 1000))
+    wait = TcpWait(h)           # quick ACKs: no 40 ms stalls per reply of the haggling (see tcpwait)
+    try:
+        wait.until(lambda: not h.aio_is_connecting(), address.timeout, lambda: errors.NbdError(
+            export=h.get_export_name(), reason=explain_tcp(address, f"connect timed out after {address.timeout:.0f}s")))
+    finally:
+        wait.close()
     if not h.aio_is_ready():
         raise nbd.Error("connection failed", 0)
 
@@ -318,6 +318,7 @@ class NbdSource:
         self.counters = Counters()
         self._lock = threading.Lock()
         self._handles: list[nbd.NBD] = []
+        self._wait: TcpWait | None = None       # the first handle's quick-ACK waits (TCP only)
         self._workers: list[_Connection] = []
         self._next = 0
         self._wanted = max(1, connections)
@@ -337,17 +338,29 @@ class NbdSource:
         self.close()
 
     def open(self) -> None:
-        main = _open(self.socket, self.export, self.contexts)
+        early = self._start_readers() if isinstance(self.socket, TcpAddress) else None
+        try:
+            main = _open(self.socket, self.export, self.contexts)
+        except BaseException:
+            self._drop_early(early)
+            raise
         self._handles.append(main)
         try:
             self.size = main.get_size()
             self.multi_conn = bool(main.can_multi_conn())
             self.max_block = int(main.get_block_size(nbd.SIZE_MAXIMUM) or 0)
-            self._open_readers(self._wanted if self.multi_conn else 1)
+            count = self._wanted if self.multi_conn else 1
+            if early is None:
+                self._handles.extend(_open(self.socket, self.export, ()) for _ in range(count))
+            else:
+                pending, early = early, None
+                self._keep_readers(pending, count)
         except nbd.Error as err:
+            self._drop_early(early)
             self.close()
             raise errors.NbdError(export=self.export, reason=_nbd_reason(err)) from err
         except errors.VirtnbdError:
+            self._drop_early(early)
             self.close()
             raise
         # the first handle answers block status in the caller's thread; the others read
@@ -361,18 +374,39 @@ class NbdSource:
         log.debug("nbd %s: size %d, multi-conn %s, %d reader connection(s), depth %d",
                   self.export, self.size, self.multi_conn, len(self._workers), self._depth)
 
-    def _open_readers(self, count: int) -> None:
-        """The reader connections; over TCP opened at once (each TLS handshake is a round trip or more)."""
-        if not isinstance(self.socket, TcpAddress) or count == 1:
-            self._handles.extend(_open(self.socket, self.export, ()) for _ in range(count))
-            return
-        with ThreadPoolExecutor(count, thread_name_prefix="nbd-connect") as pool:
-            futures = [pool.submit(_open, self.socket, self.export, ()) for _ in range(count)]
-            for fut in futures:         # every handle kept (closed by close() on failure), then errors raised
-                with contextlib.suppress(errors.NbdError):
-                    self._handles.append(fut.result())
-            for fut in futures:
-                fut.result()
+    def _start_readers(self) -> tuple[ThreadPoolExecutor, list[Future[nbd.NBD]]]:
+        """Over TCP the reader connections are made while the first one is (each TLS handshake is a
+        round trip or more); those beyond one are closed again if the server does not allow multi-conn."""
+        pool = ThreadPoolExecutor(self._wanted, thread_name_prefix="nbd-connect")
+        return pool, [pool.submit(_open, self.socket, self.export, ()) for _ in range(self._wanted)]
+
+    def _drop_early(self, early: tuple[ThreadPoolExecutor, list[Future[nbd.NBD]]] | None) -> None:
+        """Close early reader connections not yet kept (the run failed before)."""
+        if early is not None:
+            with contextlib.suppress(errors.NbdError):
+                self._keep_readers(early, 0)
+
+    def _keep_readers(self, early: tuple[ThreadPoolExecutor, list[Future[nbd.NBD]]], count: int) -> None:
+        """Keep ``count`` of the early reader connections, close the others; the first failure is raised
+        when fewer than ``count`` connected."""
+        pool, futures = early
+        pool.shutdown(wait=True)
+        failure: errors.NbdError | None = None
+        kept = 0
+        for fut in futures:
+            try:
+                h = fut.result()
+            except errors.NbdError as err:
+                failure = failure or err
+                continue
+            if kept < count:
+                self._handles.append(h)
+                kept += 1
+            else:
+                with contextlib.suppress(nbd.Error):
+                    h.shutdown()
+        if failure is not None and kept < count:
+            raise failure
 
     def block_status(self, offset: int, count: int) -> Mapping[str, Sequence[tuple[int, int]]]:
         """{context: [(length, flags), ...]} from ``offset``; see :mod:`virtnbd.source.extents`."""
@@ -385,11 +419,23 @@ class NbdSource:
         try:
             with self._lock:
                 self.counters.status_queries += 1
-            self._handles[0].block_status(count, offset, callback)
+            if isinstance(self.socket, TcpAddress):
+                self._tcp_block_status(count, offset, callback)
+            else:
+                self._handles[0].block_status(count, offset, callback)
         except nbd.Error as err:
             raise errors.NbdError(export=self.export,
                                   reason=f"block status at offset {offset} failed: {_nbd_reason(err)}") from err
         return answer
+
+    def _tcp_block_status(self, count: int, offset: int, callback: Callable[..., int]) -> None:
+        """block_status with quick ACKs: a multi-chunk reply of QEMU < 8.0 costs no 40 ms stall (see tcpwait)."""
+        h = self._handles[0]
+        if self._wait is None:
+            self._wait = TcpWait(h)
+        cookie = h.aio_block_status(count, offset, callback)
+        self._wait.until(lambda: bool(h.aio_command_completed(cookie)), STATUS_TIMEOUT, lambda: errors.NbdError(
+            export=self.export, reason=f"block status at offset {offset}: no answer in {STATUS_TIMEOUT:.0f}s"))
 
     def read(self, offset: int, length: int) -> Future[Chunk]:
         """Start reading (at most ``buffer_size`` bytes); the future yields a Chunk (or raises NbdError)."""
@@ -412,6 +458,9 @@ class NbdSource:
         for worker in self._workers:
             worker.join()
         self._workers.clear()
+        if self._wait is not None:
+            self._wait.close()
+            self._wait = None
         for h in self._handles:
             with contextlib.suppress(nbd.Error):
                 h.shutdown()

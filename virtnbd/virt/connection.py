@@ -5,7 +5,7 @@ import contextlib
 import logging
 import threading
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import libvirt
@@ -108,18 +108,31 @@ def _open(uri: str, password_file: str | None) -> libvirt.virConnect:
     return libvirt.openAuth(uri, [kinds, answer, None], 0)
 
 
+def _open_first(uris: Sequence[str], password_file: str | None) -> libvirt.virConnect:
+    """The first of ``uris`` that opens (a remote run's forwarded socket, then libvirt's own transport);
+    the error is the last one's."""
+    for n, target in enumerate(uris):
+        try:
+            conn = _open(target, password_file)
+        except libvirt.libvirtError as err:
+            if n + 1 == len(uris):
+                raise errors.LibvirtError(reason=f"cannot connect to {redact_uri(target)}: {reason(err)}") from err
+            log.debug("libvirt: %s: %s; trying the next way", redact_uri(target), reason(err))
+            continue
+        log.debug("libvirt: connected through %s", redact_uri(target))
+        return conn
+    raise errors.LibvirtError(reason="no libvirt URI to connect to")
+
+
 @contextlib.contextmanager
-def connect(uri: str | None = None, password_file: str | None = None) -> Iterator[libvirt.virConnect]:
+def connect(uri: str | Sequence[str] | None = None, password_file: str | None = None) -> Iterator[libvirt.virConnect]:
     """Open a read-write libvirt connection, watched by keepalive and a close callback; closed on exit.
 
+    ``uri``: one URI, or several tried in order (the first that opens is used).
     ``password_file`` (``--password-file``): libvirt's password (and key passphrase) questions are
     answered from it; the password never appears in argv, the URI or a log."""
-    target = uri or DEFAULT_URI
     _start_event_loop()
-    try:
-        conn = _open(target, password_file)
-    except libvirt.libvirtError as err:
-        raise errors.LibvirtError(reason=f"cannot connect to {redact_uri(target)}: {reason(err)}") from err
+    conn = _open_first([uri or DEFAULT_URI] if uri is None or isinstance(uri, str) else list(uri), password_file)
     _watch(conn)
     try:
         yield conn

@@ -164,8 +164,9 @@ class RemoteHost:
                   'mv -- "$1.tmp" "$1"')
         self.link.check_run(["sh", "-c", script, "sh", path, f"{mode:o}"], stdin=data)
 
-    def libvirt_uri(self) -> str:
-        return remote_session.libvirt_uri(self.target, self.link)
+    def libvirt_uri(self) -> tuple[str, ...]:
+        """The libvirt URIs to try for ``-D``: the master's forward of the host's socket, then qemu+ssh."""
+        return remote_session.libvirt_uris(self.target, self.link)
 
     def target_spec(self, output: str, disk: str, fmt: str) -> str:
         """The target spec of a disk restored into ``output`` on this host."""
@@ -187,7 +188,7 @@ def open_host(options: RemoteOptions, password_file: str | None = None) -> Itera
     ssh_options = remote_options.RemoteOptions(tls=options.tls, known_hosts=options.known_hosts,
                                                tls_dir=options.tls_cert or remote_options.DEFAULT_TLS_DIR,
                                                password_file=password_file)
-    link = RestoreSsh(target, ssh_options)
+    link = RestoreSsh(target, ssh_options, remote_session.forwarded_sockets(target))
     try:
         link.open()
         yield RemoteHost(options, link, target)
