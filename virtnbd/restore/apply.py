@@ -100,14 +100,10 @@ def _read_frames(source: Any, frames: Sequence[FrameJob]) -> Sequence[bytes | me
 
 
 def _write_batch(source: Any, frames: Sequence[FrameJob], target: Target) -> int:
-    written = 0
-    write = target.write
-    for (_, off, _, pieces), data in zip(frames, _read_frames(source, frames), strict=True):
-        view = memoryview(data)
-        for start, end in pieces:
-            write(start, view[start - off:end - off])
-            written += end - start
-    return written
+    """One batch's pieces in one ``write_many`` call (one count and lock per batch, not per frame)."""
+    return target.write_many([(start, memoryview(data)[start - off:end - off])
+                              for (_, off, _, pieces), data in zip(frames, _read_frames(source, frames), strict=True)
+                              for start, end in pieces])
 
 
 def _by_file(data: Sequence[Piece]) -> Iterable[Piece]:

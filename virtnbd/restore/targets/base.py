@@ -16,6 +16,7 @@ class Target(Protocol):
     name: str                 # final name (path, or rbd:pool/image) for messages
 
     def write(self, offset: int, data: bytes | memoryview) -> None: ...
+    def write_many(self, pieces: list[tuple[int, memoryview]]) -> int: ...
     def zero(self, offset: int, length: int) -> None: ...
     def commit(self) -> None: ...
     def abort(self) -> None: ...
@@ -46,6 +47,15 @@ class TargetBase:
 
     bytes_written = 0
     name = ""
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        raise NotImplementedError
+
+    def write_many(self, pieces: list[tuple[int, memoryview]]) -> int:
+        """Several ``(offset, data)`` writes (one batch of a restore); the bytes written."""
+        for offset, data in pieces:
+            self.write(offset, data)
+        return sum(len(data) for _, data in pieces)
 
     def commit(self) -> None:
         raise NotImplementedError
