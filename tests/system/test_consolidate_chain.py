@@ -1,4 +1,4 @@
-"""A real domain: full + 30 incs, consolidate the oldest 20 into a synthetic full. Every listed point
+"""A real domain: full + 12 incs, consolidate the oldest 8 into a synthetic full. Every listed point
 restores byte-identical to the disk at that point, verify passes, the next inc continues the chain
 (libvirt checkpoints untouched) and the stored bytes shrink by what the merged points superseded."""
 from __future__ import annotations
@@ -16,7 +16,8 @@ from tests.system.chain_helpers import check_restored, checkpoint_names, manifes
 pytestmark = pytest.mark.system
 
 SIZE = 8 * MiB
-INCS = 30
+INCS = 12
+MERGE = 8             # incs merged with the full into the synthetic full
 
 
 def _prune(*args: str) -> subprocess.CompletedProcess[str]:
@@ -28,7 +29,7 @@ def _stored(folder) -> int:  # type: ignore[no-untyped-def]
     return sum(d["stored_bytes"] for p in manifest_points(folder) for d in p["disks"].values())
 
 
-def test_consolidate_twenty_of_thirty_incs(make_domain, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_consolidate_eight_of_twelve_incs(make_domain, tmp_path) -> None:  # type: ignore[no-untyped-def]
     dom = make_domain(disks=[DiskSpec("sda", "sata", "qcow2", SIZE)])
     disk = dom.disk("sda")
     folder = dom.dir / "backup"
@@ -39,16 +40,16 @@ def test_consolidate_twenty_of_thirty_incs(make_domain, tmp_path) -> None:  # ty
         expected[ok(dom, "inc", folder)["point"]] = {"sda": disk.snapshot(f"p{step}")}
     checkpoints = checkpoint_names(dom)
     before = _stored(folder)
-    merged_points = manifest_points(folder)[:21]
+    merged_points = manifest_points(folder)[:MERGE + 1]
     merged_stored = sum(p["disks"]["sda"]["stored_bytes"] for p in merged_points)
     merged_data = sum(p["disks"]["sda"]["data_bytes"] for p in merged_points)
-    # what the 20 merged points hold that later points overwrote is gone; the rest stays
-    res = _prune("-i", str(folder), "--consolidate", "virtnbdbackup.20", "--json")
+    # what the merged points hold that later points overwrote is gone; the rest stays
+    res = _prune("-i", str(folder), "--consolidate", f"virtnbdbackup.{MERGE}", "--json")
     assert res.returncode == 0, res.stderr
     result = json.loads(res.stdout)
-    assert len(result["merged"]) == 21 and result["stored_after"] < result["stored_before"] == before
+    assert len(result["merged"]) == MERGE + 1 and result["stored_after"] < result["stored_before"] == before
     points = [p["name"] for p in manifest_points(folder)]
-    assert points == [f"virtnbdbackup.{i}" for i in range(20, INCS + 1)]
+    assert points == [f"virtnbdbackup.{i}" for i in range(MERGE, INCS + 1)]
     assert manifest_points(folder)[0]["level"] == "full"
     assert checkpoint_names(dom) == checkpoints                        # libvirt untouched
     full = manifest_points(folder)[0]["disks"]["sda"]
@@ -64,4 +65,4 @@ def test_consolidate_twenty_of_thirty_incs(make_domain, tmp_path) -> None:  # ty
     assert nxt["level"] == "inc" and nxt["point"] == f"virtnbdbackup.{INCS + 1}"
     check_restored(folder, nxt["point"], {"sda": disk.snapshot("pnext")}, tmp_path)
     status = _prune("-i", str(folder), "--status", "--json")
-    assert status.returncode == 0 and json.loads(status.stdout)["points"] == INCS - 20 + 2
+    assert status.returncode == 0 and json.loads(status.stdout)["points"] == INCS - MERGE + 2

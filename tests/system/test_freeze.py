@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.lab.guest_lab import DATA_MOUNT, GUEST_HOSTNAME, Guest, debugfs_cat, e2fsck_clean, recovered_copy
+from tests.lab.libvirt_lab import LabDomain
 from tests.system.backup_helpers import job_running
 
 pytestmark = [pytest.mark.system, pytest.mark.guest]
@@ -48,7 +49,8 @@ def cli(tool: str, *args: str, timeout: float = 180) -> subprocess.CompletedProc
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def backup(guest: Guest, folder: Path, level: str, *extra: str, rc: int | None = 0) -> subprocess.CompletedProcess[str]:
+def backup(guest: Guest | LabDomain, folder: Path, level: str, *extra: str,
+           rc: int | None = 0) -> subprocess.CompletedProcess[str]:
     proc = cli("virtnbdbackup", "-d", guest.name, "-l", level, "-o", str(folder), "-n", "--scratchdir", str(guest.dir),
                *extra, timeout=60)
     if rc is not None:
@@ -192,8 +194,10 @@ def test_full_then_inc_of_booted_guest(guest: Guest, tmp_path: Path) -> None:
 # guests whose agent is missing or broken: warning, crash-consistent point
 
 
-def test_domain_without_agent_channel(make_guest: Any, tmp_path: Path) -> None:
-    g = make_guest(agent_channel=False)
+def test_domain_without_agent_channel(make_domain: Any, tmp_path: Path) -> None:
+    """The channel is missing from the domain XML: that alone decides, so a lab domain without a guest OS
+    (nothing to boot) proves it."""
+    g = make_domain()
     proc = backup(g, tmp_path / "b", "full", "--strict", rc=2)
     assert "has no guest agent channel" in proc.stderr, proc.stderr
     (point,) = dump(tmp_path / "b")
@@ -235,8 +239,10 @@ def test_killed_agent(make_guest: Any, tmp_path: Path) -> None:
 # SIGTERM while the job runs
 
 
-def test_sigterm_during_job_leaves_guest_thawed(make_guest: Any, tmp_path: Path) -> None:
-    g = make_guest(files={"big.bin": os.urandom(16 * MiB)})
+def test_sigterm_during_job_leaves_guest_thawed(guest: Guest, tmp_path: Path) -> None:
+    """On the module's guest (no second boot): 16 MiB of random data keep the zstd -19 job running."""
+    g = guest
+    g.sh(f"dd if=/dev/urandom of={DATA_MOUNT}/big.bin bs=1M count=16 2>/dev/null && sync", timeout=120)
     folder = tmp_path / "b"
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "virtnbdbackup"), "-d", g.name, "-l", "full", "-o", str(folder), "-n",
