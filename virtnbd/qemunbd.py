@@ -7,6 +7,7 @@ So the starters here wait for the pid file.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -21,7 +22,8 @@ class NotReady(Exception):
 
 
 def wait_ready(proc: subprocess.Popen[bytes], pidfile: str, timeout: float) -> None:
-    """Return once ``pidfile`` exists (the server listens); raise :class:`NotReady` otherwise."""
+    """Return once ``pidfile`` exists (the server listens), after removing it (it has served its
+    purpose; a run killed later leaves no stale pid file); raise :class:`NotReady` otherwise."""
     deadline = time.monotonic() + timeout
     while not os.path.exists(pidfile):
         if proc.poll() is not None:
@@ -30,3 +32,5 @@ def wait_ready(proc: subprocess.Popen[bytes], pidfile: str, timeout: float) -> N
         if time.monotonic() > deadline:
             raise NotReady(f"qemu-nbd was not ready in {timeout:.0f}s")
         time.sleep(0.01)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(pidfile)
