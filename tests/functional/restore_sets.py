@@ -154,6 +154,17 @@ class SetBuilder:
         return self._write("diff", name, self.checkpoints[-1], None, sorted(self.dirty))
 
 
+def small_lz4_chain(folder: str, incs: int) -> tuple[str, dict[str, str]]:
+    """A 2 MiB lz4 set: a full of 30 cluster writes, then ``incs`` incs of 6 each; (folder, point -> shadow)."""
+    b = SetBuilder(folder, size=2 << 20, compression="lz4")
+    b.scribble(30)
+    b.full()
+    for _ in range(incs):
+        b.scribble(6)
+        b.inc()
+    return b.folder, {p: b.shadow_path(p) for p in b.points}
+
+
 def compare(image: str, fmt: str, shadow: str) -> str:
     """qemu-img compare output; raises when the images differ."""
     res = subprocess.run(["qemu-img", "compare", "-f", fmt, "-F", "raw", image, shadow],

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.functional.restore_sets import SetBuilder
+from tests.functional.restore_sets import small_lz4_chain
 from tests.functional.retention_helpers import restore_all_exact
 from tests.lab.fault_lab import CrashRunner
 from virtnbd.backupset import manifest
@@ -31,13 +31,7 @@ def _killed_at(syscall: str, n: int, cmd: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]]:
-    b = SetBuilder(str(tmp_path_factory.mktemp("kill") / "set"), size=2 << 20, compression="lz4")
-    b.scribble(30)
-    b.full()
-    for _ in range(6):
-        b.scribble(6)
-        b.inc()
-    return b.folder, {p: b.shadow_path(p) for p in b.points}
+    return small_lz4_chain(str(tmp_path_factory.mktemp("kill") / "set"), 6)
 
 
 @pytest.mark.parametrize(("syscall", "n"), MOMENTS, ids=[f"{s}{n}" for s, n in MOMENTS])

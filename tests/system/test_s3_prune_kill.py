@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.functional.restore_sets import SetBuilder, compare
+from tests.functional.restore_sets import compare, small_lz4_chain
 from tests.lab import rgw_lab
 from tests.lab.fault_lab import CrashRunner
 from tests.system.test_s3_sets import _upload_set
@@ -39,13 +39,7 @@ def _restore_listed(url: str, shadows: dict[str, str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]]:
-    b = SetBuilder(str(tmp_path_factory.mktemp("s3kill") / "set"), size=2 << 20, compression="lz4")
-    b.scribble(30)
-    b.full()
-    for _ in range(3):
-        b.scribble(6)
-        b.inc()
-    return b.folder, {p: b.shadow_path(p) for p in b.points}
+    return small_lz4_chain(str(tmp_path_factory.mktemp("s3kill") / "set"), 3)
 
 
 @pytest.mark.parametrize("n", MOMENTS)
