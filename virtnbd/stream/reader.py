@@ -350,13 +350,13 @@ class StreamReader:
         self._need_seek()
         first = frames[0][0]
         span = self.batch_span(frames)
+        given = into if into is not None and len(into) >= span else None      # the caller's buffer, if it fits
         try:
             if self._fd is None:
                 view = memoryview(self._pread(first, span, "frames", short_ok=True))   # the span may pass the
                 # end of the file (compressed last frame + slack): short, as os.pread below; payloads checked
-            elif self.codec.decodes_in_place or (into is not None and len(into) >= span):
-                buf = into if into is not None and len(into) >= span else allocator.uninitialized(span)
-                view = memoryview(buf)[:span]
+            elif given is not None or self.codec.decodes_in_place:
+                view = memoryview(given if given is not None else allocator.uninitialized(span))[:span]
                 view = view[:os.preadv(self._fd, [view], first)]   # a stage may decode into it (no copy)
             else:
                 view = memoryview(os.pread(self._fd, span, first))
