@@ -56,7 +56,7 @@ class Server:
         if plain:
             while not os.path.exists(sock):
                 time.sleep(0.005)
-        else:
+        elif self.proc.stdout is not None:
             self.info = json.loads(self.proc.stdout.readline())
         self.uri = f"nbd+unix:///?socket={sock}"
         self.sock = sock

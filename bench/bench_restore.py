@@ -241,10 +241,10 @@ def main() -> int:
     print(f"info: verify / cat with the files in the page cache: {ratio('verify-warm', 'cat-warm'):.2f} "
           f"(python start-up ~0.07 s against cat at memory speed)")
     ok = True
-    for label, ratio, limit in ratios:
-        flag = "ok" if ratio <= limit else "OVER"
-        ok &= ratio <= limit
-        print(f"RATIO {label}: {ratio:.2f} (target <= {limit}) {flag}")
+    for label, value, limit in ratios:
+        flag = "ok" if value <= limit else "OVER"
+        ok &= value <= limit
+        print(f"RATIO {label}: {value:.2f} (target <= {limit}) {flag}")
     peak = max(rss) / 1024
     print(f"PEAK RSS virtnbdrestore: {peak:.0f} MiB (target <= 128) {'ok' if peak <= 128 else 'OVER'}")
     return 0 if ok and peak <= 128 else 1
