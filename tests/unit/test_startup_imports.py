@@ -37,6 +37,10 @@ if argv == ["s3-client"]:
     a = s3store.make_client(s3store.S3Options(endpoint="http://127.0.0.1:9"))
     assert s3store.make_client(s3store.S3Options(endpoint="http://127.0.0.1:9")) is a    # one per options
     assert s3store.make_client(s3store.S3Options(endpoint="http://127.0.0.1:8")) is not a
+elif argv[:1] == ["--help-of"]:
+    import contextlib, importlib, io  # noqa: E401
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        importlib.import_module(argv[1]).main(["--help"])
 elif argv:
     from virtnbd.cli.restore import main
     if main(argv) != 0:
@@ -76,6 +80,12 @@ def test_plain_local_commands_load_no_unused_feature(plain_set: str, tmp_path: P
 
 def test_backup_modules_load_no_crypto_s3_or_ssh() -> None:
     assert loaded([], BACKUP_HEAVY) == []
+
+
+@pytest.mark.parametrize("command", ["backup", "restore", "prune", "key", "map", "mount", "job"])
+def test_help_loads_no_feature(command: str) -> None:
+    """``--help`` (and argv parsing) of every command: no cipher, S3, libvirt, NBD, XML or Ceph library."""
+    assert loaded(["--help-of", f"virtnbd.cli.{command}"]) == []
 
 
 def test_an_s3_client_is_shared_and_loads_no_pyopenssl() -> None:

@@ -9,7 +9,7 @@ from virtnbd.crypto.keysource import KeySpec
 from virtnbd.rbdconn import CephOptions
 from virtnbd.remote.options import RemoteOptions
 from virtnbd.retention.policy import Policy
-from virtnbd.virt.agent import QuiesceOptions
+from virtnbd.virt.quiesceoptions import QuiesceOptions
 
 LEVELS = ("copy", "full", "inc", "diff", "auto")
 COMPRESS_METHODS = ("lz4", "zstd")

@@ -8,7 +8,7 @@ from virtnbd import __version__, errors
 from virtnbd.cli import keyargs
 from virtnbd.cli.shell import OneLineParser, run_main
 from virtnbd.crypto import keysource
-from virtnbd.crypto.admin import ACTIONS, KeyOptions
+from virtnbd.crypto.keyoptions import ACTIONS, KeyOptions
 
 PROG = "virtnbdkey"
 

@@ -6,29 +6,15 @@ folder lock); data files, manifest and side files are never touched.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 from virtnbd import errors
 from virtnbd.crypto import keyring, keysource, store
+from virtnbd.crypto.keyoptions import KeyOptions
 from virtnbd.crypto.keyring import Keyring
 from virtnbd.crypto.keysource import KeySpec, Secret
 
 log = logging.getLogger(__name__)
-ACTIONS = ("create-keyfile", "list", "add", "remove", "passwd")
-
-
-@dataclass(frozen=True)
-class KeyOptions:
-    action: str
-    input: str | None = None            # backup set folder
-    path: str | None = None             # create-keyfile: the new key file
-    key: KeySpec = KeySpec()            # a secret that opens the set now
-    new_key: KeySpec = KeySpec()        # add/passwd: the new secret
-    slot: str | None = None             # remove: slot id
-    verbose: bool = False
-
-
 def _ring(folder: str) -> Keyring:
     ring = store.load_ring(folder)
     if ring is None:

@@ -31,6 +31,7 @@ import libvirt_qemu
 from lxml import etree
 
 from virtnbd import errors
+from virtnbd.virt.quiesceoptions import QuiesceOptions
 
 log = logging.getLogger(__name__)
 
@@ -50,29 +51,6 @@ THAW_ATTEMPTS = 3
 THAW_RETRY_DELAY = 1.0
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class QuiesceOptions:
-    """How to make the backup point consistent (built by cli/backup.py).
-
-    freeze: freeze guest filesystems via the agent (``--no-freeze`` clears it);
-    mountpoints: freeze only these (``-F/--freeze-mountpoint a,b``), all when empty;
-    pause: suspend the domain around the job start instead of freezing (``--pause``);
-    timeout: seconds to wait for the agent to answer (``--agent-timeout``).
-    """
-
-    freeze: bool = True
-    mountpoints: tuple[str, ...] = ()
-    pause: bool = False
-    timeout: int = 10
-
-    def __post_init__(self) -> None:
-        if self.timeout <= 0:
-            raise errors.UsageError(reason=f"agent timeout must be a positive number of seconds, not {self.timeout}")
-        bad = [m for m in self.mountpoints if not m.startswith("/")]
-        if bad:
-            raise errors.UsageError(reason=f"freeze mountpoints must be absolute paths: {', '.join(bad)}")
 
 
 @dataclass
